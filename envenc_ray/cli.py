@@ -1,0 +1,165 @@
+"""The `envenc` command: one subcommand per pipeline stage, plus run, serve, bench, model and config.
+
+Stage modules are imported only when their subcommand runs, so `envenc --help` stays fast. Every
+`EnvEncError` becomes one line on stderr and exit code 2; a stage that a later issue fills in exits 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from envenc_ray.errors import EnvEncError, NotImplementedStageError
+
+# Stages that exist in the design but not yet in code: name -> what will provide them.
+PLANNED = {
+    "advise": "advice finetuning of the VLM (stage 2)",
+    "serve": "the Ray Serve EnvironmentEncoder deployment (issue #4)",
+    "train": "RLlib PPO / DreamerV3 training (issue #5)",
+    "tune": "Ray Tune sweeps (issue #5)",
+    "reward-model": "the preference-trained reward model (stage 2)",
+    "evaluate": "checkpoint evaluation (issue #5)",
+    "report": "the run report (issue #6)",
+    "run": "the whole pipeline (issue #6)",
+    "bench": "benchmarks (issues #4 and #5)",
+}
+
+STAGE_HELP = {
+    "collect": "play the game and record frames, RAM annotations and advice to <run>/frames/",
+    "advise": "finetune the VLM on (frame, advice) pairs into <run>/vlm/",
+    "embed": "run the truncated VLM over recorded frames into <run>/hidden/ (Ray Data)",
+    "train-encoder": "train the autoencoder on hidden states (Ray Train), export the encoder to <run>/encoder/",
+    "serve": "host the truncated VLM + encoder as a Ray Serve deployment",
+    "train": "train an RLlib agent (PPO or DreamerV3) on latents, pixels or both",
+    "tune": "run a Ray Tune sweep over config keys",
+    "reward-model": "train a transformer reward model on preference triples",
+    "evaluate": "run an agent checkpoint for N episodes",
+    "report": "write report.md, plots and metrics.json for a run",
+    "run": "run every stage in order (skipping finished ones)",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return 2
+    try:
+        args.handler(args)
+    except NotImplementedStageError as error:
+        print(f"envenc: {error}", file=sys.stderr)
+        return 3
+    except EnvEncError as error:
+        print(f"envenc: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="envenc",
+        description="Environment Encoder on Ray: a frozen, truncated VLM + autoencoder as an RL agent's state.",
+        epilog="Configs are YAML presets composed left to right, e.g. "
+        "`envenc collect configs/pong-tiny.yaml --set collect.episodes=8`.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details (INFO level)")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    for name, help_text in STAGE_HELP.items():
+        stage = commands.add_parser(name, help=help_text, description=help_text)
+        _add_config_arguments(stage)
+        stage.set_defaults(handler=_stage_handler(name))
+
+    bench = commands.add_parser("bench", help="benchmarks, results as JSON (encoder, rollout)")
+    bench.add_argument("target", choices=["encoder", "rollout"], help="what to benchmark")
+    bench.add_argument("--json", metavar="OUT", help="write the results to this JSON file")
+    _add_config_arguments(bench, required=False)
+    bench.set_defaults(handler=_planned("bench"))
+
+    model = commands.add_parser("model", help="manage VLMs (build the built-in tiny VLM)")
+    model_commands = model.add_subparsers(title="model commands", metavar="ACTION", required=True)
+    init_tiny = model_commands.add_parser(
+        "init-tiny",
+        help="build the built-in tiny Llava-architecture VLM with a locally trained tokenizer",
+        description="Build the built-in tiny VLM (random weights, deterministic per seed) in Hugging Face "
+        "format, loadable offline by AutoModelForImageTextToText / AutoProcessor and TruncatedVLM.",
+    )
+    init_tiny.add_argument("--out", required=True, help="directory to write the model to")
+    init_tiny.add_argument("--seed", type=int, default=0, help="seed of weights and tokenizer (default 0)")
+    init_tiny.set_defaults(handler=_init_tiny)
+
+    config = commands.add_parser("config", help="inspect configs")
+    config_commands = config.add_subparsers(title="config commands", metavar="ACTION", required=True)
+    show = config_commands.add_parser("show", help="print the resolved config as YAML")
+    _add_config_arguments(show)
+    show.set_defaults(handler=_config_show)
+    return parser
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument(
+        "configs", nargs="+" if required else "*", metavar="CONFIG", help="YAML presets, composed left to right"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one key, e.g. --set encoder.latent_dim=32 (repeatable)",
+    )
+
+
+def _load(args: argparse.Namespace):
+    from envenc_ray.config import load_config
+
+    return load_config(args.configs, args.overrides)
+
+
+def _config_show(args: argparse.Namespace) -> None:
+    import yaml
+
+    config = _load(args)
+    print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
+
+
+def _init_tiny(args: argparse.Namespace) -> None:
+    from envenc_ray.vlm.tiny import build_tiny_vlm
+
+    build_tiny_vlm(args.out, seed=args.seed)
+
+
+# Each implemented stage: its one entry function, taking the resolved config.
+ENTRY_POINTS = {
+    "collect": "envenc_ray.data.collect:collect",
+    "embed": "envenc_ray.data.embed:embed",
+    "train-encoder": "envenc_ray.encoder.train:train_encoder",
+}
+
+
+def _stage_handler(name: str):
+    if name in PLANNED:
+        return _planned(name)
+
+    def handler(args: argparse.Namespace) -> None:
+        import importlib
+
+        module_name, function_name = ENTRY_POINTS[name].split(":")
+        entry = getattr(importlib.import_module(module_name), function_name)
+        entry(_load(args))
+
+    return handler
+
+
+def _planned(name: str):
+    def handler(args: argparse.Namespace) -> None:
+        raise NotImplementedStageError(f"`envenc {name}` is not implemented yet; it will come with {PLANNED[name]}")
+
+    return handler
+
+
+if __name__ == "__main__":
+    sys.exit(main())

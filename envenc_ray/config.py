@@ -1,0 +1,232 @@
+"""Typed configuration: one pydantic model per stage, grouped under `EnvEncConfig`.
+
+A config is built from YAML presets composed left to right (later files override earlier ones, nested
+mappings merge key by key), then `--set a.b=c` overrides. Every key must be known: a typo is an error
+that names the key, the file it came from and what was expected. Every field carries a default, a unit
+where it has one, and a sentence of why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from envenc_ray.errors import ConfigError
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ExperimentConfig(Section):
+    name: str = Field("pong-tiny", description="Run name; artifacts go to <run_root>/<name>/.")
+    run_root: str = Field("runs", description="Folder that holds one run directory per experiment name.")
+    seed: int = Field(0, description="Seed of every random choice (envs, model init, data splits).")
+
+
+class EnvConfig(Section):
+    game: str = Field("pong", description="ALE game, e.g. 'pong' or 'ALE/Pong-v5'.")
+    repeat_action_probability: float = Field(
+        0.25, ge=0.0, le=1.0, description="Sticky actions (Machado et al. 2018): ALE v5's default 0.25."
+    )
+    frameskip: int = Field(4, ge=1, description="Emulator frames per env step (ALE v5 default 4).")
+    full_action_space: bool = Field(False, description="Use all 18 actions instead of the game's minimal set.")
+    max_episode_steps: int | None = Field(
+        None, ge=1, description="Truncate episodes after this many env steps (None: the game's own end)."
+    )
+
+
+class VLMConfig(Section):
+    model: str = Field(
+        "builtin:tiny",
+        description="'builtin:tiny' (created locally in <run>/vlm), a local HF model directory or a hub name.",
+    )
+    layer: int = Field(
+        -1,
+        description="Decoder layer whose output is read; layers above it are dropped. -1: the last layer.",
+    )
+    pooling: Literal["last", "mean", "image_mean", "tokens"] = Field(
+        "image_mean",
+        description="How token states become one vector: last token, mean of all, mean of image tokens, "
+        "or 'tokens' for the per-token (N, T, D) states.",
+    )
+    prompt: str = Field(
+        "a game of {game}. describe the state.",
+        description="Text after the image; '{game}' is filled with the game name.",
+    )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="Compute dtype of the VLM; bfloat16 halves memory and is faster on AMX/GPUs."
+    )
+    device: str = Field("cpu", description="torch device: 'cpu', 'cuda', 'cuda:1', ...")
+    num_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads (None: leave torch's default). Set 1 in Ray actors."
+    )
+    trust_remote_code: bool = Field(False, description="Allow a hub model's own Python code; off unless asked.")
+    tiny_seed: int = Field(0, description="Seed of the built-in tiny VLM's random weights and tokenizer.")
+
+
+class CollectConfig(Section):
+    policy: Literal["random", "heuristic", "mixed"] = Field(
+        "mixed", description="Who plays while frames are recorded; 'mixed' is heuristic with epsilon-random."
+    )
+    epsilon: float = Field(0.25, ge=0.0, le=1.0, description="Random-action probability of the 'mixed' policy.")
+    episodes: int = Field(4, ge=1, description="Episodes to record.")
+    max_steps_per_episode: int = Field(
+        500, ge=1, description="Cap per recorded episode (env steps) so tiny runs stay tiny."
+    )
+    num_tasks: int = Field(2, ge=1, description="Parallel Ray tasks playing episodes.")
+
+
+class EmbedConfig(Section):
+    batch_size: int = Field(32, ge=1, description="Frames per VLM forward pass.")
+    concurrency: int = Field(1, ge=1, description="TruncatedVLM actors in the Ray Data actor pool.")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per actor (fractions are fine).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor (1 on a GPU cluster).")
+    hidden_dtype: Literal["float16", "float32"] = Field(
+        "float32", description="Storage dtype of hidden states in hidden/*.parquet."
+    )
+
+
+class EncoderConfig(Section):
+    kind: Literal["mlp", "temporal", "vq", "linear"] = Field(
+        "temporal", description="Autoencoder over hidden states: per-frame MLP, temporal window, VQ, linear."
+    )
+    latent_dim: int = Field(64, ge=1, description="Size of the latent the agent sees.")
+    hidden_dims: list[int] = Field([256], description="Widths of the encoder MLP (mirrored by the decoder).")
+    window: int = Field(4, ge=1, description="Consecutive frames per latent (temporal encoder only).")
+    codebook_size: int = Field(256, ge=2, description="Codes of the VQ encoder.")
+    epochs: int = Field(20, ge=1, description="Maximum training epochs.")
+    batch_size: int = Field(128, ge=1, description="Samples per gradient step (per worker).")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate.")
+    val_fraction: float = Field(0.25, gt=0, lt=1, description="Fraction of episodes held out for validation.")
+    patience: int = Field(5, ge=1, description="Early stopping: epochs without validation improvement.")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel).")
+    cpus_per_worker: float = Field(0.5, gt=0, description="CPUs per Train worker; fractions on small machines.")
+
+
+class EnvEncConfig(Section):
+    """The whole pipeline's configuration, one section per stage."""
+
+    experiment: ExperimentConfig = ExperimentConfig()
+    env: EnvConfig = EnvConfig()
+    vlm: VLMConfig = VLMConfig()
+    collect: CollectConfig = CollectConfig()
+    embed: EmbedConfig = EmbedConfig()
+    encoder: EncoderConfig = EncoderConfig()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.experiment.run_root) / self.experiment.name
+
+    def section_hash(self, *sections: str) -> str:
+        """A short stable hash of the named sections: a stage's output matches its config when equal."""
+        payload = {name: getattr(self, name).model_dump(mode="json") for name in sections}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_config(paths: list[str | Path] = (), overrides: list[str] = ()) -> EnvEncConfig:
+    """Compose YAML presets left to right, apply `key.path=value` overrides, validate.
+
+    Errors name the offending key and the file (or `--set`) that supplied it.
+    """
+    merged: dict[str, Any] = {}
+    sources: dict[str, str] = {}  # dotted key -> where its value came from
+    for path in paths:
+        data = _read_yaml(Path(path))
+        _merge(merged, data, sources, origin=str(path))
+    for override in overrides:
+        key, value = _parse_override(override)
+        _merge(merged, _nest(key, value), sources, origin=f"--set {override}")
+    try:
+        return EnvEncConfig.model_validate(merged)
+    except ValidationError as error:
+        raise ConfigError(_explain(error, sources)) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass a YAML file such as configs/pong-tiny.yaml")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections (got {type(data).__name__})")
+    return data
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} must look like section.key=value, e.g. encoder.latent_dim=32")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # not YAML: keep the literal string and let validation judge it
+    return key.strip(), value
+
+
+def _nest(dotted: str, value: Any) -> dict[str, Any]:
+    for part in reversed(dotted.split(".")):
+        value = {part: value}
+    return value
+
+
+def _merge(into: dict, new: dict, sources: dict[str, str], origin: str, prefix: str = "") -> None:
+    for key, value in new.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value, sources, origin, prefix=dotted + ".")
+        else:
+            into[key] = value
+            _record(value, dotted, sources, origin)
+
+
+def _record(value: Any, dotted: str, sources: dict[str, str], origin: str) -> None:
+    sources[dotted] = origin
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            _record(inner, f"{dotted}.{key}", sources, origin)
+
+
+def _explain(error: ValidationError, sources: dict[str, str]) -> str:
+    lines = []
+    for item in error.errors():
+        dotted = ".".join(str(part) for part in item["loc"])
+        origin = next(
+            (sources[k] for k in _prefixes(dotted) if k in sources), "the defaults"
+        )
+        if item["type"] == "extra_forbidden":
+            section = ".".join(str(p) for p in item["loc"][:-1])
+            known = _known_keys(section)
+            lines.append(f"unknown key '{dotted}' in {origin}; known keys here: {', '.join(known)}")
+        else:
+            lines.append(f"bad value for '{dotted}' in {origin}: {item['msg']} (got {item.get('input')!r})")
+    return "; ".join(lines)
+
+
+def _prefixes(dotted: str) -> list[str]:
+    parts = dotted.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+
+
+def _known_keys(section: str) -> list[str]:
+    model: type[BaseModel] = EnvEncConfig
+    for part in filter(None, section.split(".")):
+        annotation = model.model_fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return sorted(model.model_fields)

@@ -1,0 +1,75 @@
+"""ALE v5 environments by game name, as gymnasium envs with RGB frames (210x160x3 uint8)."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+
+from envenc_ray.config import EnvConfig
+from envenc_ray.errors import UnsupportedGameError
+
+_registered = False
+
+
+def ale_id(game: str) -> str:
+    """'pong', 'Pong', 'ALE/Pong-v5' -> 'ALE/Pong-v5'; 'space_invaders' -> 'ALE/SpaceInvaders-v5'."""
+    if game.startswith("ALE/"):
+        return game
+    return "ALE/" + "".join(part.capitalize() for part in game.replace("-", "_").split("_")) + "-v5"
+
+
+def game_name(game: str) -> str:
+    """The short lower-case name used by annotations and advice: 'ALE/Pong-v5' -> 'pong'."""
+    if game.startswith("ALE/"):
+        game = game[len("ALE/"):].rsplit("-v", 1)[0]
+        return "".join("_" + c.lower() if c.isupper() and i else c.lower() for i, c in enumerate(game))
+    return game.lower()
+
+
+def make_env(
+    game: str,
+    *,
+    seed: int | None = None,
+    repeat_action_probability: float = 0.25,
+    frameskip: int = 4,
+    full_action_space: bool = False,
+    max_episode_steps: int | None = None,
+    render_mode: str | None = None,
+) -> gym.Env:
+    """An ALE v5 env with RGB observations; ROMs ship with ale-py, nothing is downloaded."""
+    global _registered
+    if not _registered:
+        import ale_py
+
+        gym.register_envs(ale_py)
+        _registered = True
+    env_id = ale_id(game)
+    if env_id not in gym.registry:
+        raise UnsupportedGameError(
+            f"unknown game {game!r} (looked for {env_id}); use an ALE game name such as 'pong', 'breakout', "
+            "'boxing', 'freeway' or a full id like 'ALE/Pong-v5'"
+        )
+    env = gym.make(
+        env_id,
+        obs_type="rgb",
+        repeat_action_probability=repeat_action_probability,
+        frameskip=frameskip,
+        full_action_space=full_action_space,
+        max_episode_steps=max_episode_steps,
+        render_mode=render_mode,
+    )
+    if seed is not None:
+        env.reset(seed=seed)
+        env.action_space.seed(seed)
+    return env
+
+
+def make_env_from_config(config: EnvConfig, seed: int | None = None, render_mode: str | None = None) -> gym.Env:
+    return make_env(
+        config.game,
+        seed=seed,
+        repeat_action_probability=config.repeat_action_probability,
+        frameskip=config.frameskip,
+        full_action_space=config.full_action_space,
+        max_episode_steps=config.max_episode_steps,
+        render_mode=render_mode,
+    )

@@ -1,0 +1,38 @@
+"""Shared fixtures: one Ray cluster per test session, real ALE frames, the built-in tiny VLM."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole session: 2 logical CPUs, like this machine; no dashboard."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def pong_frames() -> np.ndarray:
+    """64 consecutive real Pong frames (uint8, 64x210x160x3) from a seeded random rollout."""
+    from envenc_ray.envs.atari import make_env
+
+    env = make_env("pong", seed=0, repeat_action_probability=0.0)
+    frames = []
+    obs, _ = env.reset(seed=0)
+    for _ in range(64):
+        frames.append(obs)
+        obs, _, terminated, truncated, _ = env.step(env.action_space.sample())
+        if terminated or truncated:
+            obs, _ = env.reset()
+    env.close()
+    return np.stack(frames)
