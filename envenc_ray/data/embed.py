@@ -1,0 +1,135 @@
+"""Stage `embed`: the frozen, truncated VLM over every recorded frame -> <run>/hidden/*.parquet.
+
+Ray Data streams the frame shards through an actor pool (one TruncatedVLM per actor, loaded once), so
+the same code runs one CPU actor on a laptop or one GPU actor per device on a cluster. The output is
+written into a temporary folder that is renamed to hidden/ only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+
+from envenc_ray.config import EnvEncConfig, VLMConfig
+from envenc_ray.data.collect import read_frame_shape
+from envenc_ray.data.schema import frames_to_array, hidden_schema, list_shards
+from envenc_ray.envs.atari import game_name
+from envenc_ray.errors import ConfigError
+from envenc_ray.runtime import set_torch_threads
+
+logger = logging.getLogger(__name__)
+
+META_FILE = "_embed.json"
+
+
+@dataclass(frozen=True)
+class EmbedSummary:
+    frames: int
+    hidden_size: int
+    seconds: float
+    skipped: bool
+
+    @property
+    def frames_per_second(self) -> float:
+        return self.frames / self.seconds if self.seconds else float("nan")
+
+
+class HiddenStates:
+    """Ray Data actor: frame rows -> hidden-state rows with one TruncatedVLM loaded per actor."""
+
+    def __init__(self, vlm_config: VLMConfig, model_path: str, game: str, frame_shape: tuple, hidden_dtype: str):
+        from envenc_ray.vlm.backbone import TruncatedVLM
+
+        set_torch_threads(vlm_config.num_threads or 1)
+        self.vlm = TruncatedVLM.from_config(vlm_config, model_path=model_path, game=game)
+        self.frame_shape = tuple(frame_shape)
+        self.schema = hidden_schema(self.vlm.hidden_size, hidden_dtype)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        frames_uint8 = frames_to_array(batch["frame"], self.frame_shape)
+        hidden_states = self.vlm.embed(frames_uint8).numpy()
+        value_type = self.schema.field("hidden").type.value_type
+        flat = pa.array(hidden_states.reshape(-1), type=pa.float32()).cast(value_type)
+        hidden_column = pa.FixedSizeListArray.from_arrays(flat, hidden_states.shape[1])
+        return pa.Table.from_arrays(
+            [batch["episode_id"], batch["step"], hidden_column, batch["objects"]], schema=self.schema
+        )
+
+
+def resolve_model_path(config: EnvEncConfig) -> str:
+    """'builtin:tiny' -> <run>/vlm (built there on first use); anything else is used as given."""
+    if config.vlm.model != "builtin:tiny":
+        return config.vlm.model
+    from envenc_ray.vlm.tiny import build_tiny_vlm
+
+    model_dir = config.run_dir / "vlm"
+    if not (model_dir / "config.json").exists():
+        print(f"embed: building the built-in tiny VLM (seed {config.vlm.tiny_seed}) in {model_dir}")
+        build_tiny_vlm(model_dir, seed=config.vlm.tiny_seed)
+    return str(model_dir)
+
+
+def embed(config: EnvEncConfig) -> EmbedSummary:
+    """Hidden states of every frame in <run>/frames/ -> <run>/hidden/, unless already there for this config."""
+    import ray
+
+    from envenc_ray.runtime import ensure_ray
+
+    if config.vlm.pooling == "tokens":
+        raise ConfigError("embed stores one vector per frame: set vlm.pooling to last, mean or image_mean, not tokens")
+    frames_dir, hidden_dir = config.run_dir / "frames", config.run_dir / "hidden"
+    shards = list_shards(frames_dir, "frames (envenc collect)")
+    config_hash = config.section_hash("experiment", "env", "collect", "vlm", "embed")
+    meta_path = hidden_dir / META_FILE
+    if meta_path.exists() and json.loads(meta_path.read_text())["config_hash"] == config_hash:
+        meta = json.loads(meta_path.read_text())
+        print(f"embed: skipped, {hidden_dir} already holds {meta['frames']} hidden states for this config")
+        return EmbedSummary(meta["frames"], meta["hidden_size"], 0.0, skipped=True)
+
+    model_path = resolve_model_path(config)
+    frame_shape = read_frame_shape(frames_dir)
+    ensure_ray()
+    started = time.perf_counter()
+    dataset = ray.data.read_parquet([str(s) for s in shards], columns=["episode_id", "step", "frame", "objects"])
+    hidden = dataset.map_batches(
+        HiddenStates,
+        fn_constructor_kwargs=dict(
+            vlm_config=config.vlm,
+            model_path=model_path,
+            game=game_name(config.env.game),
+            frame_shape=frame_shape,
+            hidden_dtype=config.embed.hidden_dtype,
+        ),
+        batch_size=config.embed.batch_size,
+        batch_format="pyarrow",
+        concurrency=config.embed.concurrency,
+        num_cpus=config.embed.num_cpus,
+        num_gpus=config.embed.num_gpus,
+    )
+    tmp_dir = hidden_dir.with_name(hidden_dir.name + ".tmp")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    hidden.write_parquet(str(tmp_dir), compression="zstd")
+    seconds = time.perf_counter() - started
+
+    written = pads.dataset(str(tmp_dir), format="parquet")
+    frames = written.count_rows()
+    hidden_size = written.schema.field("hidden").type.list_size
+    (tmp_dir / META_FILE).write_text(
+        json.dumps({"config_hash": config_hash, "frames": frames, "hidden_size": hidden_size,
+                    "model": model_path, "seconds": seconds}, indent=2)
+    )
+    shutil.rmtree(hidden_dir, ignore_errors=True)
+    tmp_dir.rename(hidden_dir)
+    summary = EmbedSummary(frames, hidden_size, seconds, skipped=False)
+    print(
+        f"embed: {frames} frames -> {hidden_dir} (hidden size {hidden_size}) in {seconds:.1f} s, "
+        f"{summary.frames_per_second:.1f} frames/s"
+    )
+    return summary
