@@ -97,6 +97,10 @@ def collect(config: EnvEncConfig) -> CollectSummary:
     from envenc_ray.runtime import ensure_ray
 
     frames_dir = config.run_dir / "frames"
+    if config.collect.policy != "random":  # fail here, not inside a Ray task, if the game has no heuristic
+        env = make_env_from_config(config.env)
+        get_annotator(game_name(config.env.game), env.unwrapped.get_action_meanings())
+        env.close()
     config_hash = config.section_hash("experiment", "env", "collect")
     frame_shape = _check_or_write_meta(frames_dir, config_hash, config)
     todo = [e for e in range(config.collect.episodes) if not _shard_path(frames_dir, e).exists()]
