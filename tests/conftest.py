@@ -36,3 +36,11 @@ def pong_frames() -> np.ndarray:
             obs, _ = env.reset()
     env.close()
     return np.stack(frames)
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dir(tmp_path_factory):
+    """The built-in tiny VLM (seed 0), built once per session into a temporary directory."""
+    from envenc_ray.vlm.tiny import build_tiny_vlm
+
+    return build_tiny_vlm(tmp_path_factory.mktemp("tiny-vlm") / "vlm", seed=0, measure=False, report=False)

@@ -1,0 +1,411 @@
+"""TruncatedVLM: a Hugging Face image-text-to-text model cut down to the hidden states of one decoder layer.
+
+    vlm = TruncatedVLM.from_pretrained("runs/pong-tiny/vlm", layer=2, pooling="image_mean")
+    hidden = vlm.embed(frames_uint8)            # (N, H, W, 3) uint8 -> (N, D) float32
+
+What `layer` means: the index into HF's `output_hidden_states` tuple, which has num_layers + 1 entries:
+0 is the decoder input (token embeddings with the projected image features scattered in), k (1..L) is the
+output of decoder layer k, and the last entry (L, or -1) is the last layer's output AFTER the final norm
+(HF applies the norm before returning it). So for k < L the kept layers are 1..k and the final norm is
+skipped; for k == L all layers and the norm are kept. Layers above k and the LM head are deleted from the
+module tree (no compute, and their memory is freed), and vision-tower layers above the one the projector
+reads (Llava's `vision_feature_layer`) are deleted too.
+
+The prompt is static, so it is tokenised once at load (the processor itself expands the image placeholder
+into the right number of image tokens) and every batch reuses the ids; preprocessing is batched torch code
+(`preprocess.FramePreprocessor`) that matches the model's own processor.
+
+Model families differ only in where their parts live and how image features reach the decoder; each is a
+small `Family` subclass in `FAMILIES`. Llava is implemented; Idefics3/SmolVLM (`model.text_model`, pixel
+attention masks) and Qwen2-VL (flattened patches + `image_grid_thw`, 3-D rope position ids) fit the same
+hooks: `vision_inputs`, `image_features`, `position_ids`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from envenc_ray.errors import ConfigError, ModelError
+from envenc_ray.vlm.preprocess import FramePreprocessor, as_frame_batch
+
+log = logging.getLogger(__name__)
+
+POOLINGS = ("last", "mean", "image_mean", "tokens")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+BUILTIN_TINY = "builtin:tiny"
+DEFAULT_PROMPT = "a game of pong. describe the state."
+
+
+class Family:
+    """Where one model family keeps its parts, and how its image features enter the decoder.
+
+    Attribute paths are dotted, relative to the loaded *ForConditionalGeneration model (`backbone`,
+    `lm_head`) or to the backbone (`decoder`); `layers` and `norm` are relative to the decoder.
+    """
+
+    name = "base"
+    model_types: tuple[str, ...] = ()
+    backbone = "model"  # the model without its LM head: what TruncatedVLM keeps
+    lm_head = "lm_head"  # dropped
+    decoder = "language_model"  # the text decoder inside the backbone: has embed_tokens, layers, norm
+    layers = "layers"
+    norm = "norm"
+
+    def prune_vision(self, backbone: nn.Module) -> None:
+        """Delete vision layers whose output nothing reads (default: keep all)."""
+
+    def vision_inputs(self, preprocessor: FramePreprocessor, frames: torch.Tensor, device: torch.device) -> dict:
+        """The keyword inputs of `image_features` for a batch of validated uint8 frames."""
+        return {"pixel_values": preprocessor(frames, device=device)}
+
+    def image_features(self, backbone: nn.Module, **vision_inputs: torch.Tensor) -> torch.Tensor:
+        """(N, image tokens per frame, decoder hidden size): what replaces the image placeholder tokens."""
+        raise NotImplementedError
+
+    def prompt_text(self, processor: Any, prompt: str) -> str:
+        """The processor's text input: the model's chat template if it has one, else image token + prompt."""
+        if getattr(processor, "chat_template", None):
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+            return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return f"{processor.image_token}\n{prompt}"
+
+    def image_token_id(self, config: Any) -> int:
+        return config.image_token_id
+
+    def position_ids(self, backbone: nn.Module, input_ids: torch.Tensor, vision_inputs: dict) -> torch.Tensor | None:
+        """Decoder position ids; None means 0..T-1 (Qwen2-VL will return its 3-D rope positions here)."""
+        return None
+
+
+class LlavaFamily(Family):
+    """Llava: CLIP-style vision tower -> MLP projector -> Llama-style decoder (model.language_model)."""
+
+    name = "llava"
+    model_types = ("llava",)
+
+    def prune_vision(self, backbone: nn.Module) -> None:
+        config = backbone.config
+        encoder = _find(backbone.vision_tower, ("vision_model.encoder", "encoder"))
+        if encoder is None or not hasattr(encoder, "layers"):
+            log.info("vision tower %s: no encoder.layers found, not pruned", type(backbone.vision_tower).__name__)
+            return
+        total = len(encoder.layers)
+        requested = config.vision_feature_layer
+        indices = [requested] if isinstance(requested, int) else list(requested)
+        # hidden_states of the tower: 0 = embeddings, i = output of layer i; negative indices count from the end
+        indices = [i % (total + 1) for i in indices]
+        keep = max(indices)
+        if keep < total:
+            encoder.layers = encoder.layers[:keep]
+            backbone.vision_tower.config.num_hidden_layers = keep
+            config.vision_config.num_hidden_layers = keep
+        config.vision_feature_layer = indices[0] if isinstance(requested, int) else indices
+
+    def image_features(self, backbone: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        output = backbone.get_image_features(pixel_values=pixel_values, return_dict=True)
+        return torch.stack(list(output.pooler_output))  # one (tokens, D) tensor per frame
+
+
+FAMILIES: dict[str, Family] = {model_type: family for family in (LlavaFamily(),) for model_type in family.model_types}
+
+
+class TruncatedVLM:
+    """A VLM without its LM head and the decoder layers above `layer`; `embed` maps frames to hidden states."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        processor: Any,
+        family: Family,
+        *,
+        layer: int,
+        pooling: str,
+        prompt: str,
+        device: torch.device,
+        total_layers: int,
+        source: str,
+    ):
+        self.backbone = backbone
+        self.processor = processor
+        self.family = family
+        self.layer = layer
+        self.pooling = pooling
+        self.prompt = prompt
+        self.device = device
+        self.total_layers = total_layers
+        self.source = source
+        self.preprocessor = FramePreprocessor.from_image_processor(processor.image_processor)
+        self.decoder = _get(backbone, family.decoder)
+        self.input_ids, self.image_mask = self._tokenize_prompt()
+        self.dtype = next(backbone.parameters()).dtype
+
+    # ---------------------------------------------------------------- loading
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_name: str | Path,
+        *,
+        layer: int = -1,
+        pooling: str = "image_mean",
+        prompt: str = DEFAULT_PROMPT,
+        dtype: str = "float32",
+        device: str = "cpu",
+        num_threads: int | None = None,
+        trust_remote_code: bool = False,
+    ) -> TruncatedVLM:
+        """Load an image-text-to-text model (local directory or hub name) and truncate it after `layer`.
+
+        `layer` indexes HF's hidden_states tuple (see the module docstring); -1 keeps every layer and the
+        final norm. `num_threads` sets torch's intra-op threads for the whole process (1 in Ray actors).
+        """
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        if pooling not in POOLINGS:
+            raise ConfigError(f"vlm.pooling must be one of {', '.join(POOLINGS)}; got {pooling!r}")
+        if dtype not in DTYPES:
+            raise ConfigError(f"vlm.dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+        if "{game}" in prompt:
+            raise ConfigError(
+                f"prompt {prompt!r} still holds '{{game}}': format it first or use TruncatedVLM.from_config"
+            )
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        source = str(path_or_name)
+        config = _load_config(source, trust_remote_code)
+        family = FAMILIES.get(config.model_type)
+        if family is None:
+            raise ModelError(
+                f"{source} is a {config.model_type!r} image-text-to-text model, which TruncatedVLM has no adapter "
+                f"for yet; supported model types: {', '.join(sorted(FAMILIES))}"
+            )
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(
+                source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+            )
+            processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ModelError(f"could not load the model or processor from {source}: {_one_line(error)}") from None
+        if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
+            raise ModelError(f"{source} has no image processor + tokenizer (got {type(processor).__name__})")
+
+        backbone = _get(model, family.backbone)
+        setattr(model, family.lm_head, None)  # the LM head goes with the wrapper; nothing here reads logits
+        del model
+        decoder = _get(backbone, family.decoder)
+        total_layers = len(_get(decoder, family.layers))
+        keep = _resolve_layer(layer, total_layers)
+        _truncate_decoder(decoder, family, keep, total_layers)
+        family.prune_vision(backbone)
+        torch_device = torch.device(device)
+        backbone.to(torch_device).eval().requires_grad_(False)
+        vlm = cls(
+            backbone,
+            processor,
+            family,
+            layer=keep,
+            pooling=pooling,
+            prompt=prompt,
+            device=torch_device,
+            total_layers=total_layers,
+            source=source,
+        )
+        log.info(
+            "loaded %s (%s): kept %d of %d decoder layers, %s pooling, %d tokens per frame (%d image)",
+            source, family.name, keep, total_layers, pooling, vlm.sequence_length, vlm.num_image_tokens,
+        )
+        return vlm
+
+    @classmethod
+    def from_config(cls, vlm_config: Any, model_path: str | Path | None = None, game: str = "pong") -> TruncatedVLM:
+        """Build from a `VLMConfig`; `model_path` overrides `vlm_config.model` (the caller resolves builtin:tiny)."""
+        source = model_path if model_path is not None else vlm_config.model
+        if str(source) == BUILTIN_TINY:
+            raise ModelError(
+                "vlm.model is 'builtin:tiny', which names no directory: build it with "
+                "`envenc model init-tiny --out DIR` (the pipeline builds it into <run>/vlm) and pass model_path=DIR"
+            )
+        return cls.from_pretrained(
+            source,
+            layer=vlm_config.layer,
+            pooling=vlm_config.pooling,
+            prompt=vlm_config.prompt.format(game=game),
+            dtype=vlm_config.dtype,
+            device=vlm_config.device,
+            num_threads=vlm_config.num_threads,
+            trust_remote_code=vlm_config.trust_remote_code,
+        )
+
+    # ---------------------------------------------------------------- properties
+
+    @property
+    def hidden_size(self) -> int:
+        """D of the returned hidden states."""
+        return self.decoder.config.hidden_size
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) of the pixel input the vision tower sees (every frame is resized to it)."""
+        return self.preprocessor.output_size
+
+    @property
+    def num_layers(self) -> int:
+        """Decoder layers kept (and run); 0 means the decoder input itself."""
+        return len(_get(self.decoder, self.family.layers))
+
+    @property
+    def sequence_length(self) -> int:
+        """Tokens per frame: image tokens plus the prompt's tokens (T of the 'tokens' pooling)."""
+        return int(self.input_ids.shape[1])
+
+    @property
+    def num_image_tokens(self) -> int:
+        return int(self.image_mask.sum())
+
+    # ---------------------------------------------------------------- the hot path
+
+    @torch.inference_mode()
+    def embed(self, frames_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 RGB frames (N, H, W, 3) -> float32 hidden states on `self.device`.
+
+        Shape (N, D) for 'last', 'mean' and 'image_mean' pooling, (N, T, D) for 'tokens'. Returned tensors
+        are inference tensors: `.clone()` them before using them in autograd.
+        """
+        frames = as_frame_batch(frames_uint8)
+        return self.embed_vision_inputs(self.family.vision_inputs(self.preprocessor, frames, self.device))
+
+    @torch.inference_mode()
+    def embed_vision_inputs(self, vision_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`embed` after preprocessing, e.g. from the HF processor's own `pixel_values` (for Llava)."""
+        vision_inputs = {
+            key: value.to(self.device, self.dtype) if torch.is_floating_point(value) else value.to(self.device)
+            for key, value in vision_inputs.items()
+        }
+        image_features = self.family.image_features(self.backbone, **vision_inputs)
+        batch, tokens = image_features.shape[:2]
+        if tokens != self.num_image_tokens:
+            raise ModelError(
+                f"the vision tower gave {tokens} features per frame but the prompt has "
+                f"{self.num_image_tokens} image tokens; the processor and the model disagree"
+            )
+        token_embeddings = self.backbone.get_input_embeddings()(self.input_ids)  # (1, T, D): one prompt for all
+        inputs_embeds = token_embeddings.expand(batch, -1, -1).clone()
+        inputs_embeds[:, self.image_mask] = image_features.to(inputs_embeds.dtype)
+        position_ids = self.family.position_ids(self.backbone, self.input_ids.expand(batch, -1), vision_inputs)
+        hidden = self.decoder(inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=False).last_hidden_state
+        return self._pool(hidden)
+
+    def _pool(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.pooling == "last":
+            pooled = hidden[:, -1]
+        elif self.pooling == "mean":
+            pooled = hidden.float().mean(dim=1)
+        elif self.pooling == "image_mean":
+            pooled = hidden[:, self.image_mask].float().mean(dim=1)
+        else:  # tokens
+            pooled = hidden
+        return pooled.float().contiguous()
+
+    def _tokenize_prompt(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the model's own processor once on a blank frame: ids with the image placeholder expanded."""
+        height, width = self.image_size
+        blank = np.zeros((height, width, 3), dtype=np.uint8)
+        text = self.family.prompt_text(self.processor, self.prompt)
+        encoded = self.processor(images=[blank], text=[text], return_tensors="pt")
+        input_ids = encoded["input_ids"].to(self.device)
+        image_mask = input_ids[0] == self.family.image_token_id(self.backbone.config)
+        if not image_mask.any():
+            raise ModelError(f"the processor of {self.source} put no image tokens into the prompt {text!r}")
+        return input_ids, image_mask
+
+    def __repr__(self) -> str:
+        return (
+            f"TruncatedVLM({self.source!r}, family={self.family.name}, layer={self.layer}/{self.total_layers}, "
+            f"pooling={self.pooling}, hidden_size={self.hidden_size}, image_size={self.image_size}, "
+            f"tokens={self.sequence_length}, dtype={self.dtype})"
+        )
+
+
+# -------------------------------------------------------------------- helpers
+
+
+def _load_config(source: str, trust_remote_code: bool):
+    """The model's config, or a ModelError saying why `source` is not an image-text-to-text model."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    path = Path(source).expanduser()
+    local = path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1
+    if local and not path.is_dir():
+        raise ModelError(
+            f"model directory {source} does not exist; build the tiny VLM with `envenc model init-tiny --out DIR` "
+            "or pass an existing Hugging Face model directory"
+        )
+    if local and not (path / "config.json").is_file():
+        raise ModelError(
+            f"{source} has no config.json, so it is not a Hugging Face model directory "
+            f"(it holds: {', '.join(sorted(p.name for p in path.iterdir())[:8]) or 'nothing'})"
+        )
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as error:
+        if local:
+            raise ModelError(f"could not read the model config in {source}: {_one_line(error)}") from None
+        raise ModelError(
+            f"{source} is neither an existing directory nor a hub model in the local Hugging Face cache "
+            f"(downloads are off when HF_HUB_OFFLINE=1): {_one_line(error)}"
+        ) from None
+    if config.model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and not trust_remote_code:
+        raise ModelError(
+            f"{source} is a {config.model_type!r} model, not an image-text-to-text model (a VLM such as llava); "
+            "TruncatedVLM needs a model that reads images"
+        )
+    return config
+
+
+def _resolve_layer(layer: int, total_layers: int) -> int:
+    """HF hidden_states index (0..L, negatives from the end) -> number of decoder layers to keep."""
+    if not -(total_layers + 1) <= layer <= total_layers:
+        raise ConfigError(
+            f"vlm.layer={layer} is out of range for a decoder with {total_layers} layers: "
+            f"use 0..{total_layers} or -{total_layers + 1}..-1 (-1: the last layer)"
+        )
+    return layer % (total_layers + 1)
+
+
+def _truncate_decoder(decoder: nn.Module, family: Family, keep: int, total_layers: int) -> None:
+    """Delete decoder layers above `keep`; below the top layer, also the final norm (HF applies it only there)."""
+    if keep == total_layers:
+        return
+    setattr(decoder, family.layers, _get(decoder, family.layers)[:keep])
+    setattr(decoder, family.norm, nn.Identity())
+    decoder.config.num_hidden_layers = keep
+    layer_types = getattr(decoder.config, "layer_types", None)
+    if isinstance(layer_types, list):
+        decoder.config.layer_types = layer_types[:keep]
+
+
+def _one_line(error: Exception) -> str:
+    """A library's multi-line message folded into one line (the CLI prints errors on one line)."""
+    return " ".join(str(error).split())
+
+
+def _get(module: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def _find(module: nn.Module, candidates: tuple[str, ...]) -> nn.Module | None:
+    for dotted in candidates:
+        try:
+            return _get(module, dotted)
+        except AttributeError:
+            continue
+    return None

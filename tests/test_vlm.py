@@ -1,0 +1,353 @@
+"""The built-in tiny VLM, the tensor preprocessing and TruncatedVLM, on the real model at tiny size."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from envenc_ray.config import VLMConfig
+from envenc_ray.errors import ConfigError, InputError, ModelError
+from envenc_ray.vlm.backbone import TruncatedVLM
+from envenc_ray.vlm.preprocess import FramePreprocessor
+from envenc_ray.vlm.tiny import TinySpec, build_tiny_vlm
+
+PONG_BALL = (236, 236, 236)
+PONG_BACKGROUND = (144, 72, 17)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """These tests check values, not speed: one intra-op thread keeps them quick on a shared 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def hf_reference(tiny_vlm_dir):
+    """The tiny VLM through the standard Auto classes: the reference TruncatedVLM must agree with."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_vlm_dir).eval()
+    processor = AutoProcessor.from_pretrained(tiny_vlm_dir)
+    return model, processor
+
+
+def _grey_levels(ours: torch.Tensor, reference: torch.Tensor, preprocessor: FramePreprocessor) -> torch.Tensor:
+    """|difference| of normalized pixel values, converted back to grey levels of 255."""
+    std = torch.tensor(preprocessor.std).view(1, 3, 1, 1)
+    return (ours - reference).abs() * std / preprocessor.rescale_factor
+
+
+def _random_frames(count: int, height: int = 210, width: int = 160, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(count, height, width, 3), dtype=np.uint8)
+
+
+# ------------------------------------------------------------------------------------------ preprocessing
+
+
+@pytest.mark.parametrize("source", ["pong", "random"])
+def test_preprocessing_matches_the_hf_processor(hf_reference, pong_frames, source):
+    # Tolerance: 1 grey level of 255 per value (the uint8 rounding of PIL's fixed-point resampler), and
+    # fewer than 1% of values off at all. A one-pass float resize would be up to ~12 levels off on noise.
+    _, processor = hf_reference
+    frames = pong_frames if source == "pong" else _random_frames(16)
+    preprocessor = FramePreprocessor.from_image_processor(processor.image_processor)
+
+    ours = preprocessor(frames)
+    reference = processor.image_processor(images=list(frames), return_tensors="pt")["pixel_values"]
+
+    assert ours.shape == reference.shape == (len(frames), 3, 128, 128)
+    assert ours.dtype == torch.float32
+    grey = _grey_levels(ours, reference, preprocessor)
+    assert grey.max().item() <= 1.0 + 1e-3
+    assert (grey > 0.5).float().mean().item() < 0.01
+    # torch input (and a read-only numpy view) give the same pixels as numpy input
+    read_only = frames.copy()
+    read_only.flags.writeable = False
+    assert torch.equal(preprocessor(torch.from_numpy(frames)), ours)
+    assert torch.equal(preprocessor(read_only), ours)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},  # CLIP's own: shortest edge 224, center crop 224, bicubic
+        {"size": {"shortest_edge": 96}, "crop_size": {"height": 96, "width": 96}},
+        {"size": {"height": 100, "width": 150}, "do_center_crop": False, "resample": 2},  # bilinear
+    ],
+)
+def test_preprocessing_follows_other_processor_settings(settings):
+    # Settings are read from the processor, not assumed: other sizes, crops and filters match too.
+    # Noise at odd sizes is the hardest case for the pass order and rounding: within 2 grey levels.
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    image_processor = LlavaImageProcessorPil(**settings)
+    preprocessor = FramePreprocessor.from_image_processor(image_processor)
+    for height, width in ((210, 160), (97, 301)):
+        frames = _random_frames(3, height, width, seed=height)
+        ours = preprocessor(frames)
+        reference = image_processor(images=list(frames), return_tensors="pt")["pixel_values"]
+        assert ours.shape == reference.shape
+        assert _grey_levels(ours, reference, preprocessor).max().item() <= 2.0 + 1e-3
+
+
+def test_tiny_processor_keeps_the_whole_frame_and_the_ball(hf_reference, pong_frames):
+    _, processor = hf_reference
+    preprocessor = FramePreprocessor.from_image_processor(processor.image_processor)
+    assert (preprocessor.crop_to, preprocessor.resize_to) == (None, (128, 128))
+
+    # The score rows (top of the frame) and the bottom wall still reach the pixels: no center crop.
+    frame = pong_frames[10:11]
+    for rows in (slice(0, 30), slice(195, 210)):
+        edited = frame.copy()
+        edited[:, rows] = 0
+        assert _grey_levels(preprocessor(edited), preprocessor(frame), preprocessor).max() > 50
+
+    # Pong's 2x4 ball: erasing it changes some input pixel by most of its 219-level contrast.
+    with_ball = [i for i in range(len(pong_frames)) if (pong_frames[i, 34:194] == PONG_BALL).all(-1).sum() == 8]
+    assert len(with_ball) >= 10
+    frames = pong_frames[with_ball]
+    erased = frames.copy()
+    ball = (erased == PONG_BALL).all(-1)
+    ball[:, :34] = ball[:, 194:] = False  # the walls and score are the same grey as the ball
+    erased[ball] = PONG_BACKGROUND
+    peak = _grey_levels(preprocessor(frames), preprocessor(erased), preprocessor).amax(dim=(1, 2, 3))
+    assert peak.min().item() > 150
+
+
+# ------------------------------------------------------------------------------------------ the tiny model
+
+
+def test_tiny_vlm_reloads_offline_with_auto_classes(tiny_vlm_dir, hf_reference):
+    from envenc_ray.envs.annotate import advice_corpus
+
+    model, processor = hf_reference
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert type(processor).__name__ == "LlavaProcessor"
+    config = model.config
+    for tower in (config.vision_config, config.text_config):
+        assert tower.hidden_size // tower.num_attention_heads >= 32
+    assert config.vision_config.image_size == TinySpec.image_size
+    assert 1e6 < sum(p.numel() for p in model.parameters()) < 5e6
+
+    tokenizer = processor.tokenizer
+    sentence = advice_corpus(seed=0)[0]
+    ids = tokenizer(sentence, add_special_tokens=False).input_ids
+    assert tokenizer.decode(ids) == sentence
+    assert len(ids) < len(sentence.split()) * 2  # advice words are whole tokens, not characters
+    assert len(tokenizer("<image>", add_special_tokens=False).input_ids) == 1
+    assert tokenizer.pad_token and tokenizer.bos_token and tokenizer.eos_token
+
+    inputs = processor(images=[np.zeros((210, 160, 3), np.uint8)], text=["<image>\nthe score"], return_tensors="pt")
+    assert (inputs["input_ids"] == config.image_token_id).sum().item() == TinySpec().image_tokens == 64
+    with torch.inference_mode():
+        logits = model(**inputs).logits
+    assert logits.shape[-1] == config.text_config.vocab_size
+    info = json.loads((Path(tiny_vlm_dir) / "envenc_tiny.json").read_text())
+    assert info["seed"] == 0 and info["parameters"] == sum(p.numel() for p in model.parameters())
+
+
+def test_tiny_vlm_is_deterministic_per_seed(tiny_vlm_dir, tmp_path):
+    out = tmp_path / "vlm"
+    build_tiny_vlm(out, seed=0, measure=False, report=False)
+    for name in ("model.safetensors", "tokenizer.json", "config.json", "processor_config.json"):
+        assert (out / name).read_bytes() == (Path(tiny_vlm_dir) / name).read_bytes(), name
+
+    build_tiny_vlm(out, seed=1, measure=False, report=False)  # replaces a previous tiny build in place
+    assert (out / "model.safetensors").read_bytes() != (Path(tiny_vlm_dir) / "model.safetensors").read_bytes()
+    assert json.loads((out / "envenc_tiny.json").read_text())["seed"] == 1
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging leftovers
+
+
+def test_build_refuses_to_overwrite_a_foreign_directory(tmp_path):
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(ModelError, match="refusing to overwrite"):
+        build_tiny_vlm(tmp_path, measure=False, report=False)
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+# ------------------------------------------------------------------------------------------ TruncatedVLM
+
+
+@pytest.mark.parametrize("layer", [2, -1])
+def test_truncated_hidden_states_equal_the_full_model(tiny_vlm_dir, hf_reference, pong_frames, layer):
+    model, processor = hf_reference
+    vlm = TruncatedVLM.from_pretrained(tiny_vlm_dir, layer=layer, pooling="tokens")
+    total = model.config.text_config.num_hidden_layers
+    kept = layer % (total + 1)
+
+    # Physically truncated: fewer layers in the module tree, no final norm below the top, no LM head.
+    decoder_layers = vlm.backbone.language_model.layers
+    assert vlm.num_layers == len(decoder_layers) == kept
+    assert isinstance(vlm.backbone.language_model.norm, torch.nn.Identity) == (kept < total)
+    assert not any("lm_head" in name for name, _ in vlm.backbone.named_modules())
+
+    frames = pong_frames[:6]
+    text = vlm.family.prompt_text(processor, vlm.prompt)
+    inputs = processor(images=list(frames), text=[text] * len(frames), return_tensors="pt")
+    assert torch.equal(inputs["input_ids"][0], vlm.input_ids[0])  # the static prompt, expanded as HF does
+    with torch.inference_mode():
+        reference = model(**inputs, output_hidden_states=True).hidden_states[layer]
+
+    ours = vlm.embed_vision_inputs({"pixel_values": inputs["pixel_values"]})
+    assert ours.shape == reference.shape == (6, vlm.sequence_length, vlm.hidden_size)
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-4)
+
+    # From uint8 frames through our own preprocessing: the same up to the <=1 grey level pixel differences.
+    from_frames = vlm.embed(frames)
+    cosine = torch.nn.functional.cosine_similarity(from_frames.flatten(1), reference.flatten(1))
+    assert cosine.min().item() > 0.999
+
+
+def test_vision_layers_above_the_projector_input_are_dropped(tiny_vlm_dir, pong_frames, tmp_path):
+    # Llava's usual vision_feature_layer=-2 reads the second-to-last vision layer: the last one is dead weight.
+    import shutil
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model_dir = tmp_path / "feature-layer-minus-2"
+    shutil.copytree(tiny_vlm_dir, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["vision_feature_layer"] = -2
+    (model_dir / "config.json").write_text(json.dumps(config))
+
+    vlm = TruncatedVLM.from_pretrained(model_dir, pooling="tokens")
+    vision_layers = [m for m in vlm.backbone.vision_tower.modules() if type(m).__name__ == "CLIPEncoderLayer"]
+    assert len(vision_layers) == TinySpec.vision_layers - 1
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    frames = pong_frames[:3]
+    text = vlm.family.prompt_text(processor, vlm.prompt)
+    inputs = processor(images=list(frames), text=[text] * len(frames), return_tensors="pt")
+    with torch.inference_mode():
+        reference = model(**inputs, output_hidden_states=True).hidden_states[-1]
+    torch.testing.assert_close(vlm.embed_vision_inputs({"pixel_values": inputs["pixel_values"]}), reference)
+
+
+def test_poolings_shapes_dtypes_and_meaning(tiny_vlm_dir, pong_frames):
+    frames = pong_frames[:4]
+    tokens_vlm = TruncatedVLM.from_pretrained(tiny_vlm_dir, layer=3, pooling="tokens")
+    tokens = tokens_vlm.embed(frames)
+    count, length, width = 4, tokens_vlm.sequence_length, tokens_vlm.hidden_size
+    assert tokens.shape == (count, length, width) and tokens.dtype == torch.float32
+    assert tokens_vlm.num_image_tokens == 64 and length > 64
+    assert tokens_vlm.image_size == (128, 128)
+
+    expected = {
+        "last": tokens[:, -1],
+        "mean": tokens.mean(dim=1),
+        "image_mean": tokens[:, tokens_vlm.image_mask].mean(dim=1),
+    }
+    for pooling, want in expected.items():
+        pooled = TruncatedVLM.from_pretrained(tiny_vlm_dir, layer=3, pooling=pooling).embed(frames)
+        assert pooled.shape == (count, width) and pooled.dtype == torch.float32, pooling
+        torch.testing.assert_close(pooled, want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(expected["image_mean"][0], expected["image_mean"][1])  # frames differ -> states differ
+
+
+def test_bfloat16_compute_returns_float32_close_to_float32(tiny_vlm_dir, pong_frames):
+    frames = pong_frames[:4]
+    full = TruncatedVLM.from_pretrained(tiny_vlm_dir, dtype="float32").embed(frames)
+    half = TruncatedVLM.from_pretrained(tiny_vlm_dir, dtype="bfloat16")
+    assert half.dtype == torch.bfloat16
+    reduced = half.embed(frames)
+    assert reduced.dtype == torch.float32 and reduced.shape == full.shape
+    relative = (reduced - full).norm(dim=1) / full.norm(dim=1)
+    assert relative.max().item() < 0.02  # measured 0.5-0.7%
+
+
+def test_from_config_formats_the_prompt_and_needs_a_path_for_builtin_tiny(tiny_vlm_dir):
+    config = VLMConfig(layer=1, pooling="mean")
+    with pytest.raises(ModelError, match="init-tiny"):
+        TruncatedVLM.from_config(config)
+    vlm = TruncatedVLM.from_config(config, model_path=tiny_vlm_dir, game="breakout")
+    assert vlm.prompt == "a game of breakout. describe the state."
+    assert (vlm.layer, vlm.num_layers, vlm.pooling) == (1, 1, "mean")
+
+
+@pytest.mark.slow
+def test_cli_init_tiny_then_embed_real_pong_frames(tmp_path, pong_frames):
+    # The acceptance: the real console script builds the model, TruncatedVLM embeds real frames with it.
+    script = Path(sys.executable).with_name("envenc")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "envenc_ray.cli"]
+    out = tmp_path / "vlm"
+    result = subprocess.run(
+        [*command, "model", "init-tiny", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "parameters" in result.stdout and "ms/frame" in result.stdout
+
+    vlm = TruncatedVLM.from_pretrained(out)
+    hidden = vlm.embed(pong_frames[:8])
+    assert hidden.dtype == torch.float32
+    assert hidden.shape == (8, vlm.hidden_size)
+    assert torch.isfinite(hidden).all()
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm(tiny_vlm_dir):
+    return TruncatedVLM.from_pretrained(tiny_vlm_dir, layer=1)
+
+
+@pytest.mark.parametrize(
+    ("frames", "message"),
+    [
+        (np.zeros((2, 210, 160, 3), np.float32), "uint8"),
+        (torch.zeros((2, 210, 160, 3)), "uint8"),
+        (np.zeros((210, 160, 3), np.uint8), "add a batch axis"),
+        (np.zeros((2, 210, 160, 4), np.uint8), "RGBA"),
+        (np.zeros((2, 3, 210, 160), np.uint8), "channels-first"),
+        (np.zeros((0, 210, 160, 3), np.uint8), "empty batch"),
+        (np.zeros((2, 1, 210, 160, 3), np.uint8), "4 axes"),
+        ([np.zeros((210, 160, 3), np.uint8)], "np.stack"),
+    ],
+)
+def test_bad_frames_raise_input_error(tiny_vlm, frames, message):
+    with pytest.raises(InputError, match=message):
+        tiny_vlm.embed(frames)
+
+
+def test_missing_or_non_vlm_directories_raise_model_error(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with pytest.raises(ModelError, match="does not exist"):
+        TruncatedVLM.from_pretrained(tmp_path / "missing")
+
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "weights.bin").write_bytes(b"\x00" * 16)
+    with pytest.raises(ModelError, match="no config.json"):
+        TruncatedVLM.from_pretrained(junk)
+
+    text_only = tmp_path / "text-only"
+    tiny_llama = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=1, num_key_value_heads=1)
+    LlamaForCausalLM(tiny_llama).save_pretrained(text_only)
+    with pytest.raises(ModelError, match="not an image-text-to-text model"):
+        TruncatedVLM.from_pretrained(text_only)
+
+
+def test_bad_settings_raise_config_error(tiny_vlm_dir):
+    with pytest.raises(ConfigError, match="out of range"):
+        TruncatedVLM.from_pretrained(tiny_vlm_dir, layer=5)
+    with pytest.raises(ConfigError, match="pooling"):
+        TruncatedVLM.from_pretrained(tiny_vlm_dir, pooling="max")
+    with pytest.raises(ConfigError, match="format it first"):
+        TruncatedVLM.from_pretrained(tiny_vlm_dir, prompt="a game of {game}.")
