@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from envenc_ray.errors import ConfigError
 
@@ -111,6 +111,43 @@ class EncoderConfig(Section):
     cpus_per_worker: float = Field(0.5, gt=0, description="CPUs per Train worker; fractions on small machines.")
 
 
+class ServeConfig(Section):
+    """The EnvironmentEncoder Ray Serve deployment (truncated VLM + encoder)."""
+
+    num_cpus: float = Field(0.5, gt=0, description="CPUs per replica; fractions leave room for EnvRunners here.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (1 on a GPU cluster).")
+    min_replicas: int = Field(1, ge=0, description="Autoscaling lower bound.")
+    max_replicas: int = Field(1, ge=1, description="Autoscaling upper bound.")
+    target_ongoing_requests: float = Field(
+        2.0, gt=0, description="Autoscaling target of in-flight calls per replica."
+    )
+    max_batch_calls: int = Field(
+        8, ge=1, description="@serve.batch size: concurrent calls (each of many frames) merged into one forward."
+    )
+    batch_wait_timeout_s: float = Field(0.005, ge=0, description="How long a batch waits to fill up (seconds).")
+    max_ongoing_requests: int = Field(
+        16, ge=1, description="Calls a replica accepts at once; must be >= max_batch_calls or batches stay small."
+    )
+    max_frames_per_call: int = Field(512, ge=1, description="Larger calls are refused: split them client-side.")
+    cache_size: int = Field(
+        4096, ge=0, description="Content-hash cache of hidden states for identical frames (entries; 0: off)."
+    )
+    http: bool = Field(False, description="Also serve POST /encode (.npy in, .npy out); off: handle calls only.")
+    http_host: str = Field("127.0.0.1", description="HTTP bind address; loopback unless you mean to expose it.")
+    http_port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> "ServeConfig":
+        if self.max_ongoing_requests < self.max_batch_calls:
+            raise ValueError(
+                f"serve.max_ongoing_requests ({self.max_ongoing_requests}) must be >= serve.max_batch_calls "
+                f"({self.max_batch_calls}), otherwise Serve never fills a batch"
+            )
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"serve.min_replicas ({self.min_replicas}) > serve.max_replicas ({self.max_replicas})")
+        return self
+
+
 class EnvEncConfig(Section):
     """The whole pipeline's configuration, one section per stage."""
 
@@ -120,6 +157,7 @@ class EnvEncConfig(Section):
     collect: CollectConfig = CollectConfig()
     embed: EmbedConfig = EmbedConfig()
     encoder: EncoderConfig = EncoderConfig()
+    serve: ServeConfig = ServeConfig()
 
     @property
     def run_dir(self) -> Path:
