@@ -1,0 +1,88 @@
+"""EnvironmentEncoder: truncated VLM + trained encoder in one process, frames (uint8) -> latents (float32).
+
+The service and the RLlib connector wrap this. It keeps no per-episode state itself: for the temporal
+encoder the caller passes each episode's window state (its previous k-1 hidden states) and gets the
+updated state back, so replicas stay stateless and an episode's window lives with the episode.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from envenc_ray.encoder.models import Encoder
+from envenc_ray.errors import InputError, ModelError
+
+
+class EnvironmentEncoder:
+    """`vlm` is a TruncatedVLM (anything with `.hidden_size` and `.embed(frames_uint8) -> (N, D) tensor`)."""
+
+    def __init__(self, vlm, encoder: Encoder):
+        if getattr(vlm, "pooling", None) == "tokens":
+            raise ModelError("the encoder takes one hidden state per frame; load the VLM with pooling "
+                             "'last', 'mean' or 'image_mean', not 'tokens'")
+        if vlm.hidden_size != encoder.hidden_size:
+            raise ModelError(f"the VLM's hidden size is {vlm.hidden_size} but the encoder was trained on "
+                             f"{encoder.hidden_size}-wide hidden states; use the VLM (model, layer, pooling) "
+                             "that embedded its training data, or retrain the encoder")
+        self.vlm = vlm
+        self.encoder = encoder.eval()
+
+    @property
+    def window(self) -> int:
+        """Frames per latent: k for the temporal encoder, 1 otherwise (then no state is kept)."""
+        return self.encoder.window
+
+    @property
+    def latent_dim(self) -> int:
+        return self.encoder.latent_dim
+
+    def hidden(self, frames_uint8: np.ndarray) -> np.ndarray:
+        """Raw pooled hidden states (N, D) float32 of a batch of frames (N, H, W, 3) uint8."""
+        frames_uint8 = np.asarray(frames_uint8)
+        if frames_uint8.dtype != np.uint8 or frames_uint8.ndim != 4 or frames_uint8.shape[-1] != 3:
+            raise InputError(f"frames must be uint8 of shape (N, H, W, 3), got {frames_uint8.dtype} "
+                             f"{frames_uint8.shape}")
+        with torch.no_grad():
+            return self.vlm.embed(frames_uint8).float().cpu().numpy()
+
+    def encode(self, frames_uint8: np.ndarray, windows: list[np.ndarray | None] | None = None
+               ) -> tuple[np.ndarray, list[np.ndarray] | None]:
+        """Latents (N, latent_dim) float32 of N frames, each from its own episode, and the new window states.
+
+        Temporal encoder: `windows[i]` is frame i's episode state, its previous k-1 hidden states (oldest
+        first), or None at a fresh episode start, meaning "pad with this frame" exactly as training padded
+        an episode's first frames. `windows=None` means every episode is fresh. Returns the updated states.
+        Per-frame encoders are stateless: `windows` is ignored and None is returned.
+        """
+        return self.encode_hidden(self.hidden(frames_uint8), windows)
+
+    def encode_hidden(self, hidden_states: np.ndarray, windows: list[np.ndarray | None] | None = None
+                      ) -> tuple[np.ndarray, list[np.ndarray] | None]:
+        """`encode` from hidden states (N, D) instead of frames (the VLM already ran)."""
+        hidden_states = np.asarray(hidden_states, dtype=np.float32)
+        if hidden_states.ndim != 2 or hidden_states.shape[1] != self.encoder.hidden_size:
+            raise InputError(f"hidden states must be (N, {self.encoder.hidden_size}), got {hidden_states.shape}")
+        n = len(hidden_states)
+        if self.encoder.kind != "temporal":
+            with torch.no_grad():
+                return self.encoder(torch.from_numpy(hidden_states)).numpy(), None
+        k = self.encoder.window
+        windows = [None] * n if windows is None else list(windows)
+        if len(windows) != n:
+            raise InputError(f"got {n} frames but {len(windows)} window states; pass one per frame (None for a "
+                             "fresh episode)")
+        stacked = np.empty((n, k, self.encoder.hidden_size), dtype=np.float32)
+        for i, previous in enumerate(windows):
+            if previous is None:
+                stacked[i, :-1] = hidden_states[i]  # fresh episode: the first frame fills the window
+            else:
+                previous = np.asarray(previous, dtype=np.float32)
+                if previous.shape != (k - 1, self.encoder.hidden_size):
+                    raise InputError(f"window state {i} has shape {previous.shape}, expected "
+                                     f"({k - 1}, {self.encoder.hidden_size}): the previous k-1 hidden states")
+                stacked[i, :-1] = previous
+            stacked[i, -1] = hidden_states[i]
+        with torch.no_grad():
+            latents = self.encoder(torch.from_numpy(stacked)).numpy()
+        return latents, [stacked[i, 1:].copy() for i in range(n)]

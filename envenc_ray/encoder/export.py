@@ -1,0 +1,96 @@
+"""The exported encoder: <run>/encoder/ = config.json + model.safetensors (encoder only) + metrics.json.
+
+config.json says what to build (kind, hidden_size, latent_dim, window and the encoder settings), the
+safetensors file holds the encoder's weights and its input-normalisation buffers; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from envenc_ray.config import EncoderConfig, EnvEncConfig
+from envenc_ray.encoder.metrics import json_safe
+from envenc_ray.encoder.models import Encoder, build_autoencoder
+from envenc_ray.errors import ModelError
+
+FORMAT = "envenc-encoder"
+FORMAT_VERSION = 1
+
+
+def export_encoder(checkpoint, encoder_dir: Path, config: EnvEncConfig, hidden_size: int, config_hash: str,
+                   input_fingerprint: str, metrics: dict) -> None:
+    """Write the encoder half of a training checkpoint (a Ray `Checkpoint`) into `encoder_dir`, atomically."""
+    from safetensors.torch import load_file
+
+    with checkpoint.as_directory() as directory:
+        weights = load_file(str(Path(directory) / "model.safetensors"))
+    autoencoder = build_autoencoder(config.encoder, hidden_size)
+    autoencoder.load_state_dict(weights)
+    description = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kind": config.encoder.kind,
+        "hidden_size": hidden_size,
+        "latent_dim": config.encoder.latent_dim,
+        "window": autoencoder.encoder_module().window,
+        "encoder": config.encoder.model_dump(mode="json"),
+        "config_hash": config_hash,
+        "input_fingerprint": input_fingerprint,
+        "best_epoch": metrics.get("best_epoch"),
+    }
+    save_encoder(autoencoder.encoder_module(), encoder_dir, description, metrics)
+
+
+def save_encoder(encoder: Encoder, encoder_dir: Path, description: dict, metrics: dict) -> None:
+    """Fill a temporary folder, then swap it in: readers see the old export or the new one, never half."""
+    from safetensors.torch import save_file
+
+    encoder_dir = Path(encoder_dir)
+    encoder_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = encoder_dir.with_name(f".{encoder_dir.name}.tmp-{os.getpid()}")
+    old = encoder_dir.with_name(f".{encoder_dir.name}.old-{os.getpid()}")
+    for stale in encoder_dir.parent.glob(f".{encoder_dir.name}.*-*"):  # left by a process killed mid-swap
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file({k: v.detach().contiguous() for k, v in encoder.state_dict().items()}, str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(description, indent=2))
+        (tmp / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2))
+        if encoder_dir.exists():
+            os.replace(encoder_dir, old)
+        os.replace(tmp, encoder_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_encoder(encoder_dir: str | Path) -> Encoder:
+    """Rebuild an exported encoder (eval mode, no gradients) from config.json + model.safetensors."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    encoder_dir = Path(encoder_dir)
+    config_path, weights_path = encoder_dir / "config.json", encoder_dir / "model.safetensors"
+    if not config_path.is_file() or not weights_path.is_file():
+        raise ModelError(f"{encoder_dir} is not an exported encoder (needs config.json and model.safetensors); "
+                         "run `envenc train-encoder` first")
+    try:
+        description = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ModelError(f"{config_path} is not valid JSON ({error}); rerun `envenc train-encoder`") from None
+    if description.get("format") != FORMAT or description.get("format_version") != FORMAT_VERSION:
+        raise ModelError(f"{config_path} is not a {FORMAT} v{FORMAT_VERSION} config; rerun `envenc train-encoder`")
+    settings = EncoderConfig.model_validate(description["encoder"])
+    encoder = build_autoencoder(settings, int(description["hidden_size"])).encoder_module()
+    try:
+        weights = load_file(str(weights_path))
+        encoder.load_state_dict(weights)
+    except (SafetensorError, RuntimeError, OSError) as error:
+        raise ModelError(f"{weights_path} does not hold the weights of this {settings.kind} encoder "
+                         f"({str(error).splitlines()[0]}); rerun `envenc train-encoder`") from None
+    encoder.eval()
+    encoder.requires_grad_(False)
+    return encoder

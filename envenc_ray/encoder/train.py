@@ -1,0 +1,573 @@
+"""Stage `train-encoder`: an autoencoder over <run>/hidden/ trained by Ray Train, exported to <run>/encoder/.
+
+Read top to bottom, `train_encoder` is:
+
+  1. read     hidden/*.parquet through Ray Data; sort by (episode, step); build each frame's window;
+              split train/validation BY EPISODE; normalisation statistics and raw-hidden-state baselines
+  2. train    a `TorchTrainer` (num_workers x cpus_per_worker) running `train_loop_per_worker`:
+              one checkpoint per epoch, early stopping, and resume from the latest checkpoint when the
+              same training is started again (Ray Train restores it from <run>/encoder_train/<key>/)
+  3. export   the best epoch's encoder (decoder dropped) + config.json + metrics.json into encoder/,
+              written under a temporary name and renamed when complete
+
+Data path: the Train dataset holds row indices, not windows. Each worker gets the (N, D) hidden-state
+matrix once through the object store (zero-copy) and gathers the (B, k, D) windows of its batch itself;
+materialising every window in the dataset would store each hidden state k times.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from envenc_ray.config import EncoderConfig, EnvEncConfig
+from envenc_ray.data.schema import hidden_to_array, list_shards, objects_to_table
+from envenc_ray.encoder.metrics import (
+    consecutive_pairs,
+    json_safe,
+    mean_cosine,
+    mean_or_none,
+    probe_targets,
+    ridge_probe_r2,
+)
+from envenc_ray.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = ("episode_id", "step", "hidden")  # `objects` is optional: without it, no probes
+CHECKPOINTS_DIR = "encoder_train"  # <run>/encoder_train/<resume key>/: Ray Train's run folder
+PROBE_MAX_TRAIN_ROWS = 20_000  # linear probes fit on at most this many train frames (SVD cost ~ rows * D^2)
+# Settings that change how long or where training runs, not what an epoch computes: a rerun that only
+# changes these continues the same training (e.g. more epochs after an interruption or early stop).
+RESUMABLE_SETTINGS = ("epochs", "patience", "num_workers", "cpus_per_worker")
+
+
+@dataclass
+class HiddenData:
+    """The hidden-state artifact in memory, rows sorted by (episode_id, step)."""
+
+    episode_ids: np.ndarray  # (N,) int64
+    steps: np.ndarray  # (N,) int64
+    hidden: np.ndarray  # (N, D) float32
+    objects: dict[str, np.ndarray]  # numeric annotation -> (N,) float64
+
+    @property
+    def hidden_size(self) -> int:
+        return self.hidden.shape[1]
+
+
+def train_encoder(config: EnvEncConfig) -> dict:
+    """Train the encoder of `config.encoder` on <run>/hidden/ and export it to <run>/encoder/.
+
+    Skips (and says so) when encoder/ already holds an export of this config and these hidden states.
+    Returns a summary: skipped, epochs, best epoch, resumed_from_epoch, final metrics, phase timings.
+    """
+    hidden_dir, encoder_dir = config.run_dir / "hidden", config.run_dir / "encoder"
+    shards, hidden_size, fingerprint = check_shards(hidden_dir)
+    config_hash = output_hash(config)
+    existing = _read_json(encoder_dir / "config.json")
+    if existing and existing.get("config_hash") == config_hash and existing.get("input_fingerprint") == fingerprint \
+            and (encoder_dir / "model.safetensors").exists() and (encoder_dir / "metrics.json").exists():
+        metrics = json.loads((encoder_dir / "metrics.json").read_text())
+        print(f"train-encoder: skipped, {encoder_dir} already holds the {existing['kind']} encoder of this config "
+              f"(best epoch {metrics['best_epoch']}, val mse {_best(metrics)['val_mse']:.4f})")
+        return {"skipped": True, "encoder_dir": str(encoder_dir), **_summary(metrics)}
+
+    import ray
+
+    from envenc_ray.encoder.export import export_encoder
+    from envenc_ray.encoder.models import build_windows
+    from envenc_ray.runtime import ensure_ray
+
+    ensure_ray()
+    _check_resources(config.encoder)
+    timings: dict[str, float] = {}
+
+    # 1. read
+    started = time.perf_counter()
+    data = read_hidden(shards, hidden_size)
+    window = config.encoder.window if config.encoder.kind == "temporal" else 1
+    windows = build_windows(data.episode_ids, data.steps, window)
+    train_rows, val_rows = split_by_episode(data.episode_ids, config.encoder.val_fraction, config.experiment.seed)
+    mean, std = data.hidden[train_rows].mean(0), data.hidden[train_rows].std(0)
+    val_pairs = consecutive_pairs(data.episode_ids, val_rows)
+    targets = probe_targets(data.objects, train_rows, val_rows)
+    probe_rows = _subsample(train_rows, PROBE_MAX_TRAIN_ROWS, config.experiment.seed)
+    standardized = (data.hidden - mean) / np.where(std > 1e-6, std, 1.0)
+    baseline = {
+        "val_consecutive_cosine_hidden": mean_cosine(data.hidden, val_pairs),
+        "val_consecutive_cosine_hidden_standardized": mean_cosine(standardized, val_pairs),
+        "probe_r2_hidden": ridge_probe_r2(data.hidden, targets, probe_rows, val_rows),
+    }
+    baseline["probe_r2_hidden_mean"] = mean_or_none(baseline["probe_r2_hidden"])
+    timings["read_s"] = time.perf_counter() - started
+    logger.info("read %d frames (%d episodes, hidden size %d) in %.1f s", len(data.hidden),
+                len(np.unique(data.episode_ids)), data.hidden_size, timings["read_s"])
+
+    # 2. train
+    started = time.perf_counter()
+    loop_config = {
+        "encoder": config.encoder.model_dump(mode="json"),
+        "seed": config.experiment.seed,
+        "session": uuid.uuid4().hex[:8],  # tells this call's epochs from those of an interrupted earlier one
+        "hidden": ray.put(data.hidden),  # once into the object store; workers read it zero-copy
+        "windows": ray.put(windows),
+        "train_rows": train_rows,
+        "val_rows": val_rows,
+        "val_pairs": val_pairs,
+        "probe_rows": probe_rows,
+        "probe_targets": targets,
+        "mean": mean,
+        "std": std,
+        "baseline": {k: v for k, v in baseline.items() if not isinstance(v, dict)},
+    }
+    result = _fit(config, loop_config, resume_key(config, fingerprint))
+    timings["train_s"] = time.perf_counter() - started
+
+    # 3. export
+    started = time.perf_counter()
+    state = _load_checkpoint_state(result.checkpoint)
+    best_checkpoint = result.get_best_checkpoint(metric="val_mse", mode="min")
+    if best_checkpoint is None:
+        raise DataError(f"training under {config.run_dir / CHECKPOINTS_DIR} left no checkpoint; delete it and rerun")
+    metrics = {
+        "config_hash": config_hash,
+        "kind": config.encoder.kind,
+        "hidden_size": data.hidden_size,
+        "latent_dim": config.encoder.latent_dim,
+        "window": window,
+        "frames": {"train": int(len(train_rows)), "val": int(len(val_rows))},
+        "episodes": {"train": int(len(np.unique(data.episode_ids[train_rows]))),
+                     "val": int(len(np.unique(data.episode_ids[val_rows])))},
+        "probe_targets": sorted(targets),
+        "baseline": baseline,
+        "epochs": state["history"],
+        "best_epoch": state["best_epoch"],
+        "stopped_early": state["epochs_since_best"] >= config.encoder.patience,
+        "resumed_from_epoch": _resumed_from(state["history"]),
+        "timings": timings,
+    }
+    export_encoder(best_checkpoint, encoder_dir, config, data.hidden_size, config_hash, fingerprint, metrics)
+    timings["export_s"] = time.perf_counter() - started
+    _write_json_atomic(encoder_dir / "metrics.json", json_safe(metrics))  # now with the export time
+
+    best = _best(metrics)
+    # Wall time per epoch includes waiting for Ray Train to take the report: its controller takes one
+    # per RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s), a floor that only tiny epochs notice.
+    this_call = [e for e in state["history"] if e["session"] == state["history"][-1]["session"]]
+    if len(this_call) > 1:
+        print(f"train-encoder: epochs took {np.median(np.diff([e['started_at'] for e in this_call])):.2f} s wall, "
+              f"{np.median([e['epoch_seconds'] for e in this_call]):.2f} s compute (medians)")
+    print(f"train-encoder: {config.encoder.kind} encoder -> {encoder_dir}: {len(state['history'])} epochs "
+          f"(resumed after epoch {metrics['resumed_from_epoch']}), best epoch {metrics['best_epoch']} "
+          f"val mse {best['val_mse']:.4f}, explained variance {best['val_explained_variance']:.3f}; "
+          f"read {timings['read_s']:.1f} s, train {timings['train_s']:.1f} s, export {timings['export_s']:.1f} s")
+    return {"skipped": False, "encoder_dir": str(encoder_dir), **_summary(json_safe(metrics))}
+
+
+# ------------------------------------------------------------------------------------------------ read
+
+
+def check_shards(hidden_dir: Path) -> tuple[list[Path], int, str]:
+    """Footers of every shard: readable, required columns, one fixed hidden size, rows > 0.
+
+    Cheap (no data pages are read), so a bad artifact fails before Ray starts. Returns the shards, the
+    hidden size and a fingerprint of the input (names, sizes, row counts) that identifies these shards.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shards = list_shards(hidden_dir, "hidden states (envenc embed)")
+    hidden_sizes, rows, identity = set(), 0, []
+    for shard in shards:
+        try:
+            metadata = pq.read_metadata(shard)
+            schema = metadata.schema.to_arrow_schema()
+        except (pa.ArrowException, OSError) as error:
+            raise DataError(f"{shard} is not a readable Parquet file ({error}); delete hidden/ and rerun `envenc embed`") from None
+        missing = [name for name in REQUIRED_COLUMNS if name not in schema.names]
+        if missing:
+            raise DataError(f"{shard} lacks column(s) {', '.join(missing)}; it was not written by `envenc embed`")
+        hidden_type = schema.field("hidden").type
+        if not pa.types.is_fixed_size_list(hidden_type) or not pa.types.is_floating(hidden_type.value_type):
+            raise DataError(f"{shard}: column 'hidden' is {hidden_type}, expected a fixed-size list of floats")
+        hidden_sizes.add(hidden_type.list_size)
+        rows += metadata.num_rows
+        identity.append((shard.name, shard.stat().st_size, metadata.num_rows))
+    if len(hidden_sizes) > 1:
+        raise DataError(f"the shards in {hidden_dir} mix hidden sizes {sorted(hidden_sizes)} (different VLMs?); "
+                        "delete hidden/ and rerun `envenc embed`")
+    if rows == 0:
+        raise DataError(f"{hidden_dir} holds no rows; rerun `envenc embed` on recorded frames")
+    hidden_size = hidden_sizes.pop()
+    fingerprint = hashlib.sha256(json.dumps([hidden_size, identity]).encode()).hexdigest()[:16]
+    return shards, hidden_size, fingerprint
+
+
+def read_hidden(shards: list[Path], hidden_size: int) -> HiddenData:
+    """All rows of the shards through Ray Data, sorted by (episode_id, step)."""
+    import pyarrow as pa
+    import ray
+
+    try:
+        names = set(pa.unify_schemas([_schema(s) for s in shards]).names)
+        columns = [c for c in (*REQUIRED_COLUMNS, "objects") if c in names]
+        dataset = ray.data.read_parquet([str(s) for s in shards], columns=columns)
+        tables = ray.get(dataset.to_arrow_refs())
+    except (ray.exceptions.RayError, pa.ArrowException, OSError) as error:
+        raise DataError(f"reading {shards[0].parent} failed ({_root_cause(error)}); "
+                        "delete hidden/ and rerun `envenc embed`") from None
+    tables = [t for t in tables if t.num_rows]
+    episode_ids = np.concatenate([t["episode_id"].to_numpy().astype(np.int64) for t in tables])
+    steps = np.concatenate([t["step"].to_numpy().astype(np.int64) for t in tables])
+    hidden = np.concatenate([hidden_to_array(t["hidden"]) for t in tables])
+    if hidden.shape[1] != hidden_size:
+        raise DataError(f"hidden states are {hidden.shape[1]}-wide, the shard schemas say {hidden_size}")
+    if not np.isfinite(hidden).all():
+        raise DataError(f"{shards[0].parent} holds NaN or infinite hidden states; check the VLM and rerun `envenc embed`")
+    objects_json = [text or "{}" for t in tables for text in t["objects"].to_pylist()] if "objects" in columns else []
+    order = np.lexsort((steps, episode_ids))
+    try:
+        objects = objects_to_table([objects_json[i] for i in order]) if objects_json else {}
+    except json.JSONDecodeError as error:
+        raise DataError(f"column 'objects' in {shards[0].parent} holds invalid JSON ({error})") from None
+    return HiddenData(episode_ids[order], steps[order], hidden[order], objects)
+
+
+def _root_cause(error: BaseException) -> str:
+    """The underlying 'SomeError: message' line: Ray Data wraps it in task tracebacks and retry advice."""
+    chain = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__
+    for link in chain:
+        for line in reversed(str(link).splitlines()):
+            if re.match(r"^[\w.]+(Error|Invalid|Exception): ", line.strip()):
+                return line.strip()
+    lines = [line.strip() for line in str(chain[0]).splitlines() if line.strip()]
+    return lines[-1] if lines else type(chain[0]).__name__
+
+
+def _schema(shard: Path):
+    import pyarrow.parquet as pq
+
+    return pq.read_schema(shard)
+
+
+def split_by_episode(episode_ids: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (sorted) of the train and validation episodes: a seeded draw of whole episodes."""
+    episodes = np.unique(episode_ids)
+    if len(episodes) < 2:
+        raise DataError(f"the hidden states hold {len(episodes)} episode; the validation split holds out whole "
+                        "episodes, so record at least 2 (collect.episodes)")
+    n_val = min(max(1, round(val_fraction * len(episodes))), len(episodes) - 1)
+    val_episodes = np.random.default_rng(seed).choice(episodes, size=n_val, replace=False)
+    is_val = np.isin(episode_ids, val_episodes)
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+def _subsample(rows: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    if len(rows) <= limit:
+        return rows
+    return np.sort(np.random.default_rng(seed).choice(rows, size=limit, replace=False))
+
+
+# ----------------------------------------------------------------------------------------------- hashes
+
+
+def output_hash(config: EnvEncConfig) -> str:
+    """What determines encoder/: its own settings and every stage upstream of hidden/ (as `embed` hashes)."""
+    return config.section_hash("experiment", "env", "collect", "vlm", "embed", "encoder")
+
+
+def resume_key(config: EnvEncConfig, input_fingerprint: str) -> str:
+    """Names the Ray Train run folder: the same training (config minus RESUMABLE_SETTINGS, same input)."""
+    neutral = {name: getattr(EncoderConfig(), name) for name in RESUMABLE_SETTINGS}
+    training = config.model_copy(update={"encoder": config.encoder.model_copy(update=neutral)})
+    return f"{config.encoder.kind}-{training.section_hash('experiment', 'encoder')}-{input_fingerprint[:8]}"
+
+
+# ----------------------------------------------------------------------------------------------- train
+
+
+def _check_resources(encoder: EncoderConfig) -> None:
+    import ray
+
+    needed, available = encoder.num_workers * encoder.cpus_per_worker, ray.cluster_resources().get("CPU", 0)
+    if needed > available:
+        # Ray Train would wait for these CPUs forever, silently.
+        raise ConfigError(f"encoder training needs {encoder.num_workers} x {encoder.cpus_per_worker} = {needed:g} "
+                          f"CPUs, the Ray cluster has {available:g}; lower encoder.num_workers or "
+                          "encoder.cpus_per_worker (fractions such as 0.5 are fine)")
+
+
+def _fit(config: EnvEncConfig, loop_config: dict, key: str):
+    """Run (or continue) the Ray Train run named `key` under <run>/encoder_train/; returns its Result."""
+    import pyarrow as pa
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    enc = config.encoder
+    storage = (config.run_dir / CHECKPOINTS_DIR).resolve()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=enc.num_workers, use_gpu=False, resources_per_worker={"CPU": enc.cpus_per_worker}
+        ),
+        run_config=ray.train.RunConfig(
+            name=key,  # same name + storage: Ray Train restores the run's checkpoints (see resume_key)
+            storage_path=str(storage),
+            # Ray keeps the best checkpoint (what is exported) and always the latest (what resume needs).
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute="val_mse", checkpoint_score_order="min"
+            ),
+        ),
+        datasets={"train": ray.data.from_arrow(pa.table({"row": loop_config["train_rows"]}))},
+    )
+    logger.info("Ray Train run folder: %s", storage / key)
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError:
+        logger.error("encoder training failed; its checkpoints in %s are kept, so a rerun resumes from the "
+                     "last finished epoch", storage / key)
+        raise
+
+
+def train_loop_per_worker(loop: dict) -> None:
+    """One Train worker: build the model, restore the latest checkpoint if any, train epochs, report each."""
+    import ray
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from envenc_ray.encoder.models import build_autoencoder
+
+    torch.set_num_threads(1)  # N workers on N cores: one thread each, or they fight over the cores
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    enc = EncoderConfig.model_validate(loop["encoder"])
+    hidden, windows = ray.get(loop["hidden"]), ray.get(loop["windows"])
+    temporal = enc.kind == "temporal"
+
+    def batch(rows: np.ndarray) -> torch.Tensor:
+        x = hidden[windows[rows]]  # (B, k, D), a copy
+        return torch.from_numpy(x if temporal else x[:, -1])
+
+    torch.manual_seed(loop["seed"])  # identical initial weights on every worker
+    model = build_autoencoder(enc, hidden.shape[1])
+    model.encoder_module().set_normalization(loop["mean"], loop["std"])
+    init_rows = _subsample(loop["train_rows"], 1024, loop["seed"])
+    model.init_codebook(batch(init_rows), generator=torch.Generator().manual_seed(loop["seed"]))
+    optimizer = torch.optim.Adam(model.parameters(), lr=enc.lr)
+    state = {"epoch": 0, "best_val_mse": math.inf, "best_epoch": 0, "epochs_since_best": 0, "history": []}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = _load_training_state(Path(directory), model, optimizer)
+        if rank == 0:
+            print(f"encoder: resuming after epoch {state['epoch']} from {checkpoint.path}", flush=True)
+    trained = ray.train.torch.prepare_model(model)  # DDP when world_size > 1
+    shard = ray.train.get_dataset_shard("train")
+
+    for epoch in range(state["epoch"] + 1, enc.epochs + 1):
+        if state["epochs_since_best"] >= enc.patience:
+            break  # a resumed run that had already stopped early
+        started, started_at = time.perf_counter(), time.time()
+        trained.train()
+        loss_sum, seen = 0.0, 0
+        for rows in shard.iter_batches(batch_size=enc.batch_size, batch_format="numpy",
+                                       local_shuffle_buffer_size=max(4 * enc.batch_size, 1024),
+                                       local_shuffle_seed=loop["seed"] * 1_000_003 + epoch * 101 + rank):
+            x = batch(rows["row"])
+            reconstruction, _, aux_loss = trained(x)
+            loss = F.mse_loss(reconstruction, model.normalize(x)) + aux_loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            loss_sum, seen = loss_sum + loss.item() * len(x), seen + len(x)
+        totals = torch.tensor([loss_sum, seen], dtype=torch.float64)
+        if world_size > 1:
+            dist.all_reduce(totals)
+        train_seconds = time.perf_counter() - started
+
+        # Rank 0 evaluates on the full train and validation sets; the others wait for its verdict so
+        # that every worker takes the same early-stopping decision.
+        entry = _evaluate(model, batch, loop, enc) if rank == 0 else {}
+        val_mse = torch.tensor([entry.get("val_mse", 0.0)], dtype=torch.float64)
+        if world_size > 1:
+            dist.broadcast(val_mse, src=0)
+        val_mse = float(val_mse.item())
+        if val_mse < state["best_val_mse"]:
+            state.update(best_val_mse=val_mse, best_epoch=epoch, epochs_since_best=0)
+        else:
+            state["epochs_since_best"] += 1
+        state["epoch"] = epoch
+        entry.update(
+            epoch=epoch,
+            train_loss=float(totals[0] / max(totals[1], 1)),
+            train_seconds=train_seconds,
+            epoch_seconds=time.perf_counter() - started,  # compute only; see started_at for wall time
+            started_at=started_at,  # differences include the report/checkpoint wait of Ray Train
+            session=loop["session"],
+        )
+        state["history"].append(entry)
+        reported = {k: v for k, v in entry.items() if isinstance(v, (int, float)) and v is not None}
+        reported["val_mse"] = val_mse
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as directory:
+                _save_training_state(Path(directory), model, optimizer, state)
+                ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                                 checkpoint_dir_name=f"epoch-{epoch:04d}")
+            print(f"encoder epoch {epoch}/{enc.epochs}: train loss {entry['train_loss']:.4f}, val mse {val_mse:.4f}, "
+                  f"explained variance {entry['val_explained_variance']:.3f}, probe R2 latent "
+                  f"{_fmt(entry['probe_r2_latent_mean'])} (hidden {_fmt(entry['probe_r2_hidden_mean'])}), "
+                  f"{entry['epoch_seconds']:.2f} s", flush=True)
+        else:
+            ray.train.report(reported, checkpoint=None)
+
+
+def _evaluate(model, batch, loop: dict, enc: EncoderConfig) -> dict:
+    """Rank 0's per-epoch metrics over the full train and validation sets (eval mode, no gradients)."""
+    import torch
+
+    started = time.perf_counter()
+    model.eval()
+    train_rows, val_rows = loop["train_rows"], loop["val_rows"]
+    all_rows = np.concatenate([train_rows, val_rows])
+    n = int(all_rows.max()) + 1
+    latents = np.zeros((n, enc.latent_dim), dtype=np.float32)
+    codes = np.zeros(n, dtype=np.int64)
+    sse = np.zeros(n)  # per-row squared reconstruction error, summed over the reconstructed dims
+    val_sum, val_sum_sq, dims = 0.0, 0.0, 0
+    is_val = np.zeros(n, dtype=bool)
+    is_val[val_rows] = True
+    with torch.no_grad():
+        for start in range(0, len(all_rows), 1024):
+            rows = all_rows[start:start + 1024]
+            x = batch(rows)
+            reconstruction, latent, _ = model(x)
+            target = model.normalize(x)
+            latents[rows] = latent.numpy()
+            sse[rows] = ((reconstruction - target) ** 2).flatten(1).sum(1).double().numpy()
+            dims = target[0].numel()
+            if model.encoder_module().quantizer is not None:
+                codes[rows] = model.encoder_module().codes(x).numpy()
+            val_target = target[torch.from_numpy(is_val[rows])].flatten(1).double()
+            val_sum = val_sum + val_target.sum(0)
+            val_sum_sq = val_sum_sq + (val_target**2).sum(0)
+    model.train()
+    n_val = len(val_rows)
+    val_total = float((val_sum_sq - val_sum**2 / n_val).sum())  # SST around the validation mean
+    probe = ridge_probe_r2(latents, loop["probe_targets"], loop["probe_rows"], val_rows)
+    entry = {
+        "train_mse": float(sse[train_rows].sum() / (len(train_rows) * dims)),
+        "val_mse": float(sse[val_rows].sum() / (n_val * dims)),
+        "val_explained_variance": float(1 - sse[val_rows].sum() / val_total) if val_total > 0 else float("nan"),
+        "val_consecutive_cosine_latent": mean_cosine(latents, loop["val_pairs"]),
+        **loop["baseline"],
+        "probe_r2_latent": probe,
+        "probe_r2_latent_mean": mean_or_none(probe),
+        "codebook_usage": None,
+        "codebook_perplexity": None,
+    }
+    if model.encoder_module().quantizer is not None:
+        counts = np.bincount(codes[val_rows], minlength=enc.codebook_size)
+        p = counts[counts > 0] / n_val
+        entry["codebook_usage"] = float((counts > 0).mean())  # fraction of codes the validation frames use
+        entry["codebook_perplexity"] = float(np.exp(-(p * np.log(p)).sum()))  # effective number of codes
+    entry["eval_seconds"] = time.perf_counter() - started
+    return entry
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def _save_training_state(directory: Path, model, optimizer, state: dict) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"))
+    torch.save(optimizer.state_dict(), directory / "optimizer.pt")  # tensors and numbers only: weights_only loads it
+    (directory / "train_state.json").write_text(json.dumps(json_safe(state)))
+
+
+def _load_training_state(directory: Path, model, optimizer) -> dict:
+    import torch
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(directory / "model.safetensors")))
+    optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+    state = json.loads((directory / "train_state.json").read_text())
+    state["best_val_mse"] = math.inf if state["best_val_mse"] is None else state["best_val_mse"]
+    return state
+
+
+def _load_checkpoint_state(checkpoint) -> dict:
+    if checkpoint is None:
+        raise DataError("encoder training reported no checkpoint; nothing to export")
+    with checkpoint.as_directory() as directory:
+        return json.loads((Path(directory) / "train_state.json").read_text())
+
+
+def _resumed_from(history: list[dict]) -> int:
+    """Last epoch finished by an earlier call (0: this call trained from scratch)."""
+    if not history:
+        return 0
+    latest_session = history[-1]["session"]
+    earlier = [e["epoch"] for e in history if e["session"] != latest_session]
+    return max(earlier, default=0)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _best(metrics: dict) -> dict:
+    return next(e for e in metrics["epochs"] if e["epoch"] == metrics["best_epoch"])
+
+
+def _summary(metrics: dict) -> dict:
+    return {
+        "kind": metrics["kind"],
+        "epochs": len(metrics["epochs"]),
+        "best_epoch": metrics["best_epoch"],
+        "stopped_early": metrics["stopped_early"],
+        "resumed_from_epoch": metrics["resumed_from_epoch"],
+        "best": _best(metrics),
+        "timings": metrics["timings"],
+    }
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+__all__ = ["train_encoder", "check_shards", "read_hidden", "split_by_episode", "output_hash", "resume_key",
+           "train_loop_per_worker", "HiddenData", "CHECKPOINTS_DIR"]
