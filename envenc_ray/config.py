@@ -109,6 +109,12 @@ class EncoderConfig(Section):
     patience: int = Field(5, ge=1, description="Early stopping: epochs without validation improvement.")
     num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel).")
     cpus_per_worker: float = Field(0.5, gt=0, description="CPUs per Train worker; fractions on small machines.")
+    report_poll_s: float = Field(
+        0.2,
+        gt=0,
+        description="How often Ray Train's controller collects epoch reports (s). Workers wait for it, so "
+        "Ray's default of 2 s would make every small epoch last 2 s.",
+    )
 
 
 class ServeConfig(Section):
@@ -148,6 +154,76 @@ class ServeConfig(Section):
         return self
 
 
+class RLConfig(Section):
+    """RLlib agent training (stage `train`) and evaluation on latents, pixels or both."""
+
+    algo: Literal["ppo", "dreamerv3"] = Field(
+        "ppo", description="RLlib algorithm: PPO (on-policy, every obs mode) or DreamerV3 (model-based, latents only)."
+    )
+    obs_mode: Literal["latent", "latent+pixels", "pixels"] = Field(
+        "latent",
+        description="What the agent sees: encoder latents, latents plus an 84x84 grayscale frame stack (Dict), "
+        "or the frame stack alone (the baseline without the encoder).",
+    )
+    encoder_source: Literal["in_process", "serve"] = Field(
+        "in_process",
+        description="Where latents come from: an EnvironmentEncoder loaded inside each EnvRunner (tests, tiny "
+        "runs) or the Ray Serve deployment shared by all EnvRunners (envenc serve).",
+    )
+    encoder_dir: str | None = Field(None, description="Exported encoder to load; None: <run>/encoder.")
+    num_env_runners: int = Field(1, ge=0, description="Remote EnvRunner actors (0: sample in the driver process).")
+    num_envs_per_env_runner: int = Field(
+        4, ge=1, description="Vectorised sub-envs per EnvRunner; their newest frames share one encoder call per step."
+    )
+    cpus_per_env_runner: float = Field(0.5, gt=0, description="CPUs reserved per EnvRunner; fractions on small machines.")
+    torch_threads: int = Field(
+        1, ge=1, description="torch intra-op threads in each EnvRunner, so N actors don't fight over N cores."
+    )
+    num_learners: int = Field(0, ge=0, description="Remote Learner actors (0: learn in the driver process).")
+    num_gpus_per_learner: float = Field(0.0, ge=0, description="GPUs per Learner (1 on a GPU cluster).")
+    rollout_fragment_length: int | None = Field(
+        None, ge=1, description="Env steps per sub-env per sample call; None: PPO derives it from train_batch_size."
+    )
+    train_batch_size: int = Field(512, ge=1, description="PPO: env steps per training iteration, over all runners.")
+    minibatch_size: int = Field(128, ge=1, description="PPO: samples per SGD step.")
+    num_epochs: int = Field(4, ge=1, description="PPO: passes over each train batch.")
+    lr: float = Field(2.5e-4, gt=0, description="PPO: Adam learning rate (the Atari PPO default).")
+    gamma: float = Field(0.99, gt=0, le=1, description="Discount per env step.")
+    gae_lambda: float = Field(0.95, ge=0, le=1, description="PPO: GAE lambda.")
+    entropy_coeff: float = Field(0.01, ge=0, description="PPO: entropy bonus weight (the Atari PPO default).")
+    fcnet_hiddens: list[int] = Field(
+        [256, 256], description="MLP widths over latents (latent mode; the latent branch of latent+pixels)."
+    )
+    frame_stack: int = Field(4, ge=1, description="Grayscale frames stacked in the pixels observation (DQN's 4).")
+    pixel_size: int = Field(84, ge=16, description="Side of the square grayscale pixels observation (DQN's 84).")
+    iterations: int = Field(100, ge=1, description="Training iterations; a rerun with more resumes from the last.")
+    checkpoint_every: int = Field(10, ge=1, description="Checkpoint into <run>/agent/ every N iterations (and at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept on disk; older ones are deleted.")
+    dreamer_model_size: Literal["nano", "micro", "mini", "XXS", "XS", "S"] = Field(
+        "XS", description="DreamerV3 model size (RLlib's names; XS is the paper's smallest)."
+    )
+    dreamer_training_ratio: float = Field(
+        64.0, gt=0, description="DreamerV3: replayed steps trained per env step sampled (the paper uses 64-1024)."
+    )
+    dreamer_batch_size_B: int = Field(16, ge=1, description="DreamerV3: sequences per train batch.")
+    dreamer_batch_length_T: int = Field(64, ge=1, description="DreamerV3: steps per sequence.")
+    dreamer_horizon_H: int = Field(15, ge=1, description="DreamerV3: imagined steps for actor/critic learning.")
+    eval_episodes: int = Field(5, ge=1, description="Greedy episodes `envenc evaluate` plays.")
+    eval_max_steps: int | None = Field(
+        None, ge=1, description="Cap per evaluation episode (env steps; None: play to the game's end)."
+    )
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> "RLConfig":
+        if self.algo == "dreamerv3" and self.obs_mode != "latent":
+            raise ValueError(f"rl.algo 'dreamerv3' trains on 1-D latents only; set rl.obs_mode to 'latent' "
+                             f"(got {self.obs_mode!r}) or use rl.algo 'ppo' for pixels")
+        if self.minibatch_size > self.train_batch_size:
+            raise ValueError(f"rl.minibatch_size ({self.minibatch_size}) > rl.train_batch_size "
+                             f"({self.train_batch_size}); lower it")
+        return self
+
+
 class EnvEncConfig(Section):
     """The whole pipeline's configuration, one section per stage."""
 
@@ -158,6 +234,7 @@ class EnvEncConfig(Section):
     embed: EmbedConfig = EmbedConfig()
     encoder: EncoderConfig = EncoderConfig()
     serve: ServeConfig = ServeConfig()
+    rl: RLConfig = RLConfig()
 
     @property
     def run_dir(self) -> Path:

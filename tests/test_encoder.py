@@ -315,14 +315,6 @@ def test_environment_encoder_is_stateless_for_per_frame_kinds():
 # ------------------------------------------------------------------------------ train-encoder (Ray)
 
 
-@pytest.fixture
-def fast_reports(monkeypatch):
-    """Ray Train v2's controller takes one `report` per health-check poll (default every 2 s) and a worker
-    blocks until its previous report is taken, so tiny epochs would each last 2 s. Poll faster (the
-    driver propagates this variable to the controller and to subprocess drivers that inherit it)."""
-    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-
-
 EPOCH_FIELDS = {
     "epoch", "train_loss", "train_mse", "val_mse", "val_explained_variance", "val_consecutive_cosine_latent",
     "val_consecutive_cosine_hidden", "val_consecutive_cosine_hidden_standardized", "probe_r2_latent",
@@ -332,7 +324,7 @@ EPOCH_FIELDS = {
 
 
 @pytest.mark.slow
-def test_train_encoder_trains_exports_and_then_skips(ray_session, fast_reports, tmp_path):
+def test_train_encoder_trains_exports_and_then_skips(ray_session, tmp_path):
     from safetensors.torch import load_file
 
     config = make_config(tmp_path, kind="temporal", epochs=6)
@@ -378,7 +370,7 @@ def test_train_encoder_trains_exports_and_then_skips(ray_session, fast_reports, 
 
 
 @pytest.mark.slow
-def test_train_encoder_killed_after_a_checkpoint_resumes_from_it(ray_session, fast_reports, tmp_path):
+def test_train_encoder_killed_after_a_checkpoint_resumes_from_it(ray_session, tmp_path):
     """The first run is a separate driver process, SIGKILLed once Ray Train has registered a checkpoint;
     the rerun (same config) must continue from that checkpoint's epoch, not from epoch 1."""
     epochs = 16
@@ -422,7 +414,7 @@ def test_train_encoder_killed_after_a_checkpoint_resumes_from_it(ray_session, fa
 
 
 @pytest.mark.slow
-def test_train_encoder_stops_early_and_exports_the_best_epoch(ray_session, fast_reports, tmp_path):
+def test_train_encoder_stops_early_and_exports_the_best_epoch(ray_session, tmp_path):
     # A learning rate this high makes the validation error stall or jump within a few epochs.
     config = make_config(tmp_path, kind="mlp", epochs=30, patience=2, lr=0.5)
     write_hidden(config.run_dir)

@@ -50,7 +50,7 @@ CHECKPOINTS_DIR = "encoder_train"  # <run>/encoder_train/<resume key>/: Ray Trai
 PROBE_MAX_TRAIN_ROWS = 20_000  # linear probes fit on at most this many train frames (SVD cost ~ rows * D^2)
 # Settings that change how long or where training runs, not what an epoch computes: a rerun that only
 # changes these continues the same training (e.g. more epochs after an interruption or early stop).
-RESUMABLE_SETTINGS = ("epochs", "patience", "num_workers", "cpus_per_worker")
+RESUMABLE_SETTINGS = ("epochs", "patience", "num_workers", "cpus_per_worker", "report_poll_s")
 
 
 @dataclass
@@ -338,12 +338,20 @@ def _fit(config: EnvEncConfig, loop_config: dict, key: str):
         datasets={"train": ray.data.from_arrow(pa.table({"row": loop_config["train_rows"]}))},
     )
     logger.info("Ray Train run folder: %s", storage / key)
+    # The driver hands this variable to the Train controller (ray.train.v2 ENV_VARS_TO_PROPAGATE).
+    previous_poll = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(enc.report_poll_s)
     try:
         return trainer.fit()
     except ray.train.TrainingFailedError:
         logger.error("encoder training failed; its checkpoints in %s are kept, so a rerun resumes from the "
                      "last finished epoch", storage / key)
         raise
+    finally:
+        if previous_poll is None:
+            os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+        else:
+            os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = previous_poll
 
 
 def train_loop_per_worker(loop: dict) -> None:
