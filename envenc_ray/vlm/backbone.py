@@ -11,14 +11,18 @@ skipped; for k == L all layers and the norm are kept. Layers above k and the LM 
 module tree (no compute, and their memory is freed), and vision-tower layers above the one the projector
 reads (Llava's `vision_feature_layer`) are deleted too.
 
-The prompt is static, so it is tokenised once at load (the processor itself expands the image placeholder
-into the right number of image tokens) and every batch reuses the ids; preprocessing is batched torch code
-(`preprocess.FramePreprocessor`) that matches the model's own processor.
+The prompt is static, so it is tokenised once per frame size (the processor itself expands the image
+placeholder into the right number of image tokens; ALE's 210x160 at load) and every batch reuses the ids.
+Preprocessing is batched torch code (`preprocess.FramePreprocessor`) that matches the model's own processor,
+except for families whose processor has no tensor twin (see each family).
 
 Model families differ only in where their parts live and how image features reach the decoder; each is a
-small `Family` subclass in `FAMILIES`. Llava is implemented; Idefics3/SmolVLM (`model.text_model`, pixel
-attention masks) and Qwen2-VL (flattened patches + `image_grid_thw`, 3-D rope position ids) fit the same
-hooks: `vision_inputs`, `image_features`, `position_ids`.
+small `Family` subclass in `FAMILIES`:
+- Llava: fixed-size pixel_values, features from `get_image_features`;
+- Idefics3 (SmolVLM v1 checkpoints): decoder at `model.text_model`, the HF image processor itself on the batch
+  (Lanczos, optional tiles), one vision pass over every tile;
+- Qwen2-VL: smart resize + flat patches with `image_grid_thw` (tensor code), 3-D rope position ids, and no
+  full HF processor (its video processor needs torchvision): image processor + tokenizer + chat template.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import torch
 from torch import nn
 
 from envenc_ray.errors import ConfigError, ModelError
-from envenc_ray.vlm.preprocess import FramePreprocessor, as_frame_batch
+from envenc_ray.vlm.preprocess import FramePreprocessor, ReferencePreprocessor, as_frame_batch
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +44,7 @@ POOLINGS = ("last", "mean", "image_mean", "tokens")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BUILTIN_TINY = "builtin:tiny"
 DEFAULT_PROMPT = "a game of pong. describe the state."
+ATARI_FRAME_SIZE = (210, 160)  # every ALE game renders 210x160 RGB: the frame size the load-time prompt is for
 
 
 class Family:
@@ -57,11 +62,21 @@ class Family:
     layers = "layers"
     norm = "norm"
 
+    def load_processor(self, source: str, config: Any, trust_remote_code: bool) -> Any:
+        """The model's processor: what gives the image processor, the tokenizer and the prompt's image tokens."""
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+
+    def preprocessor(self, image_processor: Any) -> FramePreprocessor | ReferencePreprocessor:
+        """The batched twin of the model's image processor (raises ModelError for settings it cannot match)."""
+        return FramePreprocessor.from_image_processor(image_processor)
+
     def prune_vision(self, backbone: nn.Module) -> None:
         """Delete vision layers whose output nothing reads (default: keep all)."""
 
     def vision_inputs(self, preprocessor: FramePreprocessor, frames: torch.Tensor, device: torch.device) -> dict:
-        """The keyword inputs of `image_features` for a batch of validated uint8 frames."""
+        """The keyword inputs of `image_features` for a batch of validated uint8 frames (all of one size)."""
         return {"pixel_values": preprocessor(frames, device=device)}
 
     def image_features(self, backbone: nn.Module, **vision_inputs: torch.Tensor) -> torch.Tensor:
@@ -75,11 +90,15 @@ class Family:
             return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return f"{processor.image_token}\n{prompt}"
 
+    def prompt_ids(self, processor: Any, text: str, frame: np.ndarray) -> torch.Tensor:
+        """(1, T) input ids of the prompt for one frame: the processor expands the image placeholder."""
+        return processor(images=[frame], text=[text], return_tensors="pt")["input_ids"]
+
     def image_token_id(self, config: Any) -> int:
         return config.image_token_id
 
     def position_ids(self, backbone: nn.Module, input_ids: torch.Tensor, vision_inputs: dict) -> torch.Tensor | None:
-        """Decoder position ids; None means 0..T-1 (Qwen2-VL will return its 3-D rope positions here)."""
+        """Decoder position ids; None means 0..T-1 (Qwen2-VL returns its 3-D rope positions here)."""
         return None
 
 
@@ -112,7 +131,132 @@ class LlavaFamily(Family):
         return torch.stack(list(output.pooler_output))  # one (tokens, D) tensor per frame
 
 
-FAMILIES: dict[str, Family] = {model_type: family for family in (LlavaFamily(),) for model_type in family.model_types}
+class Idefics3Family(Family):
+    """Idefics3 (SmolVLM v1 checkpoints): SigLIP-style tower -> pixel-shuffle connector -> Llama-style decoder.
+
+    Preprocessing runs the model's own HF image processor on the batch (`ReferencePreprocessor`): correctness
+    first. It has no tensor twin within a tight tolerance: it resamples with Lanczos (torch has no Lanczos),
+    first to an intermediate whose longest edge is `size` (2048 for SmolVLM-256M/500M: a ~10x upscale of a
+    210x160 frame), then to `max_image_size` images, and with `do_image_splitting` (SmolVLM's default) a frame
+    becomes rows x cols tiles plus a global image of `image_seq_len` tokens each: 4 x 4 + 1 = 17 x 64 = 1088
+    image tokens per 210x160 frame for SmolVLM-256M. "do_image_splitting": false in preprocessor_config.json
+    gives one image (64 tokens) per frame; TruncatedVLM follows whatever the processor config says.
+    """
+
+    name = "idefics3"
+    model_types = ("idefics3",)
+    decoder = "text_model"
+
+    def preprocessor(self, image_processor: Any) -> ReferencePreprocessor:
+        return ReferencePreprocessor(image_processor)
+
+    def vision_inputs(self, preprocessor: ReferencePreprocessor, frames: torch.Tensor, device: torch.device) -> dict:
+        # frames of one size give tiles of one size: no padding, so the pixel attention mask is all ones
+        return {"pixel_values": preprocessor(frames, device=device)["pixel_values"]}
+
+    def image_features(
+        self, backbone: nn.Module, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(N, tiles, 3, h, w) -> (N, tiles * image_seq_len, D), tile-major as the processor lays out the tokens."""
+        # Not backbone.get_image_features: it drops every all-zero tile as batch padding, and an all-black tile
+        # of a processor that does not normalize is all zeros; our tiles are never padding.
+        frames, tiles = pixel_values.shape[:2]
+        images = pixel_values.flatten(0, 1)
+        patch_mask = None
+        if pixel_attention_mask is not None:  # HF's own reduction of a pixel mask to a patch mask
+            patch = backbone.config.vision_config.patch_size
+            mask = pixel_attention_mask.flatten(0, 1).unfold(1, patch, patch).unfold(2, patch, patch)
+            patch_mask = mask.sum(dim=(-1, -2)) > 0
+        hidden = backbone.vision_model(pixel_values=images, patch_attention_mask=patch_mask).last_hidden_state
+        features = backbone.connector(hidden)  # (N * tiles, image_seq_len, D)
+        return features.reshape(frames, tiles * features.shape[1], features.shape[2])
+
+
+class ProcessorParts:
+    """What TruncatedVLM needs of a HF processor: image processor, tokenizer, chat template, image token.
+
+    For models whose full processor does not load without torchvision: Qwen2-VL's also builds a video
+    processor, which TruncatedVLM never uses.
+    """
+
+    def __init__(self, image_processor: Any, tokenizer: Any, chat_template: str | None, image_token: str):
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.image_token = image_token
+
+    def apply_chat_template(self, messages: list[dict], **kwargs: Any) -> str:
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, **kwargs)
+
+
+class Qwen2VLFamily(Family):
+    """Qwen2-VL: ViT over flat 14x14 patches (2x2 merged into one token) -> Qwen2 decoder with 3-D (M-)RoPE.
+
+    Preprocessing is tensor code: the processor's smart resize (sides multiples of 28, area within its pixel
+    budget; 210x160 -> 224x168 -> 16x12 patches -> 48 tokens by default), bicubic like its PIL path, then its
+    patch flattening. Image tokens get (temporal, row, column) rope positions from the model's `get_rope_index`.
+    The processor is assembled from its parts (`ProcessorParts`), so the prompt's image placeholder is expanded
+    here as Qwen2VLProcessor does: one <|image_pad|> per merged patch.
+    """
+
+    name = "qwen2_vl"
+    model_types = ("qwen2_vl",)
+
+    def load_processor(self, source: str, config: Any, trust_remote_code: bool) -> ProcessorParts:
+        from transformers import AutoImageProcessor, AutoTokenizer
+        from transformers.processing_utils import ProcessorMixin
+
+        image_processor = AutoImageProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        # chat_template.jinja, legacy chat_template.json, or the tokenizer's own
+        chat_template = ProcessorMixin.get_processor_dict(source)[0].get("chat_template") or tokenizer.chat_template
+        if isinstance(chat_template, dict):
+            chat_template = chat_template.get("default")
+        image_token = tokenizer.convert_ids_to_tokens(config.image_token_id)
+        return ProcessorParts(image_processor, tokenizer, chat_template, image_token)
+
+    def preprocessor(self, image_processor: Any) -> FramePreprocessor:
+        return FramePreprocessor.from_qwen2_vl_image_processor(image_processor)
+
+    def vision_inputs(self, preprocessor: FramePreprocessor, frames: torch.Tensor, device: torch.device) -> dict:
+        pixel_values, image_grid_thw = preprocessor.to_patches(preprocessor(frames, device=device))
+        return {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
+
+    def image_features(
+        self, backbone: nn.Module, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor
+    ) -> torch.Tensor:
+        output = backbone.get_image_features(pixel_values=pixel_values, image_grid_thw=image_grid_thw, return_dict=True)
+        return torch.stack(list(output.pooler_output))  # one (tokens, D) tensor per frame
+
+    def prompt_text(self, processor: Any, prompt: str) -> str:
+        if getattr(processor, "chat_template", None):
+            return super().prompt_text(processor, prompt)
+        return f"<|vision_start|>{processor.image_token}<|vision_end|>{prompt}"  # what its chat template writes
+
+    def prompt_ids(self, processor: Any, text: str, frame: np.ndarray) -> torch.Tensor:
+        grid_thw = processor.image_processor(images=[frame], return_tensors="pt")["image_grid_thw"][0]
+        image_tokens = int(grid_thw.prod()) // processor.image_processor.merge_size**2
+        expanded = text.replace(processor.image_token, processor.image_token * image_tokens)
+        return processor.tokenizer([expanded], return_tensors="pt")["input_ids"]
+
+    def position_ids(self, backbone: nn.Module, input_ids: torch.Tensor, vision_inputs: dict) -> torch.Tensor:
+        """(3, N, T) rope positions: text tokens count up on all three axes, image tokens get (t, row, col)."""
+        grid_thw = vision_inputs["image_grid_thw"]
+        if not (grid_thw == grid_thw[:1]).all():
+            grids = grid_thw.unique(dim=0).tolist()
+            raise ModelError(f"frames of one batch must share one patch grid (one frame size); got grids {grids}")
+        token_types = (input_ids[:1] == backbone.config.image_token_id).int()  # the processor's mm_token_type_ids
+        positions, _ = backbone.get_rope_index(
+            input_ids[:1], mm_token_type_ids=token_types, image_grid_thw=grid_thw[:1]
+        )
+        return positions.expand(-1, input_ids.shape[0], -1)  # one prompt and one grid: the same for every frame
+
+
+FAMILIES: dict[str, Family] = {
+    model_type: family
+    for family in (LlavaFamily(), Idefics3Family(), Qwen2VLFamily())
+    for model_type in family.model_types
+}
 
 
 class TruncatedVLM:
@@ -140,9 +284,11 @@ class TruncatedVLM:
         self.device = device
         self.total_layers = total_layers
         self.source = source
-        self.preprocessor = FramePreprocessor.from_image_processor(processor.image_processor)
+        self.preprocessor = family.preprocessor(processor.image_processor)
         self.decoder = _get(backbone, family.decoder)
-        self.input_ids, self.image_mask = self._tokenize_prompt()
+        self._prompts: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        # the prompt for ALE frames; other frame sizes get theirs on first use
+        self.input_ids, self.image_mask = self._prompt_for(ATARI_FRAME_SIZE)
         self.dtype = next(backbone.parameters()).dtype
 
     # ---------------------------------------------------------------- loading
@@ -165,7 +311,7 @@ class TruncatedVLM:
         `layer` indexes HF's hidden_states tuple (see the module docstring); -1 keeps every layer and the
         final norm. `num_threads` sets torch's intra-op threads for the whole process (1 in Ray actors).
         """
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText
 
         if pooling not in POOLINGS:
             raise ConfigError(f"vlm.pooling must be one of {', '.join(POOLINGS)}; got {pooling!r}")
@@ -189,8 +335,8 @@ class TruncatedVLM:
             model = AutoModelForImageTextToText.from_pretrained(
                 source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
             )
-            processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError, KeyError, TypeError) as error:
+            processor = family.load_processor(source, config, trust_remote_code)
+        except (OSError, ValueError, KeyError, TypeError, ImportError) as error:
             raise ModelError(f"could not load the model or processor from {source}: {_one_line(error)}") from None
         if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
             raise ModelError(f"{source} has no image processor + tokenizer (got {type(processor).__name__})")
@@ -217,8 +363,10 @@ class TruncatedVLM:
             source=source,
         )
         log.info(
-            "loaded %s (%s): kept %d of %d decoder layers, %s pooling, %d tokens per frame (%d image)",
+            "loaded %s (%s): kept %d of %d decoder layers, %s pooling, %d tokens per 210x160 frame (%d image, "
+            "%dx%d pixels per image)",
             source, family.name, keep, total_layers, pooling, vlm.sequence_length, vlm.num_image_tokens,
+            *vlm.image_size,
         )
         return vlm
 
@@ -251,8 +399,9 @@ class TruncatedVLM:
 
     @property
     def image_size(self) -> tuple[int, int]:
-        """(height, width) of the pixel input the vision tower sees (every frame is resized to it)."""
-        return self.preprocessor.output_size
+        """(height, width) of the pixel input the vision tower sees for a 210x160 ALE frame (of each tile, for
+        Idefics3 image splitting); every frame of that size is resized to it."""
+        return self.preprocessor.output_size_for(*ATARI_FRAME_SIZE)
 
     @property
     def num_layers(self) -> int:
@@ -261,7 +410,7 @@ class TruncatedVLM:
 
     @property
     def sequence_length(self) -> int:
-        """Tokens per frame: image tokens plus the prompt's tokens (T of the 'tokens' pooling)."""
+        """Tokens per 210x160 frame: image tokens plus the prompt's tokens (T of the 'tokens' pooling)."""
         return int(self.input_ids.shape[1])
 
     @property
@@ -278,51 +427,60 @@ class TruncatedVLM:
         are inference tensors: `.clone()` them before using them in autograd.
         """
         frames = as_frame_batch(frames_uint8)
-        return self.embed_vision_inputs(self.family.vision_inputs(self.preprocessor, frames, self.device))
+        vision_inputs = self.family.vision_inputs(self.preprocessor, frames, self.device)
+        return self.embed_vision_inputs(vision_inputs, frame_size=tuple(frames.shape[1:3]))
 
     @torch.inference_mode()
-    def embed_vision_inputs(self, vision_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """`embed` after preprocessing, e.g. from the HF processor's own `pixel_values` (for Llava)."""
+    def embed_vision_inputs(
+        self, vision_inputs: dict[str, torch.Tensor], frame_size: tuple[int, int] = ATARI_FRAME_SIZE
+    ) -> torch.Tensor:
+        """`embed` after preprocessing, e.g. from the HF processor's own `pixel_values` (and Qwen2-VL's
+        `image_grid_thw`). `frame_size` is the (height, width) of the frames they came from: the number of image
+        tokens depends on it for Qwen2-VL and Idefics3 image splitting."""
+        input_ids, image_mask = self._prompt_for(frame_size)
         vision_inputs = {
             key: value.to(self.device, self.dtype) if torch.is_floating_point(value) else value.to(self.device)
             for key, value in vision_inputs.items()
         }
         image_features = self.family.image_features(self.backbone, **vision_inputs)
         batch, tokens = image_features.shape[:2]
-        if tokens != self.num_image_tokens:
+        if tokens != int(image_mask.sum()):
+            height, width = frame_size
             raise ModelError(
-                f"the vision tower gave {tokens} features per frame but the prompt has "
-                f"{self.num_image_tokens} image tokens; the processor and the model disagree"
+                f"the vision tower gave {tokens} features per frame but the prompt for {height}x{width} frames has "
+                f"{int(image_mask.sum())} image tokens; the processor and the model disagree (or frame_size is wrong)"
             )
-        token_embeddings = self.backbone.get_input_embeddings()(self.input_ids)  # (1, T, D): one prompt for all
+        token_embeddings = self.backbone.get_input_embeddings()(input_ids)  # (1, T, D): one prompt for all
         inputs_embeds = token_embeddings.expand(batch, -1, -1).clone()
-        inputs_embeds[:, self.image_mask] = image_features.to(inputs_embeds.dtype)
-        position_ids = self.family.position_ids(self.backbone, self.input_ids.expand(batch, -1), vision_inputs)
+        inputs_embeds[:, image_mask] = image_features.to(inputs_embeds.dtype)
+        position_ids = self.family.position_ids(self.backbone, input_ids.expand(batch, -1), vision_inputs)
         hidden = self.decoder(inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=False).last_hidden_state
-        return self._pool(hidden)
+        return self._pool(hidden, image_mask)
 
-    def _pool(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _pool(self, hidden: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
         if self.pooling == "last":
             pooled = hidden[:, -1]
         elif self.pooling == "mean":
             pooled = hidden.float().mean(dim=1)
         elif self.pooling == "image_mean":
-            pooled = hidden[:, self.image_mask].float().mean(dim=1)
+            pooled = hidden[:, image_mask].float().mean(dim=1)
         else:  # tokens
             pooled = hidden
         return pooled.float().contiguous()
 
-    def _tokenize_prompt(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the model's own processor once on a blank frame: ids with the image placeholder expanded."""
-        height, width = self.image_size
-        blank = np.zeros((height, width, 3), dtype=np.uint8)
-        text = self.family.prompt_text(self.processor, self.prompt)
-        encoded = self.processor(images=[blank], text=[text], return_tensors="pt")
-        input_ids = encoded["input_ids"].to(self.device)
-        image_mask = input_ids[0] == self.family.image_token_id(self.backbone.config)
-        if not image_mask.any():
-            raise ModelError(f"the processor of {self.source} put no image tokens into the prompt {text!r}")
-        return input_ids, image_mask
+    def _prompt_for(self, frame_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, T) ids and (T,) image-token mask for frames of this size: the model's own processor, run once per
+        size on a blank frame, expands the image placeholder."""
+        frame_size = (int(frame_size[0]), int(frame_size[1]))
+        if frame_size not in self._prompts:
+            blank = np.zeros((*frame_size, 3), dtype=np.uint8)
+            text = self.family.prompt_text(self.processor, self.prompt)
+            input_ids = self.family.prompt_ids(self.processor, text, blank).to(self.device)
+            image_mask = input_ids[0] == self.family.image_token_id(self.backbone.config)
+            if not image_mask.any():
+                raise ModelError(f"the processor of {self.source} put no image tokens into the prompt {text!r}")
+            self._prompts[frame_size] = (input_ids, image_mask)
+        return self._prompts[frame_size]
 
     def __repr__(self) -> str:
         return (

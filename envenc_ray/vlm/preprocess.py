@@ -1,7 +1,10 @@
 """Batched frame preprocessing in torch: uint8 frames (N, H, W, 3) -> pixel_values (N, 3, H', W').
 
 It reproduces a Hugging Face image processor (resize, optional center crop, rescale, normalize) for a whole
-batch at once; the processor itself is the reference (tests compare both), not the hot path.
+batch at once; the processor itself is the reference (tests compare both), not the hot path. Qwen2-VL's
+processor fits too: its "smart resize" picks the output size from the frame size, and `to_patches` flattens
+the pixels the way its processor does. Processors with no tensor twin (Idefics3/SmolVLM: Lanczos resampling
+through an up to 2048-pixel intermediate, then tiling) run as themselves through `ReferencePreprocessor`.
 
 Why it matches PIL so closely: HF's PIL backend resizes the uint8 image with PIL, which resamples in two
 separable passes (one axis, then the other) with a uint8 intermediate image, antialiased (the kernel
@@ -14,6 +17,7 @@ reason, see `_vertical_first`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +85,9 @@ class FramePreprocessor:
     crop_to:         (height, width) of a center crop after the resize, or None
     rescale_factor:  multiplies the 0..255 values (1/255), or None
     mean, std:       per-channel normalization after rescaling, or None
+    smart_resize:    (factor, min_pixels, max_pixels) of Qwen2-VL's resize: aspect kept, both sides a multiple
+                     of factor, area within [min_pixels, max_pixels]; or None
+    patch_layout:    (patch_size, merge_size, temporal_patch_size) of Qwen2-VL's flat patches (`to_patches`), or None
     """
 
     resize_to: tuple[int, int] | None
@@ -90,6 +97,8 @@ class FramePreprocessor:
     rescale_factor: float | None
     mean: tuple[float, float, float] | None
     std: tuple[float, float, float] | None
+    smart_resize: tuple[int, int, int] | None = None
+    patch_layout: tuple[int, int, int] | None = None
 
     @classmethod
     def from_image_processor(cls, image_processor: Any) -> FramePreprocessor:
@@ -120,21 +129,87 @@ class FramePreprocessor:
         if setting("do_center_crop", False):
             crop = _as_dict(setting("crop_size"))
             crop_to = (int(crop["height"]), int(crop["width"]))
-        rescale_factor = float(setting("rescale_factor")) if setting("do_rescale", False) else None
-        mean = std = None
-        if setting("do_normalize", False):
-            mean = _three(setting("image_mean"))
-            std = _three(setting("image_std"))
+        rescale_factor, mean, std = _rescale_and_normalize(image_processor)
         if resize_to is None and crop_to is None:
             raise ModelError(
                 f"{name} keeps each image's own size (no fixed resize or crop); TruncatedVLM needs a fixed input size"
             )
         return cls(resize_to, shortest_edge, resample, crop_to, rescale_factor, mean, std)
 
+    @classmethod
+    def from_qwen2_vl_image_processor(cls, image_processor: Any) -> FramePreprocessor:
+        """Read a Qwen2-VL image processor: smart resize (its `size` holds pixel counts, not edges) + patch layout."""
+        name = type(image_processor).__name__
+        if not getattr(image_processor, "do_resize", False):
+            raise ModelError(
+                f"{name} has do_resize=False, so frames would need sides that are multiples of the patch grid; "
+                "set do_resize=true in preprocessor_config.json"
+            )
+        size = _as_dict(getattr(image_processor, "size", None))
+        min_pixels, max_pixels = size.get("shortest_edge"), size.get("longest_edge")  # Qwen2-VL's names for them
+        if not min_pixels or not max_pixels:
+            raise ModelError(f"{name} has no pixel budget (size shortest_edge/longest_edge): {size}")
+        patch_size, merge_size = int(image_processor.patch_size), int(image_processor.merge_size)
+        resample = int(image_processor.resample if image_processor.resample is not None else 3)
+        if resample not in _RESAMPLE_MODES:
+            raise ModelError(
+                f"{name} resamples with {_RESAMPLE_NAMES.get(resample, resample)}; "
+                "supported: bicubic, bilinear, nearest"
+            )
+        rescale_factor, mean, std = _rescale_and_normalize(image_processor)
+        return cls(
+            resize_to=None,
+            shortest_edge=None,
+            resample=resample,
+            crop_to=None,
+            rescale_factor=rescale_factor,
+            mean=mean,
+            std=std,
+            smart_resize=(patch_size * merge_size, int(min_pixels), int(max_pixels)),
+            patch_layout=(patch_size, merge_size, int(image_processor.temporal_patch_size)),
+        )
+
     @property
-    def output_size(self) -> tuple[int, int]:
-        """(height, width) of the pixel_values this preprocessor produces (fixed for a supported processor)."""
+    def output_size(self) -> tuple[int, int] | None:
+        """(height, width) of the pixel_values for any frame size; None when it depends on it (`smart_resize`)."""
+        if self.smart_resize is not None:
+            return None
         return self.crop_to or self.resize_to
+
+    def output_size_for(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) of the pixel_values of frames of this size."""
+        if self.crop_to is not None:
+            return self.crop_to
+        if self.resize_to is not None:
+            return self.resize_to
+        if self.shortest_edge is not None:
+            return _shortest_edge_size(height, width, self.shortest_edge)
+        if self.smart_resize is not None:
+            return _smart_resize_size(height, width, *self.smart_resize)
+        return (height, width)
+
+    def to_patches(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 3, H, W) pixel_values -> Qwen2-VL's (N * grid_h * grid_w, 3 * T * P * P) patches and (N, 3) grid_thw.
+
+        The layout of its processor: patches ordered by merge_size x merge_size blocks (the vision tower merges
+        each block into one token), each patch repeated temporal_patch_size times (a still image is a 1-frame video).
+        """
+        if self.patch_layout is None:
+            raise ModelError("this preprocessor has no patch layout; only Qwen2-VL's flattens patches")
+        patch, merge, temporal = self.patch_layout
+        count, channels, height, width = pixel_values.shape
+        if height % (patch * merge) or width % (patch * merge):
+            raise InputError(
+                f"pixel_values of {height}x{width} do not split into {patch * merge}-pixel blocks "
+                f"({merge}x{merge} patches of {patch}); send frames of their original size"
+            )
+        grid_h, grid_w = height // patch, width // patch
+        blocks = pixel_values.reshape(count, channels, grid_h // merge, merge, patch, grid_w // merge, merge, patch)
+        blocks = blocks.permute(0, 2, 5, 3, 6, 1, 4, 7)  # (N, block rows, block cols, merge, merge, C, P, P)
+        blocks = blocks.unsqueeze(6).expand(*blocks.shape[:6], temporal, patch, patch)
+        patches = blocks.reshape(count * grid_h * grid_w, channels * temporal * patch * patch)
+        grid_thw = torch.tensor([[1, grid_h, grid_w]], device=pixel_values.device).expand(count, 3)
+        return patches, grid_thw.contiguous()
 
     def __call__(self, frames_uint8: Any, device: torch.device | str = "cpu") -> torch.Tensor:
         """uint8 frames (N, H, W, 3), numpy or torch -> float32 pixel_values (N, 3, H', W') on `device`."""
@@ -159,6 +234,8 @@ class FramePreprocessor:
             out_h, out_w = self.resize_to
         elif self.shortest_edge is not None:
             out_h, out_w = _shortest_edge_size(in_h, in_w, self.shortest_edge)
+        elif self.smart_resize is not None:
+            out_h, out_w = _smart_resize_size(in_h, in_w, *self.smart_resize)
         else:
             return images
         mode = _RESAMPLE_MODES[self.resample]
@@ -167,6 +244,37 @@ class FramePreprocessor:
             return _resize_axis(images, (out_h, out_w), mode)
         images = _resize_axis(images, (in_h, out_w), mode)
         return _resize_axis(images, (out_h, out_w), mode)
+
+
+@dataclass(frozen=True)
+class ReferencePreprocessor:
+    """The model's own HF image processor, run on a batch frame by frame: for processors with no tensor twin.
+
+    Correctness first: its pixels are the reference itself (zero difference), at the cost of per-frame PIL
+    work on the CPU. Idefics3/SmolVLM need it: Lanczos resampling (torch has none), through an intermediate
+    image of up to 2048 pixels, then optional tiling ("image splitting").
+    """
+
+    image_processor: Any
+
+    def __call__(self, frames_uint8: Any, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """uint8 frames (N, H, W, 3) -> the processor's tensors (pixel_values first) on `device`."""
+        frames = as_frame_batch(frames_uint8).cpu().numpy()
+        # one image per sample: nested-list processors (Idefics3) would read a flat list as one sample
+        encoded = self.image_processor(
+            images=[[frame] for frame in frames], return_tensors="pt", input_data_format="channels_last"
+        )
+        return {key: value.to(device) for key, value in encoded.items() if isinstance(value, torch.Tensor)}
+
+    @property
+    def output_size(self) -> None:
+        """Unknown without running the processor: see `output_size_for`."""
+        return None
+
+    def output_size_for(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) of each image (tile) the processor makes of a frame of this size."""
+        pixel_values = self(np.zeros((1, height, width, 3), dtype=np.uint8))["pixel_values"]
+        return tuple(pixel_values.shape[-2:])
 
 
 def _resize_axis(images: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
@@ -211,6 +319,22 @@ def _shortest_edge_size(height: int, width: int, shortest_edge: int) -> tuple[in
     return (new_short, new_long) if height <= width else (new_long, new_short)
 
 
+def _smart_resize_size(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """HF's qwen2_vl smart_resize: sides rounded to multiples of `factor`, area scaled into [min, max] pixels."""
+    if max(height, width) / min(height, width) > 200:
+        raise InputError(f"frames of {height}x{width} are too elongated for Qwen2-VL (aspect ratio above 200)")
+    out_h, out_w = round(height / factor) * factor, round(width / factor) * factor
+    if out_h * out_w > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        out_h = max(factor, math.floor(height / beta / factor) * factor)
+        out_w = max(factor, math.floor(width / beta / factor) * factor)
+    elif out_h * out_w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        out_h = math.ceil(height * beta / factor) * factor
+        out_w = math.ceil(width * beta / factor) * factor
+    return out_h, out_w
+
+
 def _center_crop(images: torch.Tensor, crop_hw: tuple[int, int]) -> torch.Tensor:
     height, width = images.shape[-2:]
     crop_h, crop_w = crop_hw
@@ -229,6 +353,16 @@ def _as_dict(size: Any) -> dict[str, Any]:
         return {"height": size, "width": size}
     # transformers' SizeDict: a dataclass with height/width/shortest_edge/longest_edge/... attributes
     return {k: v for k, v in vars(size).items() if v is not None}
+
+
+def _rescale_and_normalize(image_processor: Any) -> tuple[float | None, tuple | None, tuple | None]:
+    """(rescale_factor, mean, std) of a HF image processor; None for a step it skips."""
+    rescale_factor = float(image_processor.rescale_factor) if getattr(image_processor, "do_rescale", False) else None
+    mean = std = None
+    if getattr(image_processor, "do_normalize", False):
+        mean = _three(image_processor.image_mean)
+        std = _three(image_processor.image_std)
+    return rescale_factor, mean, std
 
 
 def _three(values: Any) -> tuple[float, float, float]:
