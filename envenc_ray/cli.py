@@ -15,14 +15,13 @@ from envenc_ray.errors import EnvEncError, NotImplementedStageError
 # Stages that exist in the design but not yet in code: name -> what will provide them.
 PLANNED = {
     "advise": "advice finetuning of the VLM (stage 2)",
-    "serve": "the Ray Serve EnvironmentEncoder deployment (issue #4)",
     "train": "RLlib PPO / DreamerV3 training (issue #5)",
     "tune": "Ray Tune sweeps (issue #5)",
     "reward-model": "the preference-trained reward model (stage 2)",
     "evaluate": "checkpoint evaluation (issue #5)",
     "report": "the run report (issue #6)",
     "run": "the whole pipeline (issue #6)",
-    "bench": "benchmarks (issues #4 and #5)",
+    "bench rollout": "the rollout benchmark (issue #5)",
 }
 
 STAGE_HELP = {
@@ -72,12 +71,23 @@ def _build_parser() -> argparse.ArgumentParser:
         stage = commands.add_parser(name, help=help_text, description=help_text)
         _add_config_arguments(stage)
         stage.set_defaults(handler=_stage_handler(name))
+    commands.choices["serve"].add_argument(
+        "--http", action="store_true", help="also serve POST /encode (.npy in, .npy out) on serve.http_host:http_port"
+    )
 
-    bench = commands.add_parser("bench", help="benchmarks, results as JSON (encoder, rollout)")
+    bench = commands.add_parser(
+        "bench",
+        help="benchmarks, results as JSON (encoder, rollout)",
+        description="encoder: naive HF path vs our batched path vs Ray Serve (frames/s, p50/p99, FLOPs, "
+        "matmul peak, batch sweep plot). rollout: RLlib sampling env-steps/s per observation mode.",
+    )
     bench.add_argument("target", choices=["encoder", "rollout"], help="what to benchmark")
-    bench.add_argument("--json", metavar="OUT", help="write the results to this JSON file")
-    _add_config_arguments(bench, required=False)
-    bench.set_defaults(handler=_planned("bench"))
+    bench.add_argument("--json", metavar="OUT", help="write the results to this JSON file (plot next to it)")
+    bench.add_argument("--callers", type=int, default=2, help="encoder: concurrent Serve callers C (default 2)")
+    bench.add_argument("--frames-per-call", type=int, default=16, help="encoder: frames per call N (default 16)")
+    bench.add_argument("--seconds", type=float, default=4.0, help="measuring time of each timed phase (default 4)")
+    _add_config_arguments(bench)
+    bench.set_defaults(handler=_bench)
 
     model = commands.add_parser("model", help="manage VLMs (build the built-in tiny VLM)")
     model_commands = model.add_subparsers(title="model commands", metavar="ACTION", required=True)
@@ -137,6 +147,7 @@ ENTRY_POINTS = {
     "collect": "envenc_ray.data.collect:collect",
     "embed": "envenc_ray.data.embed:embed",
     "train-encoder": "envenc_ray.encoder.train:train_encoder",
+    "serve": "envenc_ray.serve.deployment:serve",
 }
 
 
@@ -149,9 +160,24 @@ def _stage_handler(name: str):
 
         module_name, function_name = ENTRY_POINTS[name].split(":")
         entry = getattr(importlib.import_module(module_name), function_name)
-        entry(_load(args))
+        entry(_load(args), **({"http": args.http} if name == "serve" else {}))
 
     return handler
+
+
+def _bench(args: argparse.Namespace) -> None:
+    if args.target == "rollout":
+        _planned("bench rollout")(args)
+    from envenc_ray.serve.bench import bench_encoder
+
+    bench_encoder(
+        _load(args),
+        args.json,
+        callers=args.callers,
+        frames_per_call=args.frames_per_call,
+        seconds=args.seconds,
+        command="envenc " + " ".join(sys.argv[1:]),
+    )
 
 
 def _planned(name: str):

@@ -355,3 +355,41 @@ def test_qwen2_vl_rejects_pixels_off_its_patch_grid(references):
     pixels = torch.zeros(1, 3, 100, 100)
     with pytest.raises(InputError, match="28-pixel blocks"):
         vlm.preprocessor.to_patches(pixels)
+
+
+# ------------------------------------------------------------------------------------------ serving
+
+
+@pytest.mark.parametrize("family", ["idefics3", "qwen2_vl"])
+def test_replica_core_serves_each_family(references, pong_frames, family, tmp_path):
+    """The Serve replica's logic (no Serve needed) loads the family and encodes frames like in-process.
+
+    Idefics3 is preprocessed by its own HF processor, so the replica refuses client-resized frames and
+    its `info` tells the client to send raw frames; Qwen2-VL takes client-resized frames."""
+    from envenc_ray.config import EncoderConfig, VLMConfig
+    from envenc_ray.encoder.environment import EnvironmentEncoder
+    from envenc_ray.encoder.export import FORMAT, FORMAT_VERSION, load_encoder, save_encoder
+    from envenc_ray.encoder.models import build_autoencoder
+    from envenc_ray.errors import InputError
+    from envenc_ray.serve.deployment import EncoderCore, ReplicaSpec
+
+    model_dir = references[family][0]
+    vlm = TruncatedVLM.from_pretrained(model_dir, layer=2)
+    settings = EncoderConfig(kind="mlp", latent_dim=4, hidden_dims=[16])
+    torch.manual_seed(0)
+    encoder = build_autoencoder(settings, vlm.hidden_size).encoder_module()
+    description = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "mlp", "latent_dim": 4,
+                   "hidden_size": vlm.hidden_size, "window": 1, "encoder": settings.model_dump(mode="json")}
+    save_encoder(encoder, tmp_path / "encoder", description, metrics={})
+
+    core = EncoderCore(ReplicaSpec(str(model_dir), str(tmp_path / "encoder"), VLMConfig(layer=2), "pong", 1))
+    frames = pong_frames[:3]
+    expected, _ = EnvironmentEncoder(vlm, load_encoder(tmp_path / "encoder")).encode(frames)
+    latents, _ = core.run_batch([core.check(frames, None, False, "latents")])[0]
+    np.testing.assert_allclose(latents, expected, atol=1e-5)
+    if family == "idefics3":
+        assert core.info()["preprocessor"] is None
+        with pytest.raises(InputError, match="raw frames"):
+            core.check(np.zeros((1, *vlm.image_size, 3), np.uint8), None, True, "latents")
+    else:
+        assert core.info()["preprocessor"] is not None

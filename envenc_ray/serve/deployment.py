@@ -1,0 +1,654 @@
+"""The EnvironmentEncoder Ray Serve app: truncated VLM + encoder behind a batched, autoscaling deployment.
+
+    app = build_app(config)                      # an Application: `serve.run(app)` or `envenc serve CONFIG`
+    handle.encode.remote(frames_uint8, windows)  # -> (latents (N, L) float32, new windows | None)
+    handle.hidden.remote(frames_uint8)           # -> hidden states (N, D) float32
+    handle.stats.remote()                        # -> this replica's counters (batches, cache hit rate, ...)
+
+Use `client.EncoderClient` rather than the raw handle: it resizes frames client-side, splits oversized calls,
+retries service errors and times out.
+
+How a call flows through a replica:
+1. `encode`/`hidden` validate the call in the replica's event loop (shape, dtype, frame count, window
+   states), so a bad call fails alone and never poisons a batch shared with other callers.
+2. `@serve.batch` merges up to `max_batch_calls` concurrent calls (each of many frames, from different
+   EnvRunners) into one list; the forward runs in a one-thread executor so the event loop keeps queueing
+   the next batch meanwhile.
+3. `EncoderCore.run_batch` looks every frame up in a content-hash cache of hidden states (identical frames,
+   e.g. every env right after reset, are embedded once), runs one VLM forward per frame size over the
+   misses, one encoder forward over all calls' frames, and hands each call its own slice, or its own
+   error (non-finite output) so the other calls of the batch still succeed.
+
+Replicas are stateless (DESIGN §3): a temporal encoder's per-episode window travels with the call and comes
+back updated. What is fixed at start (model, encoder, threads) is in the init args; the knobs a running
+replica can take (batch size, wait, cache size, frame limit) are Serve's `user_config`, handled by
+`reconfigure`. Serve applies a changed user_config without restarting replicas only for config-file
+deploys (`serve deploy` with a `deployments:` section, same import path and args); a Python `serve.run`
+of a rebuilt app restarts them (seen on Ray 2.60: imperative deploys get a fresh code version).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import io
+import logging
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ray import serve as ray_serve
+
+from envenc_ray.config import EnvEncConfig, ServeConfig, VLMConfig, load_config
+from envenc_ray.errors import ConfigError, EnvEncError, InputError, ModelError
+
+logger = logging.getLogger(__name__)
+
+APP_NAME = "envenc-encoder"
+DEPLOYMENT_NAME = "EnvironmentEncoder"
+
+
+# ------------------------------------------------------------------------------------------ what a replica loads
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """What a replica loads at start; changing any of it restarts the replicas."""
+
+    model_path: str  # Hugging Face VLM directory (or hub name)
+    encoder_dir: str  # exported encoder: config.json + model.safetensors
+    vlm: VLMConfig
+    game: str
+    num_threads: int  # torch intra-op threads per replica
+
+
+def runtime_settings(serve_config: ServeConfig) -> dict[str, Any]:
+    """Serve's `user_config`: the knobs a running replica picks up without a restart."""
+    return {
+        "max_batch_calls": serve_config.max_batch_calls,
+        "batch_wait_timeout_s": serve_config.batch_wait_timeout_s,
+        "cache_size": serve_config.cache_size,
+        "max_frames_per_call": serve_config.max_frames_per_call,
+    }
+
+
+def replica_threads(config: EnvEncConfig) -> int:
+    """vlm.num_threads if set, else one thread per whole CPU reserved (at least 1: 0.5 CPU -> 1 thread)."""
+    return config.vlm.num_threads or max(1, int(config.serve.num_cpus))
+
+
+def replica_spec(config: EnvEncConfig, model_path: str | Path | None = None,
+                 encoder_dir: str | Path | None = None) -> ReplicaSpec:
+    """Resolve the model and encoder of a run (or the given directories) into absolute paths.
+
+    'builtin:tiny' is built into <run>/vlm here, in the driver, so replicas never race to build it.
+    """
+    from envenc_ray.data.embed import resolve_model_path
+    from envenc_ray.envs.atari import game_name
+
+    model = str(model_path) if model_path is not None else resolve_model_path(config)
+    if Path(model).exists():
+        model = str(Path(model).resolve())
+    encoder = Path(encoder_dir) if encoder_dir is not None else config.run_dir / "encoder"
+    if not (encoder / "config.json").is_file():
+        raise ModelError(f"no exported encoder in {encoder}: run `envenc train-encoder CONFIG` first "
+                         "(or pass an encoder directory)")
+    if config.vlm.device.startswith("cuda") and config.serve.num_gpus == 0:
+        raise ConfigError(f"vlm.device={config.vlm.device!r} but serve.num_gpus=0: replicas would see no GPU; "
+                          "set serve.num_gpus=1 (or vlm.device=cpu)")
+    return ReplicaSpec(model_path=model, encoder_dir=str(encoder.resolve()), vlm=config.vlm,
+                       game=game_name(config.env.game), num_threads=replica_threads(config))
+
+
+def deployment_options(serve_config: ServeConfig) -> dict[str, Any]:
+    """`Deployment.options(...)` from the config: resources, autoscaling, in-flight limit, live settings."""
+    return {
+        "ray_actor_options": {"num_cpus": serve_config.num_cpus, "num_gpus": serve_config.num_gpus},
+        "autoscaling_config": {
+            "min_replicas": serve_config.min_replicas,
+            # a scale-to-zero deployment still starts with one replica, so that deploying it can be checked
+            "initial_replicas": max(serve_config.min_replicas, 1),
+            "max_replicas": serve_config.max_replicas,
+            "target_ongoing_requests": serve_config.target_ongoing_requests,
+        },
+        # ServeConfig validates max_ongoing_requests >= max_batch_calls: Serve would otherwise never let
+        # enough calls into a replica to fill a batch (it silently caps at max_ongoing_requests).
+        "max_ongoing_requests": serve_config.max_ongoing_requests,
+        "user_config": runtime_settings(serve_config),
+        # one log line per request costs ~0.1 ms of a busy replica's event loop; errors are still logged
+        "logging_config": {"enable_access_log": False},
+    }
+
+
+def build_app(config: EnvEncConfig, *, model_path: str | Path | None = None,
+              encoder_dir: str | Path | None = None):
+    """The Serve Application of `config`'s run (or of the given model and encoder directories)."""
+    spec = replica_spec(config, model_path, encoder_dir)
+    return EnvironmentEncoderDeployment.options(**deployment_options(config.serve)).bind(spec)
+
+
+def app_builder(args: dict[str, Any]):
+    """Import target of deploy/serve_encoder.yaml (`serve run` / `serve deploy`).
+
+    args: config (list of YAML presets, relative to the working directory), overrides (list of
+    'a.b=c'), and optionally model_dir / encoder_dir (default: the run directory's vlm/ and encoder/).
+    """
+    known = {"config", "overrides", "model_dir", "encoder_dir"}
+    unknown = set(args) - known
+    if unknown:
+        raise ConfigError(f"unknown args {sorted(unknown)} for envenc_ray.serve.deployment:app_builder; "
+                          f"known: {sorted(known)}")
+    presets = args.get("config") or []
+    presets = [presets] if isinstance(presets, str) else list(presets)
+    config = load_config(presets, list(args.get("overrides") or []))
+    return build_app(config, model_path=args.get("model_dir"), encoder_dir=args.get("encoder_dir"))
+
+
+# ------------------------------------------------------------------------------------------ the replica's logic
+
+
+@dataclass
+class EncodeRequest:
+    """One validated call: frames (N, H, W, 3) uint8; windows None or one (k-1, D) array | None per frame."""
+
+    frames: np.ndarray
+    windows: list[np.ndarray | None] | None
+    resized: bool  # frames are already at the model's input size (resized client-side)
+    want: str  # "latents" or "hidden"
+
+
+class HiddenStateCache:
+    """LRU map from a frame's content hash to its hidden state (identical frames are embedded once)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.entries: OrderedDict[bytes, np.ndarray] = OrderedDict()
+
+    @staticmethod
+    def key(frame: np.ndarray, resized: bool) -> bytes:
+        # SHA-1 runs on the CPU's SHA extensions (~0.06 ms per 210x160 frame, ~1% of its forward);
+        # the shape and the resized flag are part of the key: different pixels, different entries.
+        digest = hashlib.sha1(f"{frame.shape}{resized}".encode(), usedforsecurity=False)
+        digest.update(np.ascontiguousarray(frame).data)
+        return digest.digest()
+
+    def get(self, key: bytes) -> np.ndarray | None:
+        row = self.entries.get(key)
+        if row is not None:
+            self.entries.move_to_end(key)
+        return row
+
+    def put(self, key: bytes, row: np.ndarray) -> None:
+        if self.capacity <= 0:
+            return
+        self.entries[key] = row
+        self.entries.move_to_end(key)
+        while len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
+
+    def resize(self, capacity: int) -> None:
+        self.capacity = capacity
+        while len(self.entries) > max(capacity, 0):
+            self.entries.popitem(last=False)
+
+
+class EncoderCore:
+    """Everything a replica does, as plain Python (no Serve): load, validate, run a batch, count."""
+
+    def __init__(self, spec: ReplicaSpec, settings: dict[str, Any] | None = None):
+        from envenc_ray.encoder.environment import EnvironmentEncoder
+        from envenc_ray.encoder.export import load_encoder
+        from envenc_ray.runtime import set_torch_threads
+        from envenc_ray.vlm.backbone import TruncatedVLM
+        from envenc_ray.vlm.preprocess import FramePreprocessor
+
+        set_torch_threads(spec.num_threads)
+        self.spec = spec
+        self.vlm = TruncatedVLM.from_config(spec.vlm, model_path=spec.model_path, game=spec.game)
+        self.encoder = EnvironmentEncoder(self.vlm, load_encoder(spec.encoder_dir))
+        # Frames resized client-side skip the resize (and crop); the rest of the preprocessing is unchanged.
+        # Families preprocessed by their own HF processor (Idefics3's tiling) take raw frames only.
+        self.preprocessor_after_resize = (
+            dataclasses.replace(self.vlm.preprocessor, resize_to=None, shortest_edge=None, crop_to=None)
+            if isinstance(self.vlm.preprocessor, FramePreprocessor)
+            else None
+        )
+        self.settings = runtime_settings(ServeConfig())
+        self.cache = HiddenStateCache(0)
+        self.lock = threading.Lock()  # counters and cache: written by the forward thread, read by stats()
+        self.counters = {"calls": 0, "frames": 0, "batches": 0, "forwards": 0, "frames_computed": 0,
+                         "cache_hits": 0, "duplicate_hits": 0, "cache_misses": 0, "busy_s": 0.0,
+                         "largest_batch_calls": 0, "largest_forward_frames": 0}
+        self.errors: dict[str, int] = {}
+        self.started = time.time()
+        self.configure(settings or self.settings)
+
+    def configure(self, settings: dict[str, Any]) -> None:
+        unknown = set(settings) - set(self.settings)
+        if unknown:
+            raise ConfigError(f"unknown live settings {sorted(unknown)}; known: {sorted(self.settings)}")
+        self.settings = {**self.settings, **settings}
+        with self.lock:
+            self.cache.resize(int(self.settings["cache_size"]))
+
+    # ------------------------------------------------------------------ facts the client needs
+
+    def info(self) -> dict[str, Any]:
+        encoder = self.encoder.encoder
+        return {
+            "kind": encoder.kind,
+            "latent_dim": self.encoder.latent_dim,
+            "window": self.encoder.window,
+            "hidden_size": self.vlm.hidden_size,
+            "image_size": tuple(self.vlm.image_size),
+            "preprocessor": (  # None: the client must send raw frames (no client-side resize)
+                dataclasses.asdict(self.vlm.preprocessor) if self.preprocessor_after_resize is not None else None
+            ),
+            "dtype": self.spec.vlm.dtype,
+            "model_path": self.spec.model_path,
+            "encoder_dir": self.spec.encoder_dir,
+            "num_threads": self.spec.num_threads,
+            **self.settings,
+        }
+
+    # ------------------------------------------------------------------ validation (before batching)
+
+    def check(self, frames_uint8: Any, windows: Any, resized: bool, want: str) -> EncodeRequest:
+        """Validate one call, raising InputError that says what is wrong and how to fix it."""
+        from envenc_ray.vlm.preprocess import as_frame_batch
+
+        if want not in ("latents", "hidden"):
+            raise InputError(f"unknown output {want!r}: ask for 'latents' or 'hidden'")
+        frames = as_frame_batch(frames_uint8).numpy()
+        limit = int(self.settings["max_frames_per_call"])
+        if len(frames) > limit:
+            raise InputError(f"{len(frames)} frames in one call, more than serve.max_frames_per_call={limit}: "
+                             "split the batch (EncoderClient does) or raise the limit")
+        if resized and self.preprocessor_after_resize is None:
+            raise InputError("this model's frames are preprocessed by its own processor on the replica: send the "
+                             "raw frames with resized=False")
+        if resized and tuple(frames.shape[1:3]) != tuple(self.vlm.image_size):
+            height, width = self.vlm.image_size
+            raise InputError(f"resized=True but the frames are {frames.shape[1]}x{frames.shape[2]}, not the model's "
+                             f"input size {height}x{width}: send the raw frames with resized=False")
+        return EncodeRequest(frames, self._check_windows(windows, len(frames)) if want == "latents" else None,
+                             bool(resized), want)
+
+    def _check_windows(self, windows: Any, n: int) -> list[np.ndarray | None] | None:
+        if windows is None or self.encoder.window == 1:
+            return None  # per-frame encoders keep no state: windows are ignored, as in EnvironmentEncoder
+        if isinstance(windows, np.ndarray) and windows.ndim == 3:
+            windows = list(windows)  # (N, k-1, D): every episode continues
+        if not isinstance(windows, (list, tuple)) or len(windows) != n:
+            got = f"{len(windows)} window states" if isinstance(windows, (list, tuple)) else type(windows).__name__
+            raise InputError(f"got {n} frames but {got}: pass a list with one window state per frame "
+                             "(None at a fresh episode start)")
+        shape = (self.encoder.window - 1, self.vlm.hidden_size)
+        checked: list[np.ndarray | None] = []
+        for i, window in enumerate(windows):
+            if window is None:
+                checked.append(None)
+                continue
+            window = np.asarray(window, dtype=np.float32)
+            if window.shape != shape:
+                raise InputError(f"window state {i} has shape {window.shape}, expected {shape} (the episode's "
+                                 "previous k-1 hidden states, as returned by the last call); None starts fresh")
+            if not np.isfinite(window).all():
+                raise InputError(f"window state {i} holds non-finite values (NaN or inf): pass back the state the "
+                                 "service returned, or None to start the episode fresh")
+            checked.append(window)
+        return checked
+
+    # ------------------------------------------------------------------ the batch
+
+    def run_batch(self, requests: list[EncodeRequest]) -> list[Any]:
+        """One merged batch -> one result per call: latents/(latents, windows), hidden, or an exception."""
+        start = time.perf_counter()
+        hidden = self._hidden_states(requests)
+        results: list[Any] = [None] * len(requests)
+        to_encode = []
+        for i, (request, states) in enumerate(zip(requests, hidden)):
+            bad = ~np.isfinite(states).all(axis=1)
+            if bad.any():
+                results[i] = ModelError(
+                    f"the VLM produced non-finite hidden states for frames {np.flatnonzero(bad)[:8].tolist()} of "
+                    f"this call (dtype {self.spec.vlm.dtype}): the model weights may be corrupt, or bfloat16 "
+                    "overflowed (try vlm.dtype=float32)")
+            elif request.want == "hidden":
+                results[i] = states
+            else:
+                to_encode.append(i)
+        if to_encode:
+            self._encode(requests, hidden, to_encode, results)
+        with self.lock:
+            counters = self.counters
+            counters["calls"] += len(requests)
+            counters["frames"] += sum(len(r.frames) for r in requests)
+            counters["batches"] += 1
+            counters["largest_batch_calls"] = max(counters["largest_batch_calls"], len(requests))
+            counters["busy_s"] += time.perf_counter() - start
+        for result in results:
+            if isinstance(result, Exception):
+                self.count_error(type(result).__name__)
+        return results
+
+    def _encode(self, requests, hidden, indices, results) -> None:
+        """One encoder forward over the frames of every call in `indices`; each call gets its slice back."""
+        states = np.concatenate([hidden[i] for i in indices])
+        windows = None
+        if self.encoder.window > 1:
+            windows = []
+            for i in indices:
+                windows.extend(requests[i].windows or [None] * len(requests[i].frames))
+        latents, new_windows = self.encoder.encode_hidden(states, windows)
+        offset = 0
+        for i in indices:
+            n = len(requests[i].frames)
+            rows = latents[offset : offset + n]
+            call_windows = new_windows[offset : offset + n] if new_windows is not None else None
+            offset += n
+            bad = ~np.isfinite(rows).all(axis=1)
+            if bad.any():
+                results[i] = ModelError(
+                    f"the encoder produced non-finite latents for frames {np.flatnonzero(bad)[:8].tolist()} of this "
+                    "call from finite inputs: its weights are corrupt or the window states hold extreme values; "
+                    "start those episodes fresh (window None) or re-export the encoder")
+            else:
+                results[i] = (rows, call_windows)
+
+    def _hidden_states(self, requests: list[EncodeRequest]) -> list[np.ndarray]:
+        """Hidden states (n_i, D) per call: cached rows, plus one forward per frame size over the misses."""
+        outputs = [np.empty((len(r.frames), self.vlm.hidden_size), np.float32) for r in requests]
+        groups: dict[tuple, dict[Any, tuple[np.ndarray, list[tuple[int, int]]]]] = {}
+        hits = duplicates = 0
+        use_cache = self.cache.capacity > 0
+        for i, request in enumerate(requests):
+            group = groups.setdefault((request.frames.shape[1:], request.resized), {})
+            for j, frame in enumerate(request.frames):
+                if not use_cache:
+                    group[(i, j)] = (frame, [(i, j)])
+                    continue
+                key = HiddenStateCache.key(frame, request.resized)
+                with self.lock:
+                    row = self.cache.get(key)
+                if row is not None:
+                    outputs[i][j] = row
+                    hits += 1
+                elif key in group:
+                    group[key][1].append((i, j))
+                    duplicates += 1
+                else:
+                    group[key] = (frame, [(i, j)])
+        computed = 0
+        for (_, resized), entries in groups.items():
+            if not entries:
+                continue
+            frames = np.stack([frame for frame, _ in entries.values()])
+            states = self._embed(frames, resized)
+            computed += len(frames)
+            fresh = []
+            for (key, (_, targets)), row in zip(entries.items(), states):
+                for i, j in targets:
+                    outputs[i][j] = row
+                if use_cache and np.isfinite(row).all():
+                    fresh.append((key, row.copy()))  # a view would pin the whole batch's array in the cache
+            with self.lock:
+                for key, row in fresh:
+                    self.cache.put(key, row)
+                self.counters["forwards"] += 1
+                self.counters["largest_forward_frames"] = max(self.counters["largest_forward_frames"], len(frames))
+        with self.lock:
+            self.counters["frames_computed"] += computed
+            if use_cache:
+                self.counters["cache_hits"] += hits
+                self.counters["duplicate_hits"] += duplicates
+                self.counters["cache_misses"] += computed
+        return outputs
+
+    def _embed(self, frames: np.ndarray, resized: bool) -> np.ndarray:
+        import torch
+
+        if not resized:
+            return self.vlm.embed(frames).cpu().numpy()
+        tensor = torch.from_numpy(frames)
+        vision_inputs = self.vlm.family.vision_inputs(self.preprocessor_after_resize, tensor, self.vlm.device)
+        return self.vlm.embed_vision_inputs(vision_inputs).cpu().numpy()
+
+    # ------------------------------------------------------------------ metrics
+
+    def count_error(self, name: str) -> None:
+        with self.lock:
+            self.errors[name] = self.errors.get(name, 0) + 1
+
+    def stats(self) -> dict[str, Any]:
+        with self.lock:
+            counters = dict(self.counters)
+            errors = dict(self.errors)
+            cached = len(self.cache.entries)
+        looked_up = counters["cache_hits"] + counters["duplicate_hits"] + counters["cache_misses"]
+        served_without_forward = counters["cache_hits"] + counters["duplicate_hits"]
+        batches = max(counters["batches"], 1)
+        return {
+            **counters,
+            "errors": errors,
+            "cache_entries": cached,
+            "cache_hit_rate": served_without_forward / looked_up if looked_up else 0.0,
+            "mean_calls_per_batch": counters["calls"] / batches,
+            "mean_frames_per_forward": counters["frames_computed"] / max(counters["forwards"], 1),
+            "busy_frames_per_s": counters["frames"] / counters["busy_s"] if counters["busy_s"] else 0.0,
+            "uptime_s": time.time() - self.started,
+        }
+
+
+# ------------------------------------------------------------------------------------------ the Serve deployment
+
+
+@ray_serve.deployment(name=DEPLOYMENT_NAME)
+class EnvironmentEncoderDeployment:
+    """A replica: `EncoderCore` behind `@serve.batch`, plus an optional POST /encode HTTP route."""
+
+    def __init__(self, spec: ReplicaSpec):
+        self.core = EncoderCore(spec)
+        # torch releases the GIL in its kernels: the forward runs in this thread while the replica's event
+        # loop validates and queues the next calls
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="envenc-forward")
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve's user_config (see `runtime_settings`): applied live, without restarting the replica."""
+        self.core.configure(user_config)
+        self._forward.set_max_batch_size(int(self.core.settings["max_batch_calls"]))
+        self._forward.set_batch_wait_timeout_s(float(self.core.settings["batch_wait_timeout_s"]))
+
+    async def encode(self, frames_uint8: np.ndarray, windows: list | None = None, resized: bool = False
+                     ) -> tuple[np.ndarray, list[np.ndarray] | None]:
+        """Latents (N, latent_dim) float32 and the new window states (temporal encoder; else None)."""
+        return await self._submit(frames_uint8, windows, resized, "latents")
+
+    async def hidden(self, frames_uint8: np.ndarray, resized: bool = False) -> np.ndarray:
+        """The VLM's pooled hidden states (N, D) float32."""
+        return await self._submit(frames_uint8, None, resized, "hidden")
+
+    def info(self) -> dict[str, Any]:
+        return self.core.info()
+
+    def stats(self) -> dict[str, Any]:
+        return self.core.stats()
+
+    async def _submit(self, frames_uint8, windows, resized, want):
+        try:
+            request = self.core.check(frames_uint8, windows, resized, want)
+        except InputError:
+            self.core.count_error("InputError")
+            raise
+        result = await self._forward(request)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    @ray_serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)  # both set from user_config in reconfigure
+    async def _forward(self, requests: list[EncodeRequest]) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, self.core.run_batch, requests)
+
+    async def __call__(self, request):
+        """HTTP: POST /encode or /hidden with a .npy (N, H, W, 3) uint8 body -> .npy float32 body.
+
+        A temporal encoder's window state travels as .npz: frames, windows (N, k-1, D) float32 and fresh
+        (N,) bool (True: start that episode fresh); the answer is .npz with latents and windows.
+        Without windows every frame starts a fresh episode. GET /info and /stats return JSON.
+        """
+        from starlette.responses import JSONResponse, Response
+
+        route = request.url.path.rstrip("/").rsplit("/", 1)[-1]
+        if request.method == "GET" and route in ("info", "stats"):
+            return JSONResponse(_jsonable(self.info() if route == "info" else self.stats()))
+        if request.method != "POST" or route not in ("encode", "hidden"):
+            return JSONResponse({"error": "use POST /encode or POST /hidden with a .npy batch of uint8 frames "
+                                          "(N, H, W, 3), or GET /info, /stats"}, status_code=404)
+        try:
+            frames, windows, as_npz = _read_http_batch(await request.body())
+            if route == "hidden":
+                result = await self.hidden(frames)
+                return Response(_npy_bytes(result), media_type="application/octet-stream")
+            latents, new_windows = await self.encode(frames, windows)
+        except EnvEncError as error:
+            status = 400 if isinstance(error, InputError) else 500
+            return JSONResponse({"error": f"{type(error).__name__}: {error}"}, status_code=status)
+        if not as_npz:
+            return Response(_npy_bytes(latents), media_type="application/octet-stream")
+        buffer = io.BytesIO()
+        arrays = {"latents": latents}
+        if new_windows is not None:
+            arrays["windows"] = np.stack(new_windows)
+        np.savez(buffer, **arrays)
+        return Response(buffer.getvalue(), media_type="application/octet-stream")
+
+
+def _read_http_batch(body: bytes) -> tuple[np.ndarray, list | None, bool]:
+    """A .npy frame batch, or an .npz with frames (+ windows and fresh); never unpickles."""
+    try:
+        loaded = np.load(io.BytesIO(body), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise InputError(f"the body is not a .npy/.npz array ({error}); send np.save(buffer, frames_uint8)") from None
+    if isinstance(loaded, np.ndarray):
+        return loaded, None, False
+    with loaded:
+        if "frames" not in loaded:
+            raise InputError(f"the .npz body has {sorted(loaded.files)} but no 'frames'")
+        frames = loaded["frames"]
+        windows = None
+        if "windows" in loaded:
+            stacked = loaded["windows"]
+            fresh = loaded["fresh"] if "fresh" in loaded else np.zeros(len(stacked), dtype=bool)
+            if len(fresh) != len(stacked):
+                raise InputError(f"'fresh' has {len(fresh)} entries but 'windows' {len(stacked)}")
+            windows = [None if is_fresh else window for window, is_fresh in zip(stacked, fresh)]
+    return frames, windows, True
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    return value
+
+
+# ------------------------------------------------------------------------------------------ running it
+
+
+def start_serve(serve_config: ServeConfig, http: bool) -> None:
+    """Start Serve on the current Ray: HTTP proxy on serve.http_host:http_port only when asked.
+
+    If Serve already runs, its proxy settings stay as they are (Serve cannot change them live).
+    """
+    if http:
+        ray_serve.start(proxy_location="HeadOnly",
+                        http_options={"host": serve_config.http_host, "port": serve_config.http_port})
+    else:
+        ray_serve.start(proxy_location="Disabled")
+
+
+def run_app(config: EnvEncConfig, *, http: bool = False, app_name: str = APP_NAME,
+            model_path: str | Path | None = None, encoder_dir: str | Path | None = None):
+    """Deploy (or update) the app on the current Ray and wait until it runs; returns the ingress handle."""
+    from envenc_ray.runtime import ensure_ray
+
+    ensure_ray()
+    http = http or config.serve.http
+    start_serve(config.serve, http)
+    app = build_app(config, model_path=model_path, encoder_dir=encoder_dir)
+    # our app owns "/" (POST /encode); another app beside it (other model, other run) gets /<its name>/
+    route_prefix = ("/" if app_name == APP_NAME else f"/{app_name}") if http else None
+    return ray_serve.run(app, name=app_name, route_prefix=route_prefix)
+
+
+def shutdown_app(app_name: str = APP_NAME) -> None:
+    """Delete the app; shut Serve down too when no other app is left on the cluster."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    status = ray_serve.status()
+    if app_name in status.applications:
+        ray_serve.delete(app_name)
+    if not (set(ray_serve.status().applications) - {app_name}):
+        ray_serve.shutdown()
+
+
+def deployment_details(app_name: str = APP_NAME) -> dict[str, Any]:
+    """What Serve's controller holds for our deployment (its `serve status` / config view): status,
+    replicas, and the applied deployment config (autoscaling, resources, user_config)."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeInstanceDetails
+
+    details = ServeInstanceDetails(**_get_global_client().get_serve_details())
+    if app_name not in details.applications:
+        raise ModelError(f"no Serve app {app_name!r} (running: {sorted(details.applications)})")
+    deployment = details.applications[app_name].deployments[DEPLOYMENT_NAME]
+    return deployment.model_dump(mode="json", warnings=False)
+
+
+def serve(config: EnvEncConfig, http: bool = False) -> None:
+    """`envenc serve CONFIG [--http]`: run the EnvironmentEncoder app in the foreground until Ctrl-C."""
+    http = http or config.serve.http
+    run_app(config, http=http)
+    s = config.serve
+    print(f"serve: app {APP_NAME!r} is running ({s.min_replicas}..{s.max_replicas} replicas of "
+          f"{s.num_cpus} CPU / {s.num_gpus} GPU, up to {s.max_batch_calls} calls per batch)")
+    print("serve: from another Python process on this Ray cluster:\n"
+          "    import ray; ray.init(address='auto')\n"
+          "    from envenc_ray.serve.client import EncoderClient\n"
+          f"    client = EncoderClient.connect(app_name={APP_NAME!r})\n"
+          "    latents, windows = client.encode(frames_uint8, windows)")
+    if http:
+        url = f"http://{s.http_host}:{s.http_port}"
+        print(f"serve: HTTP on {url}:\n"
+              "    python -c \"import numpy as np; np.save('frames.npy', np.zeros((1, 210, 160, 3), np.uint8))\"\n"
+              f"    curl -s --data-binary @frames.npy {url}/encode -o latents.npy\n"
+              f"    curl -s {url}/stats")
+    print("serve: Ctrl-C stops")
+    try:
+        while True:
+            time.sleep(5)
+            status = ray_serve.status().applications.get(APP_NAME)
+            if status is not None and status.status not in ("RUNNING", "DEPLOYING"):
+                logger.warning("serve: app %s is %s: %s", APP_NAME, status.status, status.message)
+    except KeyboardInterrupt:
+        print("serve: stopping")
+    finally:
+        shutdown_app(APP_NAME)
