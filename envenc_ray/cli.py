@@ -19,8 +19,6 @@ PLANNED = {
     "tune": "Ray Tune sweeps (issue #5)",
     "reward-model": "the preference-trained reward model (stage 2)",
     "evaluate": "checkpoint evaluation (issue #5)",
-    "report": "the run report (issue #6)",
-    "run": "the whole pipeline (issue #6)",
     "bench rollout": "the rollout benchmark (issue #5)",
 }
 
@@ -34,7 +32,7 @@ STAGE_HELP = {
     "tune": "run a Ray Tune sweep over config keys",
     "reward-model": "train a transformer reward model on preference triples",
     "evaluate": "run an agent checkpoint for N episodes",
-    "report": "write report.md, plots and metrics.json for a run",
+    "report": "write report.md, plots and metrics.json for a run (CONFIG... or a run directory)",
     "run": "run every stage in order (skipping finished ones)",
 }
 
@@ -124,8 +122,21 @@ def _add_config_arguments(parser: argparse.ArgumentParser, required: bool = True
 
 
 def _load(args: argparse.Namespace):
+    """The resolved config; a single run directory argument stands for the config its run recorded."""
+    from pathlib import Path
+
     from envenc_ray.config import load_config
 
+    if len(args.configs) == 1 and Path(args.configs[0]).is_dir():
+        recorded = Path(args.configs[0]) / "config.yaml"
+        if not recorded.is_file():
+            from envenc_ray.errors import ConfigError
+
+            raise ConfigError(f"{args.configs[0]} is a folder without config.yaml: pass a run directory made by "
+                              "`envenc run`, or the YAML config files of the run")
+        run_dir = Path(args.configs[0]).resolve()  # wherever the folder is now, not where it was made
+        located = [f"experiment.run_root={run_dir.parent}", f"experiment.name={run_dir.name}"]
+        return load_config([recorded], located + args.overrides)
     return load_config(args.configs, args.overrides)
 
 
@@ -148,6 +159,8 @@ ENTRY_POINTS = {
     "embed": "envenc_ray.data.embed:embed",
     "train-encoder": "envenc_ray.encoder.train:train_encoder",
     "serve": "envenc_ray.serve.deployment:serve",
+    "report": "envenc_ray.report:report",
+    "run": "envenc_ray.pipeline:run",
 }
 
 
