@@ -171,11 +171,20 @@ class RLConfig(Section):
         "runs) or the Ray Serve deployment shared by all EnvRunners (envenc serve).",
     )
     encoder_dir: str | None = Field(None, description="Exported encoder to load; None: <run>/encoder.")
+    serve_app: str = Field("envenc-encoder", description="Serve app the EnvRunners call (encoder_source=serve).")
+    encoder_timeout_s: float = Field(
+        60.0, gt=0, description="Serve client: seconds one encode call may take before it is retried."
+    )
+    encoder_retries: int = Field(
+        3, ge=0, description="Serve client: retries of a failed call (backoff doubles) before training stops."
+    )
     num_env_runners: int = Field(1, ge=0, description="Remote EnvRunner actors (0: sample in the driver process).")
     num_envs_per_env_runner: int = Field(
         4, ge=1, description="Vectorised sub-envs per EnvRunner; their newest frames share one encoder call per step."
     )
-    cpus_per_env_runner: float = Field(0.5, gt=0, description="CPUs reserved per EnvRunner; fractions on small machines.")
+    cpus_per_env_runner: float = Field(
+        0.5, gt=0, description="CPUs reserved per EnvRunner; fractions on small machines."
+    )
     torch_threads: int = Field(
         1, ge=1, description="torch intra-op threads in each EnvRunner, so N actors don't fight over N cores."
     )
@@ -195,9 +204,13 @@ class RLConfig(Section):
         [256, 256], description="MLP widths over latents (latent mode; the latent branch of latent+pixels)."
     )
     frame_stack: int = Field(4, ge=1, description="Grayscale frames stacked in the pixels observation (DQN's 4).")
-    pixel_size: int = Field(84, ge=16, description="Side of the square grayscale pixels observation (DQN's 84).")
+    pixel_size: int = Field(
+        84, ge=36, description="Side of the square grayscale pixels observation (DQN's 84; >= 36 for its CNN)."
+    )
     iterations: int = Field(100, ge=1, description="Training iterations; a rerun with more resumes from the last.")
-    checkpoint_every: int = Field(10, ge=1, description="Checkpoint into <run>/agent/ every N iterations (and at the end).")
+    checkpoint_every: int = Field(
+        10, ge=1, description="Checkpoint into <run>/agent/ every N iterations (and after the last)."
+    )
     keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept on disk; older ones are deleted.")
     dreamer_model_size: Literal["nano", "micro", "mini", "XXS", "XS", "S"] = Field(
         "XS", description="DreamerV3 model size (RLlib's names; XS is the paper's smallest)."

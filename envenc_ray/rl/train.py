@@ -1,0 +1,286 @@
+"""Stage `train`: an RLlib agent (PPO or DreamerV3) on latents, pixels or both -> <run>/agent/.
+
+    build the algorithm from the config -> resume from the newest checkpoint in <run>/agent/ (if any)
+    -> train `rl.iterations` iterations, logging one metrics row per iteration
+    -> checkpoint every `rl.checkpoint_every` iterations and at the end.
+
+<run>/agent/ holds checkpoint_<iteration>/ folders (each written to a temporary name, then renamed, so a
+killed run never leaves half a checkpoint), progress.jsonl + progress.csv (one row per iteration),
+TensorBoard event files under tb/, and train.json (what the checkpoints were trained with). A rerun with
+the same agent settings and no more iterations is skipped; with more iterations it resumes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from envenc_ray.config import EnvEncConfig
+from envenc_ray.errors import DataError
+from envenc_ray.rl.connector import new_error_key, raise_runner_error
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d{6})$")
+META_FILE = "train.json"
+
+
+def train(config: EnvEncConfig) -> dict:
+    """Train (or resume) the agent of `config.rl`; returns a summary of the run (also in train.json)."""
+    from tqdm import tqdm
+
+    from envenc_ray.runtime import ensure_ray
+
+    rl = config.rl
+    agent_dir = config.run_dir / "agent"
+    agent_hash = agent_config_hash(config)
+    meta = _read_meta(agent_dir)
+    if meta is not None and meta["agent_hash"] != agent_hash:
+        raise DataError(f"{agent_dir} holds checkpoints of a different agent ({meta['algo']}, obs_mode "
+                        f"{meta['obs_mode']}, other model/encoder settings); delete {agent_dir} or set another "
+                        "experiment.name to train this one")
+    latest = latest_checkpoint(agent_dir)
+    if latest is not None and latest[0] >= rl.iterations and meta is not None:
+        print(f"train: skipped, {latest[1]} already holds {latest[0]} iterations of this agent "
+              f"(rl.iterations={rl.iterations}); raise rl.iterations to train on")
+        return (meta.get("summary") or {}) | {"iterations": latest[0], "checkpoint": str(latest[1]), "skipped": True}
+
+    ensure_ray()
+    error_key = new_error_key()
+    algo = build_algorithm(config, error_key)
+    try:
+        agent_dir.mkdir(parents=True, exist_ok=True)
+        for stale in agent_dir.glob(".checkpoint_*.tmp-*"):  # left by a process killed mid-save
+            shutil.rmtree(stale, ignore_errors=True)
+        meta = {"agent_hash": agent_hash, "algo": rl.algo, "obs_mode": rl.obs_mode, "summary": None}
+        _write_json(agent_dir / META_FILE, meta)  # before the first checkpoint, so a resume can check it
+        if latest is not None:
+            algo.restore_from_path(str(latest[1].resolve()))
+            print(f"train: resumed from {latest[1]} (iteration {algo.iteration})")
+        writer = ProgressWriter(agent_dir)
+        rows = []
+        started = time.perf_counter()
+        for iteration in tqdm(range(algo.iteration, rl.iterations), desc=f"train {rl.algo}/{rl.obs_mode}",
+                              initial=algo.iteration, total=rl.iterations, unit="iter"):
+            result = train_iteration(algo, error_key)
+            row = metrics_row(result)
+            rows.append(row)
+            writer.write(row)
+            logger.info("iteration %d: %s", row["iteration"], row)
+            done = iteration + 1
+            if done % rl.checkpoint_every == 0 or done == rl.iterations:
+                save_checkpoint(algo, config, agent_dir, done)
+        writer.close()
+        checkpoint = latest_checkpoint(agent_dir)
+        summary = {
+            "algo": rl.algo,
+            "obs_mode": rl.obs_mode,
+            "iterations": algo.iteration,
+            "checkpoint": str(checkpoint[1]) if checkpoint else None,
+            "seconds": time.perf_counter() - started,
+            "env_steps_lifetime": rows[-1]["env_steps_lifetime"] if rows else None,
+            "env_steps_per_s": _mean([r["env_steps_per_s"] for r in rows]),
+            "encoder_call_ms": _mean([r["encoder_call_ms"] for r in rows]),
+            "episode_return_mean": next((r["episode_return_mean"] for r in reversed(rows)
+                                         if r["episode_return_mean"] is not None), None),
+            "skipped": False,
+        }
+        _write_json(agent_dir / META_FILE, meta | {"summary": summary})
+        return summary
+    finally:
+        algo.stop()
+
+
+def build_algorithm(config: EnvEncConfig, error_key: str | None = None):
+    """The RLlib Algorithm of `config.rl` (not yet trained); Ray must be running."""
+    from envenc_ray.envs.atari import make_env
+    from envenc_ray.rl.connector import encoder_source
+
+    make_env(config.env.game).close()  # an unknown game fails here, in one line, not inside an EnvRunner
+    source = encoder_source(config)
+    if config.rl.algo == "dreamerv3":
+        from envenc_ray.rl.dreamer import build_dreamer_config
+
+        algo_config = build_dreamer_config(config, source, error_key)
+    else:
+        from envenc_ray.rl.ppo import build_ppo_config
+
+        algo_config = build_ppo_config(config, source, error_key)
+    return algo_config.build_algo()
+
+
+def train_iteration(algo, error_key: str) -> dict:
+    """algo.train(), except that an EnvRunner killed by an encoder error raises that error, not "actor died"."""
+    from ray.exceptions import RayActorError
+
+    try:
+        return algo.train()
+    except RayActorError:
+        raise_runner_error(error_key)
+        raise
+
+
+def agent_config_hash(config: EnvEncConfig) -> str:
+    """What a checkpoint's weights depend on: the game, the model and (for latents) the VLM and encoder.
+
+    Resources, batch sizes, learning rates and the iteration budget are left out: changing them continues
+    training the same agent.
+    """
+    import hashlib
+
+    rl = config.rl
+    payload: dict[str, Any] = {
+        "game": config.env.game,
+        "full_action_space": config.env.full_action_space,
+        "rl": rl.model_dump(mode="json", include={"algo", "obs_mode", "fcnet_hiddens", "frame_stack",
+                                                  "pixel_size", "dreamer_model_size"}),
+    }
+    if rl.obs_mode != "pixels":
+        payload["latents"] = config.section_hash("vlm", "encoder")
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def metrics_row(result: dict) -> dict:
+    """One iteration's numbers from an RLlib result: returns, throughput (learner included), encoder calls."""
+    runners = result.get("env_runners", {})
+    learner = result.get("learners", {}).get("default_policy", {})
+    seconds = float(result.get("time_this_iter_s", float("nan")))
+    env_steps = _number(runners.get("num_env_steps_sampled"))
+    calls = _number(runners.get("envenc_encode_calls"))
+    frames = _number(runners.get("envenc_frames_encoded"))
+    encode_ms = _number(runners.get("envenc_encode_ms"))
+    row = {
+        "iteration": int(result["training_iteration"]),
+        "seconds": seconds,
+        "env_steps": env_steps,
+        "env_steps_lifetime": _number(result.get("num_env_steps_sampled_lifetime",
+                                                 runners.get("num_env_steps_sampled_lifetime"))),
+        "env_steps_per_s": env_steps / seconds if env_steps and seconds > 0 else None,
+        "episodes": _number(runners.get("num_episodes")),
+        "episode_return_mean": _number(runners.get("episode_return_mean")),
+        "episode_len_mean": _number(runners.get("episode_len_mean")),
+        "encoder_calls": calls,
+        "encoder_frames_per_call": frames / calls if calls else None,
+        "encoder_call_ms": encode_ms / calls if calls else None,
+    }
+    for key in ("total_loss", "policy_loss", "vf_loss", "entropy",
+                "WORLD_MODEL_L_total", "ACTOR_L_total", "CRITIC_L_total"):
+        if key in learner:
+            row[key] = _number(learner[key])
+    return row
+
+
+class ProgressWriter:
+    """progress.jsonl + progress.csv (columns of the first row) + TensorBoard scalars when tensorboardX is there."""
+
+    def __init__(self, agent_dir: Path):
+        self.jsonl_path, self.csv_path = agent_dir / "progress.jsonl", agent_dir / "progress.csv"
+        self.columns: list[str] | None = None
+        if self.csv_path.is_file():  # a resumed run appends under the header it started with
+            with self.csv_path.open(newline="") as f:
+                self.columns = next(csv.reader(f), None)
+        self.tensorboard = None
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(agent_dir / "tb"))
+        except ImportError:
+            logger.info("tensorboardX is not installed: no TensorBoard event files")
+
+    def write(self, row: dict) -> None:
+        with self.jsonl_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        new_file = self.columns is None
+        if new_file:
+            self.columns = list(row)
+        with self.csv_path.open("a" if not new_file else "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
+            if new_file:
+                writer.writeheader()
+            writer.writerow(row)
+        if self.tensorboard is not None:
+            for key, value in row.items():
+                if key != "iteration" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(key, value, row["iteration"])
+            self.tensorboard.flush()
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def _number(value) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(value) else value
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def latest_checkpoint(agent_dir: Path) -> tuple[int, Path] | None:
+    """(iteration, path) of the newest complete checkpoint in `agent_dir`, or None."""
+    found = []
+    if Path(agent_dir).is_dir():
+        for path in Path(agent_dir).iterdir():
+            match = CHECKPOINT_PATTERN.match(path.name)
+            if match and path.is_dir():
+                found.append((int(match.group(1)), path))
+    return max(found) if found else None
+
+
+def save_checkpoint(algo, config: EnvEncConfig, agent_dir: Path, iteration: int) -> Path:
+    """algo.save_to_path into a temporary folder, rename it to checkpoint_<iteration>, prune old ones.
+
+    RLlib's own files (pickles: optimizer and connector state, for resuming) sit next to policy.safetensors
+    + policy.json, the weights-only copy that `evaluate` loads.
+    """
+    from envenc_ray.rl.evaluate import save_policy
+
+    keep = config.rl.keep_checkpoints
+    final = agent_dir / f"checkpoint_{iteration:06d}"
+    tmp = agent_dir / f".checkpoint_{iteration:06d}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    algo.save_to_path(str(tmp.resolve()))
+    save_policy(algo, tmp, config)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    checkpoints = sorted(p for p in agent_dir.iterdir() if CHECKPOINT_PATTERN.match(p.name))
+    for old in checkpoints[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _read_meta(agent_dir: Path) -> dict | None:
+    path = agent_dir / META_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise DataError(f"{path} is not valid JSON; delete {agent_dir} to train from scratch") from None
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
