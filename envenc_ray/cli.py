@@ -15,10 +15,8 @@ from envenc_ray.errors import EnvEncError, NotImplementedStageError
 # Stages that exist in the design but not yet in code: name -> what will provide them.
 PLANNED = {
     "advise": "advice finetuning of the VLM (stage 2)",
-    "train": "RLlib PPO / DreamerV3 training (issue #5)",
     "tune": "Ray Tune sweeps (issue #5)",
     "reward-model": "the preference-trained reward model (stage 2)",
-    "evaluate": "checkpoint evaluation (issue #5)",
     "bench rollout": "the rollout benchmark (issue #5)",
 }
 
@@ -72,6 +70,10 @@ def _build_parser() -> argparse.ArgumentParser:
     commands.choices["serve"].add_argument(
         "--http", action="store_true", help="also serve POST /encode (.npy in, .npy out) on serve.http_host:http_port"
     )
+    evaluate = commands.choices["evaluate"]
+    evaluate.add_argument("--checkpoint", help="checkpoint folder (default: the newest in <run>/agent/)")
+    evaluate.add_argument("--episodes", type=int, help="greedy episodes to play (default rl.eval_episodes)")
+    evaluate.add_argument("--gif", help="write the first episode as an animated GIF to this path")
 
     bench = commands.add_parser(
         "bench",
@@ -159,6 +161,8 @@ ENTRY_POINTS = {
     "embed": "envenc_ray.data.embed:embed",
     "train-encoder": "envenc_ray.encoder.train:train_encoder",
     "serve": "envenc_ray.serve.deployment:serve",
+    "train": "envenc_ray.rl.train:train",
+    "evaluate": "envenc_ray.rl.evaluate:evaluate",
     "report": "envenc_ray.report:report",
     "run": "envenc_ray.pipeline:run",
 }
@@ -173,7 +177,11 @@ def _stage_handler(name: str):
 
         module_name, function_name = ENTRY_POINTS[name].split(":")
         entry = getattr(importlib.import_module(module_name), function_name)
-        entry(_load(args), **({"http": args.http} if name == "serve" else {}))
+        options = {
+            "serve": lambda: {"http": args.http},
+            "evaluate": lambda: {"checkpoint": args.checkpoint, "episodes": args.episodes, "gif": args.gif},
+        }.get(name, dict)()
+        entry(_load(args), **options)
 
     return handler
 

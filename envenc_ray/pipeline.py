@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Callable
 
 import yaml
-from tqdm import tqdm
 
 from envenc_ray.config import EnvEncConfig
 from envenc_ray.errors import ConfigError, DataError, ModelError
+from envenc_ray.files import read_json, write_text_atomic
 
 MANIFEST = "manifest.json"
 CONFIG_COPY = "config.yaml"  # the resolved config, so `envenc report RUN_DIR` can rebuild the report
@@ -35,7 +35,7 @@ def run(config: EnvEncConfig) -> dict:
 
     preflight(config)
     run_dir = config.run_dir
-    _write_atomic(run_dir / CONFIG_COPY, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    write_text_atomic(run_dir / CONFIG_COPY, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     manifest = {
         "experiment": config.experiment.name,
         "config_hash": config.section_hash(*EnvEncConfig.model_fields),
@@ -45,19 +45,17 @@ def run(config: EnvEncConfig) -> dict:
     ensure_ray()
     stages = _stages(config)
     overall_started = time.perf_counter()
-    with tqdm(total=len(stages), desc=f"envenc run {config.experiment.name}", unit="stage", position=0) as bar:
-        for name, entry in stages:
-            bar.set_postfix_str(name)
-            started = time.perf_counter()
-            result = entry()
-            manifest["stages"][name] = {
-                "skipped": bool(getattr(result, "skipped", None) or (isinstance(result, dict) and result.get("skipped"))),
-                "seconds": round(time.perf_counter() - started, 2),
-            }
-            _write_atomic(run_dir / MANIFEST, json.dumps(manifest, indent=2))
-            bar.update(1)
+    # One header line per stage (each stage draws its own progress bar below it).
+    for number, (name, entry) in enumerate(stages, start=1):
+        elapsed = time.perf_counter() - overall_started
+        print(f"== [{number}/{len(stages)}] {name}  (run time so far {elapsed:.0f} s)", flush=True)
+        started = time.perf_counter()
+        result = entry()
+        skipped = result.get("skipped") if isinstance(result, dict) else getattr(result, "skipped", False)
+        manifest["stages"][name] = {"skipped": bool(skipped), "seconds": round(time.perf_counter() - started, 2)}
+        write_text_atomic(run_dir / MANIFEST, json.dumps(manifest, indent=2))
     manifest["seconds"] = round(time.perf_counter() - overall_started, 2)
-    _write_atomic(run_dir / MANIFEST, json.dumps(manifest, indent=2))
+    write_text_atomic(run_dir / MANIFEST, json.dumps(manifest, indent=2))
     ran = [name for name, record in manifest["stages"].items() if not record["skipped"]]
     print(f"run: {config.experiment.name} done in {manifest['seconds']:.0f} s "
           f"({'ran ' + ', '.join(ran) if ran else 'every stage was already done'}); report in {run_dir / 'report'}")
@@ -68,8 +66,6 @@ def _stages(config: EnvEncConfig) -> list[tuple[str, Callable[[], object]]]:
     from envenc_ray.data.collect import collect
     from envenc_ray.data.embed import embed
     from envenc_ray.encoder.train import train_encoder
-    from envenc_ray.report import report
-    from envenc_ray.rl.evaluate import evaluate
     from envenc_ray.rl.train import train
 
     stages = [
@@ -81,19 +77,67 @@ def _stages(config: EnvEncConfig) -> list[tuple[str, Callable[[], object]]]:
         stages.append(("serve", lambda: _deploy(config)))
     stages += [
         ("train", lambda: train(config)),
-        ("evaluate", lambda: evaluate(config)),
-        ("report", lambda: {"skipped": False, "path": str(report(config))}),
+        ("evaluate", lambda: _evaluate(config)),
+        ("report", lambda: _report(config)),
     ]
     return stages
+
+
+def _evaluate(config: EnvEncConfig) -> dict:
+    """Greedy evaluation of the newest checkpoint plus the random / heuristic reference returns."""
+    from envenc_ray.rl.evaluate import evaluate, reference_returns
+
+    if _evaluation_current(config):
+        print(f"evaluate: skipped, {config.run_dir / 'agent' / 'eval.json'} already evaluates the newest checkpoint")
+        return {"skipped": True}
+    result = evaluate(config)
+    reference_returns(config)
+    return result
+
+
+def _evaluation_current(config: EnvEncConfig) -> bool:
+    """agent/eval.json (and reference.json) evaluate the newest checkpoint with these settings."""
+    from envenc_ray.rl.train import latest_checkpoint
+
+    agent_dir = config.run_dir / "agent"
+    checkpoint = latest_checkpoint(agent_dir)
+    previous = read_json(agent_dir / "eval.json")
+    return (checkpoint is not None and previous is not None and (agent_dir / "reference.json").is_file()
+            and previous["checkpoint"] == str(checkpoint[1]) and previous["episodes"] == config.rl.eval_episodes)
+
+
+def _training_current(config: EnvEncConfig) -> bool:
+    """agent/ holds rl.iterations iterations of this very agent (what `train` checks before skipping)."""
+    from envenc_ray.rl.train import agent_config_hash, latest_checkpoint
+
+    agent_dir = config.run_dir / "agent"
+    checkpoint, meta = latest_checkpoint(agent_dir), read_json(agent_dir / "train.json")
+    return (checkpoint is not None and meta is not None and meta["agent_hash"] == agent_config_hash(config)
+            and checkpoint[0] >= config.rl.iterations)
 
 
 def _deploy(config: EnvEncConfig) -> dict:
     """Start the encoder service once; every EnvRunner of the agent connects to it by app name."""
     from envenc_ray.serve.client import deploy_encoder
 
+    if _training_current(config) and _evaluation_current(config):
+        print("serve: skipped, the agent is trained and evaluated already (nothing will call the encoder)")
+        return {"skipped": True}
     client = deploy_encoder(config, app_name=config.rl.serve_app)
     print(f"serve: app {config.rl.serve_app!r} up (latent {client.latent_dim}, window {client.window})")
     return {"skipped": False}
+
+
+def _report(config: EnvEncConfig) -> dict:
+    """Rebuild the report unless it is newer than every artifact it reads."""
+    from envenc_ray.report import INPUTS, report
+
+    done = config.run_dir / "report" / "metrics.json"
+    inputs = [config.run_dir / name for name in INPUTS if (config.run_dir / name).is_file()]
+    if done.is_file() and all(path.stat().st_mtime <= done.stat().st_mtime for path in inputs):
+        print(f"report: skipped, {done.parent} is newer than every artifact it reads")
+        return {"skipped": True}
+    return {"skipped": False, "path": str(report(config))}
 
 
 # ------------------------------------------------------------------------------------------ preflight
@@ -140,7 +184,7 @@ def _artifact_hashes(config: EnvEncConfig):
 
 
 def _recorded(path: Path, key: str) -> str | None:
-    return json.loads(path.read_text()).get(key) if path.is_file() else None
+    return (read_json(path) or {}).get(key)
 
 
 def _looks_like_path(model: str) -> bool:
@@ -158,7 +202,3 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)

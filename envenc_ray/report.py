@@ -19,8 +19,13 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from envenc_ray.config import EnvEncConfig  # noqa: E402
 from envenc_ray.errors import DataError  # noqa: E402
+from envenc_ray.files import read_json, write_text_atomic  # noqa: E402
 
 logger = logging.getLogger(__name__)
+
+# Every artifact the report reads, relative to the run directory.
+INPUTS = ("frames/_collect.json", "hidden/_embed.json", "encoder/metrics.json", "agent/train.json",
+          "agent/progress.jsonl", "agent/eval.json", "agent/reference.json")
 
 
 def report(config: EnvEncConfig) -> Path:
@@ -39,20 +44,16 @@ def report(config: EnvEncConfig) -> Path:
         lines += section_lines + [""]
         metrics.update(section_metrics)
 
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     report_path = out / "report.md"
-    report_path.write_text("\n".join(lines))
+    write_text_atomic(report_path, "\n".join(lines))
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))  # last: it marks the report done
     print(f"report: {report_path}")
     return report_path
 
 
-def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def _data_section(run_dir: Path, out: Path) -> tuple[list[str], dict]:
-    meta = _read_json(run_dir / "frames" / "_collect.json")
-    embed = _read_json(run_dir / "hidden" / "_embed.json")
+    meta = read_json(run_dir / "frames" / "_collect.json")
+    embed = read_json(run_dir / "hidden" / "_embed.json")
     if meta is None:
         return ["## Data", "", "No frames recorded yet (`envenc collect`)."], {}
     lines = ["## Data", "", f"{meta['collect']['episodes']} episodes of {meta['game']} "
@@ -68,7 +69,7 @@ def _data_section(run_dir: Path, out: Path) -> tuple[list[str], dict]:
 
 
 def _encoder_section(run_dir: Path, out: Path) -> tuple[list[str], dict]:
-    encoder_metrics = _read_json(run_dir / "encoder" / "metrics.json")
+    encoder_metrics = read_json(run_dir / "encoder" / "metrics.json")
     if encoder_metrics is None:
         return ["## Encoder", "", "No encoder trained yet (`envenc train-encoder`)."], {}
     epochs = encoder_metrics["epochs"]
@@ -121,9 +122,95 @@ def _encoder_section(run_dir: Path, out: Path) -> tuple[list[str], dict]:
     return lines, metrics
 
 
+def _progress(run_dir: Path) -> list[dict]:
+    path = run_dir / "agent" / "progress.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
 def _agent_section(run_dir: Path, out: Path) -> tuple[list[str], dict]:
-    return ["## Agent", "", "No agent trained yet (`envenc train`)."], {}
+    rows = _progress(run_dir)
+    meta = read_json(run_dir / "agent" / "train.json")
+    if not rows or meta is None:
+        return ["## Agent", "", "No agent trained yet (`envenc train`)."], {}
+    evaluation = read_json(run_dir / "agent" / "eval.json")
+    reference = read_json(run_dir / "agent" / "reference.json") or {}
+    curve = [(r["env_steps_lifetime"], r["episode_return_mean"]) for r in rows if r["episode_return_mean"] is not None]
+
+    figure, axis = plt.subplots(figsize=(8, 4.5))
+    if curve:
+        axis.plot(*zip(*curve), marker="o", markersize=3, label=f"{meta['algo']} on {meta['obs_mode']} (training episodes)")
+    else:
+        axis.text(0.5, 0.5, "no training episode finished yet", ha="center", va="center", transform=axis.transAxes)
+    for policy, style in (("random", ":"), ("heuristic", "--")):
+        if policy in reference:
+            axis.axhline(reference[policy]["return_mean"], color="grey" if policy == "random" else "black",
+                         linestyle=style, label=f"{policy} policy ({reference['episodes']} episodes)")
+    if evaluation:
+        axis.errorbar([rows[-1]["env_steps_lifetime"]], [evaluation["return_mean"]], yerr=[evaluation["return_std"]],
+                      fmt="D", color="tab:red", capsize=4, label=f"greedy evaluation ({evaluation['episodes']} episodes)")
+    axis.set(title="Learning curve", xlabel="environment steps", ylabel="episode return (mean)")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out / "learning_curve.png", dpi=110)
+    plt.close(figure)
+
+    summary = meta.get("summary") or {}
+    lines = ["## Agent", "", f"{meta['algo'].upper()} on `{meta['obs_mode']}` observations: {rows[-1]['iteration']} "
+             f"iterations, {rows[-1]['env_steps_lifetime']:.0f} env steps"
+             + (f", {summary['seconds']:.0f} s" if summary.get("seconds") else "") + ".", "",
+             "| policy | return (mean ± std) |", "|---|---|"]
+    metrics: dict = {"agent": {"algo": meta["algo"], "obs_mode": meta["obs_mode"], "iterations": rows[-1]["iteration"],
+                               "env_steps": rows[-1]["env_steps_lifetime"],
+                               "train_return_last": curve[-1][1] if curve else None}}
+    if evaluation:
+        lines.append(f"| trained agent, greedy | {evaluation['return_mean']:.2f} ± {evaluation['return_std']:.2f} |")
+        metrics["agent"]["eval_return_mean"] = evaluation["return_mean"]
+        metrics["agent"]["eval_return_std"] = evaluation["return_std"]
+    for policy in ("random", "heuristic"):
+        if policy in reference:
+            lines.append(f"| {policy} | {reference[policy]['return_mean']:.2f} ± {reference[policy]['return_std']:.2f} |")
+            metrics["agent"][f"{policy}_return_mean"] = reference[policy]["return_mean"]
+    if reference.get("max_steps"):
+        lines.append(f"\nEvaluation episodes are capped at {reference['max_steps']} env steps.")
+    lines += ["", "![learning curve](learning_curve.png)"]
+    return lines, metrics
 
 
 def _service_section(run_dir: Path, out: Path) -> tuple[list[str], dict]:
-    return ["## Encoder service", "", "No service measurements yet (`envenc train` through Serve)."], {}
+    rows = [r for r in _progress(run_dir) if r.get("encoder_call_ms") is not None]
+    if not rows:
+        return ["## Encoder service", "", "No encoder calls measured (pixels-only agent, or no agent yet)."], {}
+    x = [r["iteration"] for r in rows]
+    figure, (speed_axis, latency_axis) = plt.subplots(1, 2, figsize=(12, 4))
+    speed_axis.plot(x, [r["env_steps_per_s"] for r in rows], marker="o", markersize=3)
+    speed_axis.set(title="Training throughput (learner included)", xlabel="iteration", ylabel="env steps / s")
+    latency_axis.plot(x, [r["encoder_call_ms"] for r in rows], marker="o", markersize=3, label="ms per call")
+    latency_axis.set(title="Encoder calls seen by the EnvRunners", xlabel="iteration", ylabel="latency per call (ms)")
+    frames_axis = latency_axis.twinx()
+    frames_axis.plot(x, [r["encoder_frames_per_call"] for r in rows], color="tab:orange", linestyle="--",
+                     label="frames per call")
+    frames_axis.set(ylabel="frames per call")
+    handles = latency_axis.get_legend_handles_labels()[0] + frames_axis.get_legend_handles_labels()[0]
+    latency_axis.legend(handles, [h.get_label() for h in handles], fontsize=8)
+    for axis in (speed_axis, latency_axis):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.set_ylim(bottom=0)
+    frames_axis.set_ylim(bottom=0)
+    figure.tight_layout()
+    figure.savefig(out / "service.png", dpi=110)
+    plt.close(figure)
+
+    def mean(key: str) -> float:
+        return sum(r[key] for r in rows) / len(rows)
+
+    metrics = {"service": {"encoder_call_ms": mean("encoder_call_ms"),
+                           "encoder_frames_per_call": mean("encoder_frames_per_call"),
+                           "frames_per_s_per_runner": 1000 * mean("encoder_frames_per_call") / mean("encoder_call_ms"),
+                           "env_steps_per_s": mean("env_steps_per_s")}}
+    service = metrics["service"]
+    lines = ["## Encoder service", "",
+             f"Seen by the EnvRunners over {len(rows)} iterations: {service['encoder_call_ms']:.1f} ms per encode call "
+             f"of {service['encoder_frames_per_call']:.1f} frames ({service['frames_per_s_per_runner']:.0f} frames/s "
+             f"per runner); training ran at {service['env_steps_per_s']:.0f} env steps/s, learner included.",
+             "", "![encoder service](service.png)"]
+    return lines, metrics

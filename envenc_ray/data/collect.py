@@ -39,6 +39,10 @@ class CollectSummary:
     seconds: float
 
     @property
+    def skipped(self) -> bool:
+        return self.episodes_played == 0
+
+    @property
     def compression(self) -> float:
         return self.raw_bytes / max(self.bytes_on_disk, 1)
 

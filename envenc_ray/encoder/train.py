@@ -42,6 +42,7 @@ from envenc_ray.encoder.metrics import (
     ridge_probe_r2,
 )
 from envenc_ray.errors import ConfigError, DataError
+from envenc_ray.files import read_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def train_encoder(config: EnvEncConfig) -> dict:
     hidden_dir, encoder_dir = config.run_dir / "hidden", config.run_dir / "encoder"
     shards, hidden_size, fingerprint = check_shards(hidden_dir)
     config_hash = output_hash(config)
-    existing = _read_json(encoder_dir / "config.json")
+    existing = read_json(encoder_dir / "config.json")
     if existing and existing.get("config_hash") == config_hash and existing.get("input_fingerprint") == fingerprint \
             and (encoder_dir / "model.safetensors").exists() and (encoder_dir / "metrics.json").exists():
         metrics = json.loads((encoder_dir / "metrics.json").read_text())
@@ -160,7 +161,7 @@ def train_encoder(config: EnvEncConfig) -> dict:
     }
     export_encoder(best_checkpoint, encoder_dir, config, data.hidden_size, config_hash, fingerprint, metrics)
     timings["export_s"] = time.perf_counter() - started
-    _write_json_atomic(encoder_dir / "metrics.json", json_safe(metrics))  # now with the export time
+    write_json_atomic(encoder_dir / "metrics.json", json_safe(metrics))  # now with the export time
 
     best = _best(metrics)
     # Wall time per epoch includes waiting for Ray Train to take the report: its controller takes one
@@ -562,19 +563,6 @@ def _summary(metrics: dict) -> dict:
         "best": _best(metrics),
         "timings": metrics["timings"],
     }
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
 
 
 __all__ = ["train_encoder", "check_shards", "read_hidden", "split_by_episode", "output_hash", "resume_key",

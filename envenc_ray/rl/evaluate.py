@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from envenc_ray.config import EnvEncConfig
+from envenc_ray.files import write_json_atomic
 from envenc_ray.errors import DataError, InputError
 
 logger = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ def evaluate(config: EnvEncConfig, checkpoint: str | Path | None = None, episode
         write_gif(gif_frames, Path(gif))
     out = config.run_dir / "agent" / "eval.json"
     if out.parent.is_dir():
-        _write_json(out, result)
+        write_json_atomic(out, result)
     print(f"evaluate: {episodes} episodes, return {result['return_mean']:.2f} +- {result['return_std']:.2f}")
     return result
 
@@ -207,7 +208,44 @@ def space_shapes(space):
     return list(space.shape)
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+
+
+def reference_returns(config: EnvEncConfig, episodes: int | None = None) -> dict:
+    """Returns of the random and the RAM-heuristic policy on the agent's env settings: a learning curve's
+    floor and a simple bar. Same episode count, seed and step cap as `evaluate`; written to reference.json."""
+    from envenc_ray.envs.annotate import get_annotator
+    from envenc_ray.envs.atari import game_name, make_env_from_config
+    from envenc_ray.errors import UnsupportedGameError
+
+    episodes = episodes or config.rl.eval_episodes
+    max_steps = config.rl.eval_max_steps
+    result = {"episodes": episodes, "max_steps": max_steps}
+    for policy in ("random", "heuristic"):
+        env = make_env_from_config(config.env)
+        try:
+            annotator = get_annotator(game_name(config.env.game), env.unwrapped.get_action_meanings())
+        except UnsupportedGameError:
+            if policy == "heuristic":
+                env.close()
+                continue  # no heuristic for this game: the report shows the random line only
+        rng = np.random.default_rng(config.experiment.seed)
+        returns = []
+        for episode in range(episodes):
+            env.reset(seed=config.experiment.seed + episode)
+            annotator.reset()
+            total, steps, done = 0.0, 0, False
+            while not done and (max_steps is None or steps < max_steps):
+                if policy == "random":
+                    action = int(rng.integers(env.action_space.n))
+                else:
+                    action = annotator.annotate(env.unwrapped.ale.getRAM()).heuristic_action
+                _, reward, terminated, truncated, _ = env.step(action)
+                total, steps, done = total + float(reward), steps + 1, terminated or truncated
+            returns.append(total)
+        env.close()
+        result[policy] = {"return_mean": float(np.mean(returns)), "return_std": float(np.std(returns)),
+                          "returns": returns}
+    out = config.run_dir / "agent" / "reference.json"
+    if out.parent.is_dir():
+        write_json_atomic(out, result)
+    return result

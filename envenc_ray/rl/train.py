@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from envenc_ray.config import EnvEncConfig
+from envenc_ray.files import write_json_atomic
 from envenc_ray.errors import DataError
 from envenc_ray.rl.connector import new_error_key, raise_runner_error
 
@@ -61,7 +62,7 @@ def train(config: EnvEncConfig) -> dict:
         for stale in agent_dir.glob(".checkpoint_*.tmp-*"):  # left by a process killed mid-save
             shutil.rmtree(stale, ignore_errors=True)
         meta = {"agent_hash": agent_hash, "algo": rl.algo, "obs_mode": rl.obs_mode, "summary": None}
-        _write_json(agent_dir / META_FILE, meta)  # before the first checkpoint, so a resume can check it
+        write_json_atomic(agent_dir / META_FILE, meta)  # before the first checkpoint, so a resume can check it
         if latest is not None:
             algo.restore_from_path(str(latest[1].resolve()))
             print(f"train: resumed from {latest[1]} (iteration {algo.iteration})")
@@ -93,7 +94,7 @@ def train(config: EnvEncConfig) -> dict:
                                          if r["episode_return_mean"] is not None), None),
             "skipped": False,
         }
-        _write_json(agent_dir / META_FILE, meta | {"summary": summary})
+        write_json_atomic(agent_dir / META_FILE, meta | {"summary": summary})
         return summary
     finally:
         algo.stop()
@@ -280,7 +281,3 @@ def _read_meta(agent_dir: Path) -> dict | None:
         raise DataError(f"{path} is not valid JSON; delete {agent_dir} to train from scratch") from None
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
