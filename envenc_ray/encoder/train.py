@@ -170,8 +170,9 @@ def train_encoder(config: EnvEncConfig) -> dict:
     if len(this_call) > 1:
         print(f"train-encoder: epochs took {np.median(np.diff([e['started_at'] for e in this_call])):.2f} s wall, "
               f"{np.median([e['epoch_seconds'] for e in this_call]):.2f} s compute (medians)")
+    resumed = f"(resumed after epoch {metrics['resumed_from_epoch']})" if metrics["resumed_from_epoch"] else "(fresh)"
     print(f"train-encoder: {config.encoder.kind} encoder -> {encoder_dir}: {len(state['history'])} epochs "
-          f"(resumed after epoch {metrics['resumed_from_epoch']}), best epoch {metrics['best_epoch']} "
+          f"{resumed}, best epoch {metrics['best_epoch']} "
           f"val mse {best['val_mse']:.4f}, explained variance {best['val_explained_variance']:.3f}; "
           f"read {timings['read_s']:.1f} s, train {timings['train_s']:.1f} s, export {timings['export_s']:.1f} s")
     return {"skipped": False, "encoder_dir": str(encoder_dir), **_summary(json_safe(metrics))}

@@ -1,0 +1,62 @@
+"""`envenc run` end to end at tiny sizes (real Ray, Serve, Ray Train, RLlib, ALE), and its preflight."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from envenc_ray.config import load_config
+from envenc_ray.errors import ConfigError, DataError, ModelError
+from envenc_ray.pipeline import preflight, run
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+STAGES = ["collect", "embed", "train-encoder", "serve", "train", "evaluate", "report"]
+
+
+def tiny_config(run_root: Path, *overrides: str):
+    return load_config([CONFIGS / "pong-tiny.yaml", CONFIGS / "debug.yaml"],
+                       [f"experiment.run_root={run_root}", *overrides])
+
+
+@pytest.mark.slow
+def test_reduced_pipeline_end_to_end_then_everything_skips(ray_session, tmp_path):
+    from ray import serve
+
+    config = tiny_config(tmp_path)
+    try:
+        manifest = run(config)
+        assert list(manifest["stages"]) == STAGES
+        assert not any(stage["skipped"] for stage in manifest["stages"].values())
+        report_dir = config.run_dir / "report"
+        for name in ("report.md", "metrics.json", "encoder.png", "learning_curve.png", "service.png"):
+            assert (report_dir / name).is_file(), name
+        metrics = json.loads((report_dir / "metrics.json").read_text())
+        assert metrics["frames"] == 2 * 48  # debug preset: 2 episodes x 48 steps
+        assert metrics["agent"]["iterations"] == 1 and "random_return_mean" in metrics["agent"]
+        assert metrics["service"]["encoder_frames_per_call"] == pytest.approx(2.0)  # 2 sub-envs, one call each step
+        report = (report_dir / "report.md").read_text()
+        assert "## Encoder" in report and "![learning curve](learning_curve.png)" in report
+        recorded = json.loads((config.run_dir / "manifest.json").read_text())
+        assert recorded["versions"]["ray"] and recorded["config_hash"] == manifest["config_hash"]
+
+        again = run(config)
+        assert all(stage["skipped"] for stage in again["stages"].values()), again["stages"]
+    finally:
+        serve.shutdown()
+
+
+def test_preflight_rejects_bad_setups_before_work(tmp_path):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    with pytest.raises(ConfigError, match="not writable"):
+        preflight(tiny_config(not_a_folder))
+    with pytest.raises(ModelError, match="not a directory"):
+        preflight(tiny_config(tmp_path, f"vlm.model={tmp_path / 'no-such-model'}"))
+    preflight(tiny_config(tmp_path, "vlm.model=llava-hf/llava-1.5-7b-hf"))  # a hub name is not checked offline
+
+    config = tiny_config(tmp_path)
+    frames_dir = config.run_dir / "frames"
+    frames_dir.mkdir(parents=True)
+    (frames_dir / "_collect.json").write_text(json.dumps({"config_hash": "0123456789abcdef"}))
+    with pytest.raises(DataError, match=r"frames was written by another config"):
+        preflight(config)
