@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -44,3 +45,17 @@ def tiny_vlm_dir(tmp_path_factory):
     from envenc_ray.vlm.tiny import build_tiny_vlm
 
     return build_tiny_vlm(tmp_path_factory.mktemp("tiny-vlm") / "vlm", seed=0, measure=False, report=False)
+
+
+@pytest.fixture
+def debug_config(tmp_path):
+    """Factory of configs: the embedded default + the debug preset, run root in tmp_path, plus overrides."""
+    from envenc_ray.config import load_config
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+
+    def make(*overrides: str, run_root: Path | None = None):
+        return load_config([configs / "pong-tiny.yaml", configs / "debug.yaml"],
+                           [f"experiment.run_root={run_root or tmp_path}", *overrides])
+
+    return make

@@ -1,30 +1,18 @@
 """`envenc collect` on real ALE through Ray tasks: content, determinism, resume, config mismatch."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from envenc_ray.config import load_config
 from envenc_ray.data.collect import collect, read_frame_shape
 from envenc_ray.data.schema import frames_to_array, read_table
 from envenc_ray.errors import DataError, UnsupportedGameError
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-def tiny_config(run_root: Path, *overrides: str):
-    return load_config(
-        [CONFIGS / "pong-tiny.yaml", CONFIGS / "debug.yaml"],
-        [f"experiment.run_root={run_root}", "collect.max_steps_per_episode=40", *overrides],
-    )
-
-
 @pytest.mark.slow
-def test_collect_writes_annotated_frames_and_resumes(ray_session, tmp_path):
-    config = tiny_config(tmp_path)
+def test_collect_writes_annotated_frames_and_resumes(ray_session, tmp_path, debug_config):
+    config = debug_config("collect.max_steps_per_episode=40")
     summary = collect(config)
     frames_dir = config.run_dir / "frames"
     assert summary.episodes == 2 and summary.episodes_played == 2 and summary.frames == 80
@@ -52,23 +40,24 @@ def test_collect_writes_annotated_frames_and_resumes(ray_session, tmp_path):
 
 
 @pytest.mark.slow
-def test_collect_is_deterministic_per_seed(ray_session, tmp_path):
+def test_collect_is_deterministic_per_seed(ray_session, tmp_path, debug_config):
     tables = []
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
-        config = tiny_config(tmp_path, f"experiment.name={name}", f"experiment.seed={seed}", "collect.episodes=1")
+        config = debug_config("collect.max_steps_per_episode=40", f"experiment.name={name}",
+                              f"experiment.seed={seed}", "collect.episodes=1")
         collect(config)
         tables.append(pq.read_table(config.run_dir / "frames" / "episode-00000.parquet"))
     assert tables[0].equals(tables[1])
     assert tables[0]["action"].to_pylist() != tables[2]["action"].to_pylist()
 
 
-def test_collect_refuses_to_mix_configs(ray_session, tmp_path):
-    collect(tiny_config(tmp_path, "collect.episodes=1", "collect.max_steps_per_episode=5"))
+def test_collect_refuses_to_mix_configs(ray_session, tmp_path, debug_config):
+    collect(debug_config("collect.episodes=1", "collect.max_steps_per_episode=5"))
     with pytest.raises(DataError, match="another env/collect config"):
-        collect(tiny_config(tmp_path, "collect.episodes=1", "collect.max_steps_per_episode=6"))
+        collect(debug_config("collect.episodes=1", "collect.max_steps_per_episode=6"))
 
 
-def test_heuristic_policy_needs_an_annotated_game(ray_session, tmp_path):
-    config = tiny_config(tmp_path, "env.game=space_invaders", "collect.episodes=1", "collect.policy=heuristic")
+def test_heuristic_policy_needs_an_annotated_game(ray_session, tmp_path, debug_config):
+    config = debug_config("env.game=space_invaders", "collect.episodes=1", "collect.policy=heuristic")
     with pytest.raises(UnsupportedGameError, match="space_invaders"):
         collect(config)

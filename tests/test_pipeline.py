@@ -1,28 +1,20 @@
 """`envenc run` end to end at tiny sizes (real Ray, Serve, Ray Train, RLlib, ALE), and its preflight."""
 
 import json
-from pathlib import Path
 
 import pytest
 
-from envenc_ray.config import load_config
 from envenc_ray.errors import ConfigError, DataError, ModelError
 from envenc_ray.pipeline import preflight, run
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 STAGES = ["collect", "embed", "train-encoder", "serve", "train", "evaluate", "report"]
 
 
-def tiny_config(run_root: Path, *overrides: str):
-    return load_config([CONFIGS / "pong-tiny.yaml", CONFIGS / "debug.yaml"],
-                       [f"experiment.run_root={run_root}", *overrides])
-
-
 @pytest.mark.slow
-def test_reduced_pipeline_end_to_end_then_everything_skips(ray_session, tmp_path):
+def test_reduced_pipeline_end_to_end_then_everything_skips(ray_session, tmp_path, debug_config):
     from ray import serve
 
-    config = tiny_config(tmp_path)
+    config = debug_config()
     try:
         manifest = run(config)
         assert list(manifest["stages"]) == STAGES
@@ -45,16 +37,16 @@ def test_reduced_pipeline_end_to_end_then_everything_skips(ray_session, tmp_path
         serve.shutdown()
 
 
-def test_preflight_rejects_bad_setups_before_work(tmp_path):
+def test_preflight_rejects_bad_setups_before_work(tmp_path, debug_config):
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("")
     with pytest.raises(ConfigError, match="not writable"):
-        preflight(tiny_config(not_a_folder))
+        preflight(debug_config(run_root=not_a_folder))
     with pytest.raises(ModelError, match="not a directory"):
-        preflight(tiny_config(tmp_path, f"vlm.model={tmp_path / 'no-such-model'}"))
-    preflight(tiny_config(tmp_path, "vlm.model=llava-hf/llava-1.5-7b-hf"))  # a hub name is not checked offline
+        preflight(debug_config(f"vlm.model={tmp_path / 'no-such-model'}"))
+    preflight(debug_config("vlm.model=llava-hf/llava-1.5-7b-hf"))  # a hub name is not checked offline
 
-    config = tiny_config(tmp_path)
+    config = debug_config()
     frames_dir = config.run_dir / "frames"
     frames_dir.mkdir(parents=True)
     (frames_dir / "_collect.json").write_text(json.dumps({"config_hash": "0123456789abcdef"}))

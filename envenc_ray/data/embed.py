@@ -12,7 +12,6 @@ import logging
 import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.dataset as pads
