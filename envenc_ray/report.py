@@ -191,7 +191,7 @@ def _service_section(run_dir: Path, out: Path) -> tuple[list[str], dict]:
                      label="frames per call")
     frames_axis.set(ylabel="frames per call")
     handles = latency_axis.get_legend_handles_labels()[0] + frames_axis.get_legend_handles_labels()[0]
-    latency_axis.legend(handles, [h.get_label() for h in handles], fontsize=8)
+    latency_axis.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="lower right")
     for axis in (speed_axis, latency_axis):
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_ylim(bottom=0)
