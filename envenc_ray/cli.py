@@ -15,9 +15,7 @@ from envenc_ray.errors import EnvEncError, NotImplementedStageError
 # Stages that exist in the design but not yet in code: name -> what will provide them.
 PLANNED = {
     "advise": "advice finetuning of the VLM (stage 2)",
-    "tune": "Ray Tune sweeps (issue #5)",
     "reward-model": "the preference-trained reward model (stage 2)",
-    "bench rollout": "the rollout benchmark (issue #5)",
 }
 
 STAGE_HELP = {
@@ -70,6 +68,11 @@ def _build_parser() -> argparse.ArgumentParser:
     commands.choices["serve"].add_argument(
         "--http", action="store_true", help="also serve POST /encode (.npy in, .npy out) on serve.http_host:http_port"
     )
+    commands.choices["tune"].add_argument(
+        "--sweep", required=True, metavar="SWEEP.yaml",
+        help="sweep file: metric, mode, num_samples, scheduler and params (dotted keys -> grid/choice/uniform/...); "
+        "see configs/sweeps/ppo-lr.yaml",
+    )
     evaluate = commands.choices["evaluate"]
     evaluate.add_argument("--checkpoint", help="checkpoint folder (default: the newest in <run>/agent/)")
     evaluate.add_argument("--episodes", type=int, help="greedy episodes to play (default rl.eval_episodes)")
@@ -85,7 +88,8 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", metavar="OUT", help="write the results to this JSON file (plot next to it)")
     bench.add_argument("--callers", type=int, default=2, help="encoder: concurrent Serve callers C (default 2)")
     bench.add_argument("--frames-per-call", type=int, default=16, help="encoder: frames per call N (default 16)")
-    bench.add_argument("--seconds", type=float, default=4.0, help="measuring time of each timed phase (default 4)")
+    bench.add_argument("--seconds", type=float, default=4.0, help="encoder: measuring time of each phase (default 4)")
+    bench.add_argument("--iterations", type=int, default=3, help="rollout: measured rounds per mode (default 3)")
     _add_config_arguments(bench)
     bench.set_defaults(handler=_bench)
 
@@ -165,6 +169,7 @@ ENTRY_POINTS = {
     "evaluate": "envenc_ray.rl.evaluate:evaluate",
     "report": "envenc_ray.report:report",
     "run": "envenc_ray.pipeline:run",
+    "tune": "envenc_ray.rl.tune:tune",
 }
 
 
@@ -180,6 +185,7 @@ def _stage_handler(name: str):
         options = {
             "serve": lambda: {"http": args.http},
             "evaluate": lambda: {"checkpoint": args.checkpoint, "episodes": args.episodes, "gif": args.gif},
+            "tune": lambda: {"sweep_path": args.sweep},
         }.get(name, dict)()
         entry(_load(args), **options)
 
@@ -187,18 +193,16 @@ def _stage_handler(name: str):
 
 
 def _bench(args: argparse.Namespace) -> None:
+    command = "envenc " + " ".join(sys.argv[1:])
     if args.target == "rollout":
-        _planned("bench rollout")(args)
+        from envenc_ray.rl.bench import bench_rollout
+
+        bench_rollout(_load(args), args.json, iterations=args.iterations, command=command)
+        return
     from envenc_ray.serve.bench import bench_encoder
 
-    bench_encoder(
-        _load(args),
-        args.json,
-        callers=args.callers,
-        frames_per_call=args.frames_per_call,
-        seconds=args.seconds,
-        command="envenc " + " ".join(sys.argv[1:]),
-    )
+    bench_encoder(_load(args), args.json, callers=args.callers, frames_per_call=args.frames_per_call,
+                  seconds=args.seconds, command=command)
 
 
 def _planned(name: str):

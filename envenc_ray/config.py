@@ -275,7 +275,7 @@ def load_config(paths: list[str | Path] = (), overrides: list[str] = ()) -> EnvE
     try:
         return EnvEncConfig.model_validate(merged)
     except ValidationError as error:
-        raise ConfigError(_explain(error, sources)) from None
+        raise ConfigError(explain_validation_error(error, sources)) from None
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -329,7 +329,8 @@ def _record(value: Any, dotted: str, sources: dict[str, str], origin: str) -> No
             _record(inner, f"{dotted}.{key}", sources, origin)
 
 
-def _explain(error: ValidationError, sources: dict[str, str]) -> str:
+def explain_validation_error(error: ValidationError, sources: dict[str, str]) -> str:
+    """One message for all of a validation's errors, each naming the dotted key and where it came from."""
     lines = []
     for item in error.errors():
         dotted = ".".join(str(part) for part in item["loc"])

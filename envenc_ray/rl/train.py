@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d{6})$")
 META_FILE = "train.json"
+# Learner losses copied into each metrics row when the algorithm reports them (PPO's, then DreamerV3's).
+LEARNER_METRICS = ("total_loss", "policy_loss", "vf_loss", "entropy",
+                   "WORLD_MODEL_L_total", "ACTOR_L_total", "CRITIC_L_total")
 
 
 def train(config: EnvEncConfig) -> dict:
@@ -175,8 +178,7 @@ def metrics_row(result: dict) -> dict:
         "encoder_frames_per_call": frames / calls if calls else None,
         "encoder_call_ms": encode_ms / calls if calls else None,
     }
-    for key in ("total_loss", "policy_loss", "vf_loss", "entropy",
-                "WORLD_MODEL_L_total", "ACTOR_L_total", "CRITIC_L_total"):
+    for key in LEARNER_METRICS:
         if key in learner:
             row[key] = _number(learner[key])
     return row

@@ -42,18 +42,14 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
 from ray import tune as ray_tune
 
-from envenc_ray.config import EnvEncConfig, _explain  # _explain: the same key/value messages as load_config
+from envenc_ray.config import EnvEncConfig, explain_validation_error
 from envenc_ray.errors import ConfigError, EnvEncError
 
 logger = logging.getLogger(__name__)
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
-# metrics_row keys that every iteration reports, plus the learner losses it copies when present
-LEARNER_METRICS = ("total_loss", "policy_loss", "vf_loss", "entropy",
-                   "WORLD_MODEL_L_total", "ACTOR_L_total", "CRITIC_L_total")
 MAX_CHECKED_COMBINATIONS = 256  # beyond this, each key's candidate values are checked one at a time
 RESULTS_DIR = "tune"
 
@@ -86,7 +82,7 @@ class SweepSpec(BaseModel):
     @field_validator("metric")
     @classmethod
     def _known_metric(cls, metric: str) -> str:
-        from envenc_ray.rl.train import metrics_row
+        from envenc_ray.rl.train import LEARNER_METRICS, metrics_row
 
         known = [*metrics_row({"training_iteration": 0}), *LEARNER_METRICS]
         if metric not in known:
@@ -214,7 +210,7 @@ def trial_config(base: dict, overrides: dict[str, Any], origin: str) -> EnvEncCo
     try:
         return EnvEncConfig.model_validate(merged)
     except ValidationError as error:
-        raise ConfigError(_explain(error, {key: origin for key in overrides})) from None
+        raise ConfigError(explain_validation_error(error, {key: origin for key in overrides})) from None
 
 
 def candidate_configs(config: EnvEncConfig, params: list[Param], path: Path) -> list[EnvEncConfig]:
@@ -391,8 +387,6 @@ def tune(config: EnvEncConfig, sweep_path: str) -> dict:
             shutdown(base.rl.serve_app)
 
     rows = [trial_row(result, params, spec, config.rl.iterations) for result in grid]
-    if rows and all(row["status"] == "ERROR" for row in rows):
-        raise_trial_error(grid)
     best = best_row(rows, spec.mode)
     summary = {
         "sweep": str(path),
@@ -416,6 +410,8 @@ def tune(config: EnvEncConfig, sweep_path: str) -> dict:
                            "config": str(best_path)}
     write_results(summary, out_dir)
     print_table(summary)
+    if rows and all(row["status"] == "ERROR" for row in rows):
+        raise_trial_error(grid)
     return summary
 
 
@@ -510,7 +506,7 @@ class ProgressLines(ray_tune.Callback):
               f"{_fmt(result.get(self.metric))}, {_fmt(result.get('env_steps_per_s'))} env steps/s", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        print(f"tune: {trial.trial_id} failed; see {trial.local_path}", flush=True)
+        print(f"tune: {trial.trial_id} failed; see {trial.path}", flush=True)
 
 
 # ----------------------------------------------------------------------------- results
