@@ -293,14 +293,15 @@ def test_dreamerv3_on_latents_trains_and_evaluates(ray_session, environment_enco
 
 
 @pytest.mark.slow
-def test_ppo_latents_through_serve(ray_session, environment_encoder, tmp_path, tiny_vlm_dir):
-    client_module = pytest.importorskip("envenc_ray.serve.client")
+@pytest.mark.parametrize("obs_mode", ["latent", "latent+pixels"])
+def test_ppo_through_serve(ray_session, environment_encoder, tmp_path, tiny_vlm_dir, obs_mode):
     from envenc_ray.rl.train import build_algorithm, metrics_row
+    from envenc_ray.serve.client import deploy_encoder, shutdown
 
     _, encoder_dir = environment_encoder
-    config = make_config(tmp_path, tiny_vlm_dir, encoder_dir, obs_mode="latent", num_env_runners=1,
+    config = make_config(tmp_path, tiny_vlm_dir, encoder_dir, obs_mode=obs_mode, num_env_runners=1,
                          encoder_source="serve", serve_app="envenc-rl-test", **PPO_TINY)
-    client_module.deploy_encoder(config, app_name="envenc-rl-test", encoder_dir=str(encoder_dir))
+    deploy_encoder(config, app_name="envenc-rl-test", encoder_dir=str(encoder_dir))
     try:
         algo = build_algorithm(config)
         try:
@@ -308,7 +309,7 @@ def test_ppo_latents_through_serve(ray_session, environment_encoder, tmp_path, t
         finally:
             algo.stop()
     finally:
-        client_module.shutdown("envenc-rl-test")
+        shutdown("envenc-rl-test")
     assert row["encoder_calls"] == row["env_steps"] / NUM_ENVS + 1 and row["encoder_frames_per_call"] == NUM_ENVS
 
 
