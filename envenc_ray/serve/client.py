@@ -64,7 +64,8 @@ class EncoderClient:
             handle = ray_serve.get_app_handle(app_name)
         except RayServeException as error:
             raise EncoderServiceError(f"cannot reach the Serve app {app_name!r}: {error}; start it with "
-                                      "`envenc serve CONFIG` or deploy_encoder(config)") from None
+                                      "`envenc serve CONFIG` and run this with RAY_ADDRESS=auto (same Ray "
+                                      "cluster), or set rl.encoder_source=in_process") from None
         return cls.from_handle(handle, app_name=app_name, **options)
 
     @classmethod

@@ -630,7 +630,9 @@ def serve(config: EnvEncConfig, http: bool = False) -> None:
     s = config.serve
     print(f"serve: app {APP_NAME!r} is running ({s.min_replicas}..{s.max_replicas} replicas of "
           f"{s.num_cpus} CPU / {s.num_gpus} GPU, up to {s.max_batch_calls} calls per batch)")
-    print("serve: from another Python process on this Ray cluster:\n"
+    print("serve: agents in other processes join this Ray cluster with RAY_ADDRESS=auto, e.g.\n"
+          "    RAY_ADDRESS=auto envenc train CONFIG --set rl.encoder_source=serve\n"
+          "serve: from Python:\n"
           "    import ray; ray.init(address='auto')\n"
           "    from envenc_ray.serve.client import EncoderClient\n"
           f"    client = EncoderClient.connect(app_name={APP_NAME!r})\n"
