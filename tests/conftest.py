@@ -25,18 +25,10 @@ def ray_session():
 @pytest.fixture(scope="session")
 def pong_frames() -> np.ndarray:
     """64 consecutive real Pong frames (uint8, 64x210x160x3) from a seeded random rollout."""
-    from envenc_ray.envs.atari import make_env
+    from envenc_ray.config import EnvConfig
+    from envenc_ray.envs.atari import random_rollout_frames
 
-    env = make_env("pong", seed=0, repeat_action_probability=0.0)
-    frames = []
-    obs, _ = env.reset(seed=0)
-    for _ in range(64):
-        frames.append(obs)
-        obs, _, terminated, truncated, _ = env.step(env.action_space.sample())
-        if terminated or truncated:
-            obs, _ = env.reset()
-    env.close()
-    return np.stack(frames)
+    return random_rollout_frames(EnvConfig(game="pong", repeat_action_probability=0.0), seed=0, count=64)
 
 
 @pytest.fixture(scope="session")
@@ -59,3 +51,14 @@ def debug_config(tmp_path):
                            [f"experiment.run_root={run_root or tmp_path}", *overrides])
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules that check values, not speed: one intra-op thread keeps them quick on a shared 2-core box."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

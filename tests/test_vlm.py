@@ -22,13 +22,7 @@ PONG_BALL = (236, 236, 236)
 PONG_BACKGROUND = (144, 72, 17)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """These tests check values, not speed: one intra-op thread keeps them quick on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

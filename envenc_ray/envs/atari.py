@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gymnasium as gym
+import numpy as np
 
 from envenc_ray.config import EnvConfig
 from envenc_ray.errors import UnsupportedGameError
@@ -73,3 +74,18 @@ def make_env_from_config(config: EnvConfig, seed: int | None = None, render_mode
         max_episode_steps=config.max_episode_steps,
         render_mode=render_mode,
     )
+
+
+def random_rollout_frames(config: EnvConfig, seed: int, count: int) -> np.ndarray:
+    """`count` consecutive RGB frames (count, 210, 160, 3) uint8 of a seeded random policy, resets included:
+    real frames for tests and benchmarks without a recorded data set."""
+    env = make_env_from_config(config, seed=seed)
+    observation, _ = env.reset(seed=seed)
+    frames = []
+    for _ in range(count):
+        frames.append(observation)
+        observation, _, terminated, truncated, _ = env.step(env.action_space.sample())
+        if terminated or truncated:
+            observation, _ = env.reset()
+    env.close()
+    return np.stack(frames)

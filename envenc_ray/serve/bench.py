@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from envenc_ray.config import EnvEncConfig
+from envenc_ray.envs.atari import random_rollout_frames
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def bench_encoder(config: EnvEncConfig, json_out: str | None = None, callers: in
                      "vlm": config.vlm.model_dump(mode="json"), "serve": config.serve.model_dump(mode="json")},
         "machine": machine_facts(),
     }
-    frames = rollout_frames(config, num_frames)
+    frames = random_rollout_frames(config.env, config.experiment.seed, num_frames)
     unique = len({frame.tobytes() for frame in frames})
     results["frames"] = {"count": len(frames), "unique": unique, "duplicate_rate": 1 - unique / len(frames),
                          "shape": list(frames.shape[1:]), "game": config.env.game}
@@ -112,22 +113,6 @@ def bench_encoder(config: EnvEncConfig, json_out: str | None = None, callers: in
 
 
 # ------------------------------------------------------------------------------------------ inputs
-
-
-def rollout_frames(config: EnvEncConfig, count: int) -> np.ndarray:
-    """`count` consecutive RGB frames of a seeded random-policy rollout (resets included)."""
-    from envenc_ray.envs.atari import make_env_from_config
-
-    env = make_env_from_config(config.env, seed=config.experiment.seed)
-    observation, _ = env.reset(seed=config.experiment.seed)
-    frames = []
-    for _ in range(count):
-        frames.append(observation)
-        observation, _, terminated, truncated, _ = env.step(env.action_space.sample())
-        if terminated or truncated:
-            observation, _ = env.reset()
-    env.close()
-    return np.stack(frames)
 
 
 def model_and_encoder(config: EnvEncConfig) -> tuple[str, Path, bool]:
