@@ -121,22 +121,26 @@ def test_window_longer_than_every_episode_and_duplicate_steps_are_data_errors():
 # -------------------------------------------------------------------------------------------- models
 
 
-@pytest.fixture
-def one_torch_thread():
-    """Tiny models step faster on one thread, and the machine's 2 cores are shared with Ray workers."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+@pytest.fixture(scope="module")
+def real_hidden(tiny_vlm_dir, pong_frames):
+    """The tiny VLM's pooled hidden states of 64 consecutive real Pong frames, as one episode."""
+    from envenc_ray.vlm.backbone import TruncatedVLM
+
+    hidden = TruncatedVLM.from_pretrained(tiny_vlm_dir).embed(pong_frames).numpy()
+    return np.zeros(len(hidden), np.int64), np.arange(len(hidden)), hidden
 
 
+@pytest.mark.parametrize("source", ["synthetic", "real"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_each_kind_reduces_its_reconstruction_loss(kind, one_torch_thread):
-    episode_ids, steps, hidden, _ = synthetic_episodes()
+def test_each_kind_reduces_its_reconstruction_loss(kind, source, one_torch_thread, request):
+    if source == "real":  # hidden states of real Pong frames from the built-in tiny VLM
+        episode_ids, steps, hidden = request.getfixturevalue("real_hidden")
+    else:
+        episode_ids, steps, hidden, _ = synthetic_episodes()
     config = EncoderConfig(kind=kind, latent_dim=8, hidden_dims=[32], window=3, codebook_size=16)
     windows = build_windows(episode_ids, steps, config.window if kind == "temporal" else 1)
     torch.manual_seed(0)
-    model = build_autoencoder(config, HIDDEN_SIZE)
+    model = build_autoencoder(config, hidden.shape[1])
     model.encoder_module().set_normalization(hidden.mean(0), hidden.std(0))
     x_all = window_batch(hidden, windows, kind)
     model.init_codebook(x_all[:256], generator=torch.Generator().manual_seed(0))
@@ -159,8 +163,8 @@ def test_each_kind_reduces_its_reconstruction_loss(kind, one_torch_thread):
         loss.backward()
         optimizer.step()
     after = reconstruction_mse()
-    assert after < 0.6 * before, (kind, before, after)
-    if kind == "vq":
+    assert after < 0.6 * before, (kind, source, before, after)
+    if kind == "vq" and source == "synthetic":
         used = len(torch.unique(model.encoder_module().codes(x_all)))
         assert used >= 4, f"only {used} of 16 codes in use"
         assert torch.equal(model.encode(x_all[:5]), model.encoder_module().quantizer.codebook[
