@@ -36,10 +36,12 @@ def run(config: EnvEncConfig) -> dict:
     preflight(config)
     run_dir = config.run_dir
     write_text_atomic(run_dir / CONFIG_COPY, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    previous = read_json(run_dir / MANIFEST) or {}
     manifest = {
         "experiment": config.experiment.name,
         "config_hash": config.section_hash(*EnvEncConfig.model_fields),
         "versions": {"python": platform.python_version(), **_versions()},
+        # Per stage: this run's outcome, and the wall time of the run that made the stage's output.
         "stages": {},
     }
     ensure_ray()
@@ -52,7 +54,13 @@ def run(config: EnvEncConfig) -> dict:
         started = time.perf_counter()
         result = entry()
         skipped = result.get("skipped") if isinstance(result, dict) else getattr(result, "skipped", False)
-        manifest["stages"][name] = {"skipped": bool(skipped), "seconds": round(time.perf_counter() - started, 2)}
+        seconds = round(time.perf_counter() - started, 2)
+        made_by = previous.get("stages", {}).get(name, {}) if skipped else {}
+        manifest["stages"][name] = {
+            "skipped": bool(skipped),
+            "seconds": seconds,
+            "seconds_to_make": made_by.get("seconds_to_make", None if skipped else seconds),
+        }
         write_text_atomic(run_dir / MANIFEST, json.dumps(manifest, indent=2))
     manifest["seconds"] = round(time.perf_counter() - overall_started, 2)
     write_text_atomic(run_dir / MANIFEST, json.dumps(manifest, indent=2))

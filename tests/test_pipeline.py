@@ -33,6 +33,8 @@ def test_reduced_pipeline_end_to_end_then_everything_skips(ray_session, tmp_path
 
         again = run(config)
         assert all(stage["skipped"] for stage in again["stages"].values()), again["stages"]
+        for name in STAGES:  # the time it took to make each output survives the run that skipped it
+            assert again["stages"][name]["seconds_to_make"] == manifest["stages"][name]["seconds"]
     finally:
         serve.shutdown()
 
