@@ -449,3 +449,24 @@ def register_env() -> str:
 def env_config(config) -> dict:
     """`env_config` for `env_creator`: the env section plus the EnvRunner's torch threads."""
     return config.env.model_dump(mode="json") | {"torch_threads": config.rl.torch_threads}
+
+
+def with_common_settings(algo_config, config, env_to_module, rollout_fragment_length):
+    """What every algorithm here shares: our ALE env, EnvRunners with the latent connector, learners and
+    GPUs from `config.rl`, the experiment seed, and no silent EnvRunner restarts (an encoder error, e.g.
+    a missing file or a Serve timeout after the client's retries, must reach the user)."""
+    rl = config.rl
+    return (
+        algo_config.framework("torch")
+        .environment(env=register_env(), env_config=env_config(config))
+        .env_runners(
+            num_env_runners=rl.num_env_runners,
+            num_envs_per_env_runner=rl.num_envs_per_env_runner,
+            num_cpus_per_env_runner=rl.cpus_per_env_runner,
+            rollout_fragment_length=rollout_fragment_length,
+            env_to_module_connector=env_to_module,
+        )
+        .learners(num_learners=rl.num_learners, num_gpus_per_learner=rl.num_gpus_per_learner)
+        .debugging(seed=config.experiment.seed)
+        .fault_tolerance(restart_failed_env_runners=False)
+    )

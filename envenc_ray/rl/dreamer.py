@@ -10,7 +10,7 @@ from ray.rllib.algorithms.dreamerv3 import DreamerV3Config
 
 from envenc_ray.config import EnvEncConfig
 from envenc_ray.errors import ConfigError
-from envenc_ray.rl.connector import EncoderSource, env_config, make_env_to_module, register_env
+from envenc_ray.rl.connector import EncoderSource, make_env_to_module, with_common_settings
 
 
 def build_dreamer_config(config: EnvEncConfig, source: EncoderSource | None,
@@ -22,27 +22,17 @@ def build_dreamer_config(config: EnvEncConfig, source: EncoderSource | None,
     if rl.num_learners > 1 and rl.dreamer_batch_size_B % rl.num_learners:
         raise ConfigError(f"rl.dreamer_batch_size_B ({rl.dreamer_batch_size_B}) must be a multiple of "
                           f"rl.num_learners ({rl.num_learners})")
-    return (
-        DreamerV3Config()
-        .framework("torch")
-        .environment(env=register_env(), env_config=env_config(config))
-        .env_runners(
-            num_env_runners=rl.num_env_runners,
-            num_envs_per_env_runner=rl.num_envs_per_env_runner,
-            num_cpus_per_env_runner=rl.cpus_per_env_runner,
-            # Dreamer samples a little, trains a lot (training_ratio); 1 step per sub-env is its default.
-            rollout_fragment_length=rl.rollout_fragment_length or 1,
-            env_to_module_connector=make_env_to_module("latent", source, error_key=error_key),
-        )
-        .learners(num_learners=rl.num_learners, num_gpus_per_learner=rl.num_gpus_per_learner)
-        .training(
-            model_size=rl.dreamer_model_size,
-            training_ratio=rl.dreamer_training_ratio,
-            batch_size_B=rl.dreamer_batch_size_B,
-            batch_length_T=rl.dreamer_batch_length_T,
-            horizon_H=rl.dreamer_horizon_H,
-            gamma=rl.gamma,
-        )
-        .debugging(seed=config.experiment.seed)
-        .fault_tolerance(restart_failed_env_runners=False)
+    return with_common_settings(
+        DreamerV3Config(),
+        config,
+        make_env_to_module("latent", source, error_key=error_key),
+        # Dreamer samples a little, trains a lot (training_ratio); 1 step per sub-env is its default.
+        rollout_fragment_length=rl.rollout_fragment_length or 1,
+    ).training(
+        model_size=rl.dreamer_model_size,
+        training_ratio=rl.dreamer_training_ratio,
+        batch_size_B=rl.dreamer_batch_size_B,
+        batch_length_T=rl.dreamer_batch_length_T,
+        horizon_H=rl.dreamer_horizon_H,
+        gamma=rl.gamma,
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ray.rllib.algorithms.ppo import PPOConfig
 
 from envenc_ray.config import EnvEncConfig
-from envenc_ray.rl.connector import EncoderSource, env_config, make_env_to_module, register_env
+from envenc_ray.rl.connector import EncoderSource, make_env_to_module, with_common_settings
 from envenc_ray.rl.modules import ppo_module_spec
 
 
@@ -17,19 +17,9 @@ def build_ppo_config(config: EnvEncConfig, source: EncoderSource | None,
     """
     rl = config.rl
     learners = max(1, rl.num_learners)
+    connector = make_env_to_module(rl.obs_mode, source, rl.frame_stack, rl.pixel_size, error_key)
     return (
-        PPOConfig()
-        .framework("torch")
-        .environment(env=register_env(), env_config=env_config(config))
-        .env_runners(
-            num_env_runners=rl.num_env_runners,
-            num_envs_per_env_runner=rl.num_envs_per_env_runner,
-            num_cpus_per_env_runner=rl.cpus_per_env_runner,
-            rollout_fragment_length=rl.rollout_fragment_length or "auto",
-            env_to_module_connector=make_env_to_module(rl.obs_mode, source, rl.frame_stack, rl.pixel_size,
-                                                       error_key),
-        )
-        .learners(num_learners=rl.num_learners, num_gpus_per_learner=rl.num_gpus_per_learner)
+        with_common_settings(PPOConfig(), config, connector, rl.rollout_fragment_length or "auto")
         .training(
             train_batch_size_per_learner=max(1, rl.train_batch_size // learners),
             minibatch_size=rl.minibatch_size,
@@ -40,8 +30,4 @@ def build_ppo_config(config: EnvEncConfig, source: EncoderSource | None,
             entropy_coeff=rl.entropy_coeff,
         )
         .rl_module(rl_module_spec=ppo_module_spec(rl))
-        .debugging(seed=config.experiment.seed)
-        # An encoder error (a missing file, a Serve timeout after the client's retries) must reach the user,
-        # not be papered over by restarting the EnvRunner forever.
-        .fault_tolerance(restart_failed_env_runners=False)
     )
