@@ -131,6 +131,14 @@ def grayscale_resize(frame_uint8: np.ndarray, size: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- per-episode observation state
 
 
+def check_obs_mode(obs_mode: str, encoder, what: str) -> None:
+    """A known observation mode, with the encoder (or its source) every mode but 'pixels' needs."""
+    if obs_mode not in OBS_MODES:
+        raise InputError(f"unknown observation mode {obs_mode!r}; use one of {', '.join(OBS_MODES)}")
+    if obs_mode != "pixels" and encoder is None:
+        raise ModelError(f"observation mode {obs_mode!r} needs {what}; none was given")
+
+
 class EpisodeObserver:
     """Turns the newest RGB frame of many episodes into their observations, with one encoder call for all.
 
@@ -139,10 +147,7 @@ class EpisodeObserver:
     """
 
     def __init__(self, obs_mode: str, encoder=None, frame_stack: int = 4, pixel_size: int = 84):
-        if obs_mode not in OBS_MODES:
-            raise InputError(f"unknown observation mode {obs_mode!r}; use one of {', '.join(OBS_MODES)}")
-        if obs_mode != "pixels" and encoder is None:
-            raise ModelError(f"observation mode {obs_mode!r} needs an encoder; none was given")
+        check_obs_mode(obs_mode, encoder, "an encoder")
         self.obs_mode, self.encoder = obs_mode, encoder
         self.frame_stack, self.pixel_size = frame_stack, pixel_size
         self.windows: dict[Hashable, Any] = {}  # episode -> the temporal encoder's state (None: fresh)
@@ -238,10 +243,7 @@ class LatentObservations(ConnectorV2):
         error_key: str | None = None,
         **kwargs,
     ):
-        if obs_mode not in OBS_MODES:
-            raise InputError(f"unknown observation mode {obs_mode!r}; use one of {', '.join(OBS_MODES)}")
-        if obs_mode != "pixels" and source is None:
-            raise ModelError(f"observation mode {obs_mode!r} needs an encoder source; none was given")
+        check_obs_mode(obs_mode, source, "an encoder source")  # on the driver, before any EnvRunner starts
         self.obs_mode, self.source = obs_mode, source
         self.frame_stack, self.pixel_size = frame_stack, pixel_size
         self.error_key = error_key
