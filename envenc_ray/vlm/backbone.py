@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from envenc_ray.errors import ConfigError, ModelError
-from envenc_ray.vlm.preprocess import FramePreprocessor, ReferencePreprocessor, as_frame_batch
+from envenc_ray.vlm.preprocess import CROPS, FramePreprocessor, ReferencePreprocessor, as_frame_batch, with_crop
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +274,7 @@ class TruncatedVLM:
         device: torch.device,
         total_layers: int,
         source: str,
+        crop: str = "model",
     ):
         self.backbone = backbone
         self.processor = processor
@@ -284,7 +285,7 @@ class TruncatedVLM:
         self.device = device
         self.total_layers = total_layers
         self.source = source
-        self.preprocessor = family.preprocessor(processor.image_processor)
+        self.preprocessor = with_crop(family.preprocessor(processor.image_processor), crop)
         self.decoder = _get(backbone, family.decoder)
         self._prompts: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         # the prompt for ALE frames; other frame sizes get theirs on first use
@@ -305,11 +306,13 @@ class TruncatedVLM:
         device: str = "cpu",
         num_threads: int | None = None,
         trust_remote_code: bool = False,
+        crop: str = "model",
     ) -> TruncatedVLM:
         """Load an image-text-to-text model (local directory or hub name) and truncate it after `layer`.
 
         `layer` indexes HF's hidden_states tuple (see the module docstring); -1 keeps every layer and the
         final norm. `num_threads` sets torch's intra-op threads for the whole process (1 in Ray actors).
+        `crop="none"` resizes the whole frame instead of the processor's center crop (`preprocess.with_crop`).
         """
         from transformers import AutoModelForImageTextToText
 
@@ -317,6 +320,8 @@ class TruncatedVLM:
             raise ConfigError(f"vlm.pooling must be one of {', '.join(POOLINGS)}; got {pooling!r}")
         if dtype not in DTYPES:
             raise ConfigError(f"vlm.dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+        if crop not in CROPS:  # checked before the (possibly large) model loads
+            raise ConfigError(f"vlm.crop must be one of {', '.join(CROPS)}; got {crop!r}")
         if "{game}" in prompt:
             raise ConfigError(
                 f"prompt {prompt!r} still holds '{{game}}': format it first or use TruncatedVLM.from_config"
@@ -361,6 +366,7 @@ class TruncatedVLM:
             device=torch_device,
             total_layers=total_layers,
             source=source,
+            crop=crop,
         )
         log.info(
             "loaded %s (%s): kept %d of %d decoder layers, %s pooling, %d tokens per 210x160 frame (%d image, "
@@ -388,6 +394,7 @@ class TruncatedVLM:
             device=vlm_config.device,
             num_threads=vlm_config.num_threads,
             trust_remote_code=vlm_config.trust_remote_code,
+            crop=vlm_config.crop,
         )
 
     # ---------------------------------------------------------------- properties

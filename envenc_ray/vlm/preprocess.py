@@ -13,23 +13,28 @@ bicubic a=-0.5), and calling it one axis at a time on uint8 tensors reproduces P
 and clipping; doing both axes in one float pass instead differs by up to ~12 grey levels on noisy images
 (bicubic overshoot that PIL clips between the passes). The order of the passes matters for the same
 reason, see `_vertical_first`.
+
+`with_crop(preprocessor, "none")` (config `vlm.crop`) replaces a processor's center crop with a resize of the
+whole frame to the crop size, so that nothing of an ALE frame is cut off (CLIP-style processors such as
+LLaVA-1.5's crop away the top and bottom of 210x160, where Pong keeps its score).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from envenc_ray.errors import InputError, ModelError
+from envenc_ray.errors import ConfigError, InputError, ModelError
 
 # PIL resample codes (transformers.image_utils.PILImageResampling) -> torch interpolate modes.
 _RESAMPLE_MODES = {0: "nearest-exact", 2: "bilinear", 3: "bicubic"}
 _RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+CROPS = ("model", "none")  # vlm.crop: the processor's own center crop, or the whole frame (see `with_crop`)
 
 
 def as_frame_batch(frames_uint8: Any) -> torch.Tensor:
@@ -275,6 +280,30 @@ class ReferencePreprocessor:
         """(height, width) of each image (tile) the processor makes of a frame of this size."""
         pixel_values = self(np.zeros((1, height, width, 3), dtype=np.uint8))["pixel_values"]
         return tuple(pixel_values.shape[-2:])
+
+
+def with_crop(
+    preprocessor: FramePreprocessor | ReferencePreprocessor, crop: str
+) -> FramePreprocessor | ReferencePreprocessor:
+    """The preprocessor for `vlm.crop`: "model" keeps it as it is; "none" shows the model the whole frame.
+
+    With "none", a center-cropping processor becomes a fixed-size resize of the whole frame to its crop size:
+    the same pixels as its HF processor with do_center_crop=False and size={height, width} = crop_size. A
+    processor that does not crop (Qwen2-VL's smart resize, Idefics3's resize and tiles, the built-in tiny VLM's
+    squash) already shows the whole frame, so "none" leaves it unchanged rather than failing a config that
+    means exactly that.
+    """
+    if crop not in CROPS:
+        raise ConfigError(f"vlm.crop must be one of {', '.join(CROPS)}; got {crop!r}")
+    if crop == "model" or not isinstance(preprocessor, FramePreprocessor) or preprocessor.crop_to is None:
+        return preprocessor
+    # Squash, not pad. The vision tower needs its fixed input size either way (Llava: crop size = image size).
+    # Squashing spends every image token on the frame, where padding 210x160 to a square spends a quarter of
+    # them on a constant border and gives every object's width 24% fewer pixels; its pixels are a stock HF setting
+    # (do_center_crop=False, size={height, width}), so they are tested against the processor itself. The cost:
+    # a 1.3x horizontal stretch that a pretrained tower never saw (LLaVA-1.5 trained on padded squares); it
+    # is the same for every frame, and the encoder learns on the hidden states as they come.
+    return replace(preprocessor, resize_to=preprocessor.crop_to, shortest_edge=None, crop_to=None)
 
 
 def _resize_axis(images: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
