@@ -69,6 +69,11 @@ class VLMConfig(Section):
         None, ge=1, description="torch intra-op threads (None: leave torch's default). Set 1 in Ray actors."
     )
     trust_remote_code: bool = Field(False, description="Allow a hub model's own Python code; off unless asked.")
+    crop: Literal["model", "none"] = Field(
+        "model",
+        description="'model': the processor's own center crop (CLIP-style ones cut off the score rows of a 210x160 "
+        "frame); 'none': the whole frame resized to the crop size (no effect for processors that do not crop).",
+    )
     tiny_seed: int = Field(0, description="Seed of the built-in tiny VLM's random weights and tokenizer.")
 
 
