@@ -95,17 +95,24 @@ class EmbedConfig(Section):
     num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per actor (fractions are fine).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor (1 on a GPU cluster).")
     hidden_dtype: Literal["float16", "float32"] = Field(
-        "float32", description="Storage dtype of hidden states in hidden/*.parquet."
+        "float32",
+        description="Storage dtype of pooled hidden states in hidden/*.parquet; per-token states (vlm.pooling "
+        "'tokens', T times larger) are always stored float16.",
     )
 
 
 class EncoderConfig(Section):
-    kind: Literal["mlp", "temporal", "vq", "linear"] = Field(
-        "temporal", description="Autoencoder over hidden states: per-frame MLP, temporal window, VQ, linear."
+    kind: Literal["mlp", "temporal", "vq", "linear", "tokens"] = Field(
+        "temporal",
+        description="Autoencoder over hidden states: per-frame MLP, temporal window, VQ, linear, or 'tokens' "
+        "(attention pooling over a window of per-token states; needs vlm.pooling 'tokens').",
     )
     latent_dim: int = Field(64, ge=1, description="Size of the latent the agent sees.")
     hidden_dims: list[int] = Field([256], description="Widths of the encoder MLP (mirrored by the decoder).")
-    window: int = Field(4, ge=1, description="Consecutive frames per latent (temporal encoder only).")
+    window: int = Field(4, ge=1, description="Consecutive frames per latent (temporal and tokens encoders).")
+    token_queries: int = Field(
+        4, ge=1, description="Learned queries of the tokens encoder's attention pooling: summaries kept per frame."
+    )
     codebook_size: int = Field(256, ge=2, description="Codes of the VQ encoder.")
     epochs: int = Field(20, ge=1, description="Maximum training epochs.")
     batch_size: int = Field(128, ge=1, description="Samples per gradient step (per worker).")

@@ -2,7 +2,8 @@
 
 Ray Data streams the frame shards through an actor pool (one TruncatedVLM per actor, loaded once), so
 the same code runs one CPU actor on a laptop or one GPU actor per device on a cluster. The output is
-written into a temporary folder that is renamed to hidden/ only when complete.
+written into a temporary folder that is renamed to hidden/ only when complete. With vlm.pooling 'tokens'
+each row holds the frame's (T, D) per-token states, stored float16 (T times the pooled size).
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ import pyarrow.dataset as pads
 
 from envenc_ray.config import EnvEncConfig, VLMConfig
 from envenc_ray.data.collect import read_frame_shape
-from envenc_ray.data.schema import frames_to_array, hidden_schema, list_shards
+from envenc_ray.data.schema import frames_to_array, hidden_column, hidden_schema, hidden_shape_of, list_shards
 from envenc_ray.envs.atari import game_name
-from envenc_ray.errors import ConfigError
 from envenc_ray.runtime import set_torch_threads
 
 logger = logging.getLogger(__name__)
@@ -31,9 +31,10 @@ META_FILE = "_embed.json"
 @dataclass(frozen=True)
 class EmbedSummary:
     frames: int
-    hidden_size: int
+    hidden_size: int  # D
     seconds: float
     skipped: bool
+    hidden_shape: tuple[int, ...]  # one frame's: (D,) pooled, (T, D) with vlm.pooling 'tokens'
 
     @property
     def frames_per_second(self) -> float:
@@ -49,17 +50,15 @@ class HiddenStates:
         set_torch_threads(vlm_config.num_threads or 1)
         self.vlm = TruncatedVLM.from_config(vlm_config, model_path=model_path, game=game)
         self.frame_shape = tuple(frame_shape)
-        self.schema = hidden_schema(self.vlm.hidden_size, hidden_dtype)
+        per_token = vlm_config.pooling == "tokens"
+        hidden_shape = (self.vlm.sequence_length, self.vlm.hidden_size) if per_token else (self.vlm.hidden_size,)
+        self.schema = hidden_schema(hidden_shape, hidden_dtype)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         frames_uint8 = frames_to_array(batch["frame"], self.frame_shape)
         hidden_states = self.vlm.embed(frames_uint8).numpy()
-        value_type = self.schema.field("hidden").type.value_type
-        flat = pa.array(hidden_states.reshape(-1), type=pa.float32()).cast(value_type)
-        hidden_column = pa.FixedSizeListArray.from_arrays(flat, hidden_states.shape[1])
-        return pa.Table.from_arrays(
-            [batch["episode_id"], batch["step"], hidden_column, batch["objects"]], schema=self.schema
-        )
+        column = hidden_column(hidden_states, self.schema.field("hidden").type)
+        return pa.Table.from_arrays([batch["episode_id"], batch["step"], column, batch["objects"]], schema=self.schema)
 
 
 def resolve_model_path(config: EnvEncConfig) -> str:
@@ -79,10 +78,10 @@ def embed(config: EnvEncConfig) -> EmbedSummary:
     """Hidden states of every frame in <run>/frames/ -> <run>/hidden/, unless already there for this config."""
     import ray
 
+    from envenc_ray.encoder.models import check_pooling
     from envenc_ray.runtime import ensure_ray
 
-    if config.vlm.pooling == "tokens":
-        raise ConfigError("embed stores one vector per frame: set vlm.pooling to last, mean or image_mean, not tokens")
+    check_pooling(config.encoder.kind, config.vlm.pooling)  # first: per-token states no encoder reads are waste
     frames_dir, hidden_dir = config.run_dir / "frames", config.run_dir / "hidden"
     shards = list_shards(frames_dir, "frames (envenc collect)")
     config_hash = config.section_hash("experiment", "env", "collect", "vlm", "embed")
@@ -90,7 +89,9 @@ def embed(config: EnvEncConfig) -> EmbedSummary:
     if meta_path.exists() and json.loads(meta_path.read_text())["config_hash"] == config_hash:
         meta = json.loads(meta_path.read_text())
         print(f"embed: skipped, {hidden_dir} already holds {meta['frames']} hidden states for this config")
-        return EmbedSummary(meta["frames"], meta["hidden_size"], 0.0, skipped=True)
+        # hidden/ written before per-token states existed names only hidden_size: (D,)
+        hidden_shape = tuple(meta.get("hidden_shape", [meta["hidden_size"]]))
+        return EmbedSummary(meta["frames"], meta["hidden_size"], 0.0, skipped=True, hidden_shape=hidden_shape)
 
     model_path = resolve_model_path(config)
     frame_shape = read_frame_shape(frames_dir)
@@ -104,7 +105,7 @@ def embed(config: EnvEncConfig) -> EmbedSummary:
             model_path=model_path,
             game=game_name(config.env.game),
             frame_shape=frame_shape,
-            hidden_dtype=config.embed.hidden_dtype,
+            hidden_dtype="float16" if config.vlm.pooling == "tokens" else config.embed.hidden_dtype,
         ),
         batch_size=config.embed.batch_size,
         batch_format="pyarrow",
@@ -119,16 +120,17 @@ def embed(config: EnvEncConfig) -> EmbedSummary:
 
     written = pads.dataset(str(tmp_dir), format="parquet")
     frames = written.count_rows()
-    hidden_size = written.schema.field("hidden").type.list_size
+    hidden_shape = hidden_shape_of(written.schema.field("hidden").type)
+    hidden_size = hidden_shape[-1]
     (tmp_dir / META_FILE).write_text(
         json.dumps({"config_hash": config_hash, "frames": frames, "hidden_size": hidden_size,
-                    "model": model_path, "seconds": seconds}, indent=2)
+                    "hidden_shape": list(hidden_shape), "model": model_path, "seconds": seconds}, indent=2)
     )
     shutil.rmtree(hidden_dir, ignore_errors=True)
     tmp_dir.rename(hidden_dir)
-    summary = EmbedSummary(frames, hidden_size, seconds, skipped=False)
+    summary = EmbedSummary(frames, hidden_size, seconds, skipped=False, hidden_shape=hidden_shape)
     print(
-        f"embed: {frames} frames -> {hidden_dir} (hidden size {hidden_size}) in {seconds:.1f} s, "
+        f"embed: {frames} frames -> {hidden_dir} (hidden state shape {hidden_shape}) in {seconds:.1f} s, "
         f"{summary.frames_per_second:.1f} frames/s"
     )
     return summary

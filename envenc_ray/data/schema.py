@@ -4,8 +4,10 @@ frames/*.parquet  one row per env step. `frame` holds the raw HxWx3 uint8 bytes 
                   written with zstd: consecutive Atari frames are mostly identical background, so zstd
                   shrinks them ~30-60x while decoding stays one `np.frombuffer` per batch (PNG per frame
                   compresses similarly but costs a codec call per frame on every read).
-hidden/*.parquet  one row per frame: the pooled VLM hidden state as a fixed-size list, plus the frame's
-                  annotations carried along so encoder metrics (linear probes) need no join.
+hidden/*.parquet  one row per frame: the pooled VLM hidden state as a fixed-size list of D floats, or
+                  with vlm.pooling 'tokens' the per-token states as a fixed-size list of T fixed-size
+                  lists of D (float16), so the column's type alone says the (T, D) shape; plus the
+                  frame's annotations carried along so encoder metrics (linear probes) need no join.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from envenc_ray.errors import DataError
+from envenc_ray.errors import DataError, InputError
 
 FRAMES_SCHEMA = pa.schema(
     [
@@ -37,16 +39,42 @@ FRAMES_SCHEMA = pa.schema(
 )
 
 
-def hidden_schema(hidden_size: int, dtype: str = "float32") -> pa.Schema:
-    value_type = pa.float16() if dtype == "float16" else pa.float32()
+def hidden_schema(hidden_shape: int | tuple[int, ...], dtype: str = "float32") -> pa.Schema:
+    """The hidden/ schema for one frame's hidden state of shape (D,) (or an int D) or (T, D)."""
+    hidden_type = pa.float16() if dtype == "float16" else pa.float32()
+    for size in reversed((hidden_shape,) if isinstance(hidden_shape, int) else tuple(hidden_shape)):
+        hidden_type = pa.list_(hidden_type, size)
     return pa.schema(
         [
             ("episode_id", pa.int64()),
             ("step", pa.int32()),
-            ("hidden", pa.list_(value_type, hidden_size)),
+            ("hidden", hidden_type),
             ("objects", pa.string()),
         ]
     )
+
+
+def hidden_shape_of(hidden_type: pa.DataType) -> tuple[int, ...] | None:
+    """(D,) or (T, D) of a hidden column's type; None unless it is (nested) fixed-size lists of floats."""
+    shape = []
+    while pa.types.is_fixed_size_list(hidden_type):
+        shape.append(hidden_type.list_size)
+        hidden_type = hidden_type.value_type
+    return tuple(shape) if shape and pa.types.is_floating(hidden_type) else None
+
+
+def hidden_column(hidden_states: np.ndarray, hidden_type: pa.DataType) -> pa.FixedSizeListArray:
+    """Hidden states (N, D) or (N, T, D) -> a column of `hidden_type` (from `hidden_schema`)."""
+    shape = hidden_shape_of(hidden_type)
+    if shape is None or tuple(hidden_states.shape[1:]) != shape:
+        raise InputError(f"hidden states of shape {hidden_states.shape} do not fit the column type {hidden_type}")
+    values_type = hidden_type
+    while pa.types.is_fixed_size_list(values_type):
+        values_type = values_type.value_type
+    column = pa.array(np.ascontiguousarray(hidden_states, dtype=np.float32).reshape(-1)).cast(values_type)
+    for size in reversed(shape):
+        column = pa.FixedSizeListArray.from_arrays(column, size)
+    return column
 
 
 def frames_to_array(column: pa.ChunkedArray | pa.Array | list[bytes], frame_shape: tuple[int, int, int]) -> np.ndarray:
@@ -56,10 +84,16 @@ def frames_to_array(column: pa.ChunkedArray | pa.Array | list[bytes], frame_shap
 
 
 def hidden_to_array(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """Fixed-size-list hidden column -> float32 array (N, D)."""
+    """Fixed-size-list hidden column -> float32 array (N, D), or (N, T, D) for per-token states."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
-    return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(column), -1)
+    shape = hidden_shape_of(column.type)
+    if shape is None:
+        raise DataError(f"column 'hidden' is {column.type}, expected fixed-size lists of floats (envenc embed)")
+    values = column
+    for _ in shape:
+        values = values.flatten()
+    return values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(column), *shape)
 
 
 def objects_to_table(objects_json: list[str]) -> dict[str, np.ndarray]:

@@ -1,8 +1,8 @@
 """EnvironmentEncoder: truncated VLM + trained encoder in one process, frames (uint8) -> latents (float32).
 
-The service and the RLlib connector wrap this. It keeps no per-episode state itself: for the temporal
-encoder the caller passes each episode's window state (its previous k-1 hidden states) and gets the
-updated state back, so replicas stay stateless and an episode's window lives with the episode.
+The service and the RLlib connector wrap this. It keeps no per-episode state itself: for the windowed
+encoders (temporal, tokens) the caller passes each episode's window state (its previous k-1 hidden states)
+and gets the updated state back, so replicas stay stateless and an episode's window lives with the episode.
 """
 
 from __future__ import annotations
@@ -10,35 +10,51 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from envenc_ray.encoder.models import Encoder
+from envenc_ray.encoder.models import WINDOWED_KINDS, Encoder, check_pooling
 from envenc_ray.errors import InputError, ModelError
 
 
+def vlm_hidden_shape(vlm) -> tuple[int, ...]:
+    """One frame's hidden state from `vlm`: (D,) pooled, (T, D) with 'tokens' pooling (T of a 210x160 frame)."""
+    if getattr(vlm, "pooling", None) == "tokens":
+        return (vlm.sequence_length, vlm.hidden_size)
+    return (vlm.hidden_size,)
+
+
 class EnvironmentEncoder:
-    """`vlm` is a TruncatedVLM (anything with `.hidden_size` and `.embed(frames_uint8) -> (N, D) tensor`)."""
+    """`vlm` is a TruncatedVLM (anything with `.hidden_size` and `.embed(frames_uint8) -> (N, D) tensor`; with
+    `.pooling` 'tokens' also `.sequence_length` T and (N, T, D) states)."""
 
     def __init__(self, vlm, encoder: Encoder):
-        if getattr(vlm, "pooling", None) == "tokens":
-            raise ModelError("the encoder takes one hidden state per frame; load the VLM with pooling "
-                             "'last', 'mean' or 'image_mean', not 'tokens'")
+        pooling = getattr(vlm, "pooling", "image_mean")  # stand-ins without the attribute pool
+        check_pooling(encoder.kind, pooling)
         if vlm.hidden_size != encoder.hidden_size:
             raise ModelError(f"the VLM's hidden size is {vlm.hidden_size} but the encoder was trained on "
                              f"{encoder.hidden_size}-wide hidden states; use the VLM (model, layer, pooling) "
                              "that embedded its training data, or retrain the encoder")
+        if vlm_hidden_shape(vlm) != encoder.hidden_shape:
+            raise ModelError(f"the VLM gives {vlm_hidden_shape(vlm)} token states per frame but the encoder was "
+                             f"trained on {encoder.hidden_shape}; use the vlm.model and vlm.prompt that embedded "
+                             "its training data, or retrain the encoder")
         self.vlm = vlm
         self.encoder = encoder.eval()
 
     @property
     def window(self) -> int:
-        """Frames per latent: k for the temporal encoder, 1 otherwise (then no state is kept)."""
+        """Frames per latent: k for the windowed encoders, 1 otherwise (then no state is kept)."""
         return self.encoder.window
 
     @property
     def latent_dim(self) -> int:
         return self.encoder.latent_dim
 
+    @property
+    def hidden_shape(self) -> tuple[int, ...]:
+        """One frame's hidden state: (D,), or (T, D) for the tokens encoder."""
+        return self.encoder.hidden_shape
+
     def hidden(self, frames_uint8: np.ndarray) -> np.ndarray:
-        """Raw pooled hidden states (N, D) float32 of a batch of frames (N, H, W, 3) uint8."""
+        """Raw hidden states (N, *hidden_shape) float32 of a batch of frames (N, H, W, 3) uint8."""
         frames_uint8 = np.asarray(frames_uint8)
         if frames_uint8.dtype != np.uint8 or frames_uint8.ndim != 4 or frames_uint8.shape[-1] != 3:
             raise InputError(f"frames must be uint8 of shape (N, H, W, 3), got {frames_uint8.dtype} "
@@ -50,21 +66,22 @@ class EnvironmentEncoder:
                ) -> tuple[np.ndarray, list[np.ndarray] | None]:
         """Latents (N, latent_dim) float32 of N frames, each from its own episode, and the new window states.
 
-        Temporal encoder: `windows[i]` is frame i's episode state, its previous k-1 hidden states (oldest
-        first), or None at a fresh episode start, meaning "pad with this frame" exactly as training padded
-        an episode's first frames. `windows=None` means every episode is fresh. Returns the updated states.
-        Per-frame encoders are stateless: `windows` is ignored and None is returned.
+        Windowed encoders: `windows[i]` is frame i's episode state, its previous k-1 hidden states (oldest
+        first, (k-1, *hidden_shape)), or None at a fresh episode start, meaning "pad with this frame" exactly
+        as training padded an episode's first frames. `windows=None` means every episode is fresh. Returns
+        the updated states. Per-frame encoders are stateless: `windows` is ignored and None is returned.
         """
         return self.encode_hidden(self.hidden(frames_uint8), windows)
 
     def encode_hidden(self, hidden_states: np.ndarray, windows: list[np.ndarray | None] | None = None
                       ) -> tuple[np.ndarray, list[np.ndarray] | None]:
-        """`encode` from hidden states (N, D) instead of frames (the VLM already ran)."""
+        """`encode` from hidden states (N, *hidden_shape) instead of frames (the VLM already ran)."""
         hidden_states = np.asarray(hidden_states, dtype=np.float32)
-        if hidden_states.ndim != 2 or hidden_states.shape[1] != self.encoder.hidden_size:
-            raise InputError(f"hidden states must be (N, {self.encoder.hidden_size}), got {hidden_states.shape}")
+        shape = self.encoder.hidden_shape
+        if hidden_states.shape[1:] != shape:
+            raise InputError(f"hidden states must be (N, {', '.join(map(str, shape))}), got {hidden_states.shape}")
         n = len(hidden_states)
-        if self.encoder.kind != "temporal":
+        if self.encoder.kind not in WINDOWED_KINDS:
             with torch.no_grad():
                 return self.encoder(torch.from_numpy(hidden_states)).numpy(), None
         k = self.encoder.window
@@ -72,15 +89,15 @@ class EnvironmentEncoder:
         if len(windows) != n:
             raise InputError(f"got {n} frames but {len(windows)} window states; pass one per frame (None for a "
                              "fresh episode)")
-        stacked = np.empty((n, k, self.encoder.hidden_size), dtype=np.float32)
+        stacked = np.empty((n, k, *shape), dtype=np.float32)
         for i, previous in enumerate(windows):
             if previous is None:
                 stacked[i, :-1] = hidden_states[i]  # fresh episode: the first frame fills the window
             else:
                 previous = np.asarray(previous, dtype=np.float32)
-                if previous.shape != (k - 1, self.encoder.hidden_size):
+                if previous.shape != (k - 1, *shape):
                     raise InputError(f"window state {i} has shape {previous.shape}, expected "
-                                     f"({k - 1}, {self.encoder.hidden_size}): the previous k-1 hidden states")
+                                     f"{(k - 1, *shape)}: the previous k-1 hidden states")
                 stacked[i, :-1] = previous
             stacked[i, -1] = hidden_states[i]
         with torch.no_grad():

@@ -1,6 +1,6 @@
 """The exported encoder: <run>/encoder/ = config.json + model.safetensors (encoder only) + metrics.json.
 
-config.json says what to build (kind, hidden_size, latent_dim, window and the encoder settings), the
+config.json says what to build (kind, hidden_shape, latent_dim, window and the encoder settings), the
 safetensors file holds the encoder's weights and its input-normalisation buffers; nothing is unpickled.
 """
 
@@ -20,20 +20,24 @@ FORMAT = "envenc-encoder"
 FORMAT_VERSION = 1
 
 
-def export_encoder(checkpoint, encoder_dir: Path, config: EnvEncConfig, hidden_size: int, config_hash: str,
-                   input_fingerprint: str, metrics: dict) -> None:
-    """Write the encoder half of a training checkpoint (a Ray `Checkpoint`) into `encoder_dir`, atomically."""
+def export_encoder(checkpoint, encoder_dir: Path, config: EnvEncConfig, hidden_shape: tuple[int, ...],
+                   config_hash: str, input_fingerprint: str, metrics: dict) -> None:
+    """Write the encoder half of a training checkpoint (a Ray `Checkpoint`) into `encoder_dir`, atomically.
+
+    `hidden_shape` is one frame's hidden state: (D,), or (T, D) for the tokens encoder.
+    """
     from safetensors.torch import load_file
 
     with checkpoint.as_directory() as directory:
         weights = load_file(str(Path(directory) / "model.safetensors"))
-    autoencoder = build_autoencoder(config.encoder, hidden_size)
+    autoencoder = build_autoencoder(config.encoder, hidden_shape)
     autoencoder.load_state_dict(weights)
     description = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "kind": config.encoder.kind,
-        "hidden_size": hidden_size,
+        "hidden_size": hidden_shape[-1],
+        "hidden_shape": list(hidden_shape),
         "latent_dim": config.encoder.latent_dim,
         "window": autoencoder.encoder_module().window,
         "encoder": config.encoder.model_dump(mode="json"),
@@ -84,7 +88,9 @@ def load_encoder(encoder_dir: str | Path) -> Encoder:
     if description.get("format") != FORMAT or description.get("format_version") != FORMAT_VERSION:
         raise ModelError(f"{config_path} is not a {FORMAT} v{FORMAT_VERSION} config; rerun `envenc train-encoder`")
     settings = EncoderConfig.model_validate(description["encoder"])
-    encoder = build_autoencoder(settings, int(description["hidden_size"])).encoder_module()
+    # exports from before the tokens encoder name only hidden_size: (D,)
+    hidden_shape = tuple(int(n) for n in description.get("hidden_shape", [description["hidden_size"]]))
+    encoder = build_autoencoder(settings, hidden_shape).encoder_module()
     try:
         weights = load_file(str(weights_path))
         encoder.load_state_dict(weights)

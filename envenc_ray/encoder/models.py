@@ -1,18 +1,19 @@
-"""Autoencoders over VLM hidden states, and the windows of consecutive frames the temporal one reads.
+"""Autoencoders over VLM hidden states, and the windows of consecutive frames the temporal ones read.
 
-Four kinds share one small interface (`Autoencoder`):
+Five kinds share one small interface (`Autoencoder`):
 
   encode(x)         -> latent (B, latent_dim)                     what the agent sees
   forward(x)        -> (reconstruction, latent, aux_loss)         what training optimises
   normalize(x)      -> the reconstruction target                  z-scores of the training hidden states
   encoder_module()  -> `Encoder`, the part that is exported       (the decoder is dropped)
 
-`x` is (B, D) for the per-frame kinds (mlp, vq, linear) and (B, k, D) for `temporal` (the frame's k most
-recent hidden states, oldest first). Reconstructions are in normalized units, so the loss weighs every
-hidden dimension alike instead of letting a few large-variance dimensions dominate.
+`x` is (B, D) for the per-frame kinds (mlp, vq, linear), (B, k, D) for `temporal` (the frame's k most
+recent pooled hidden states, oldest first) and (B, k, T, D) for `tokens` (the same window of per-token
+states, vlm.pooling 'tokens'). Reconstructions are in normalized units, so the loss weighs every hidden
+dimension alike instead of letting a few large-variance dimensions dominate.
 
-The per-dim mean/std of the training hidden states live as buffers inside `Encoder`, so an exported
-encoder needs no side data at inference.
+The mean/std of the training hidden states (per dim; per (token, dim) for `tokens`) live as buffers
+inside `Encoder`, so an exported encoder needs no side data at inference.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from envenc_ray.config import EncoderConfig
-from envenc_ray.errors import DataError, InputError
+from envenc_ray.errors import ConfigError, DataError, InputError
 
-KINDS = ("mlp", "temporal", "vq", "linear")
+KINDS = ("mlp", "temporal", "vq", "linear", "tokens")
+WINDOWED_KINDS = ("temporal", "tokens")  # read a window of the k most recent frames; the others one frame
 COMMITMENT_COST = 0.25  # VQ-VAE's beta (van den Oord et al. 2017): how hard the encoder is pulled to its code
 
 
@@ -40,34 +42,73 @@ def mlp(sizes: list[int]) -> nn.Sequential:
 
 
 class TemporalEncoderNet(nn.Module):
-    """(B, k, D) -> (B, latent): one projection shared by the k frames, then an MLP over their concatenation.
+    """(B, k, *frame) -> (B, latent): one frame network shared by the k frames, then an MLP over their concatenation.
 
-    Sharing the first projection keeps the parameter count ~k times smaller than one big layer over k*D
+    Sharing the frame network keeps the parameter count ~k times smaller than one big layer over k*D
     inputs (D is a VLM width, thousands on real models); the concatenation keeps the frames' order.
+    `frame_net` maps one frame to `frame_features` numbers (any shape, flattened here).
     """
 
-    def __init__(self, hidden_size: int, window: int, hidden_dims: list[int], latent_dim: int):
+    def __init__(self, frame_net: nn.Module, frame_features: int, window: int, hidden_dims: list[int], latent_dim: int):
         super().__init__()
-        width = hidden_dims[0] if hidden_dims else latent_dim
-        self.frame_projection = nn.Sequential(nn.Linear(hidden_size, width), nn.GELU())
-        self.mix = mlp([window * width, *hidden_dims[1:], latent_dim])
+        self.frame_projection = frame_net
+        self.mix = mlp([window * frame_features, *hidden_dims[1:], latent_dim])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mix(self.frame_projection(x).flatten(1))
 
 
 class TemporalDecoderNet(nn.Module):
-    """(B, latent) -> (B, k, D): the mirror of `TemporalEncoderNet`."""
+    """(B, latent) -> (B, k, *frame): the mirror of `TemporalEncoderNet`; `frame_net` maps (..., width) to a frame."""
 
-    def __init__(self, hidden_size: int, window: int, hidden_dims: list[int], latent_dim: int):
+    def __init__(self, frame_net: nn.Module, width: int, window: int, hidden_dims: list[int], latent_dim: int):
         super().__init__()
-        width = hidden_dims[0] if hidden_dims else latent_dim
         self.window, self.width = window, width
         self.unmix = nn.Sequential(mlp([latent_dim, *reversed(hidden_dims[1:]), window * width]), nn.GELU())
-        self.frame_projection = nn.Linear(width, hidden_size)
+        self.frame_projection = frame_net
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         return self.frame_projection(self.unmix(latent).view(-1, self.window, self.width))
+
+
+class AttentionPooling(nn.Module):
+    """(..., T, D) token states -> (..., queries, width): learned queries cross-attend over one frame's tokens.
+
+    Tokens are projected to `width` first (D is thousands on real VLMs) and get a learned per-position
+    embedding: attention alone is blind to order, and a token's position says where on the screen its
+    image patch is. The queries start small, so at first every query is about the mean of the tokens.
+    """
+
+    def __init__(self, tokens: int, hidden_size: int, width: int, queries: int):
+        super().__init__()
+        self.token_projection = nn.Linear(hidden_size, width)
+        self.position = nn.Parameter(torch.randn(tokens, width) * 0.02)
+        self.norm = nn.LayerNorm(width)
+        self.queries = nn.Parameter(torch.randn(queries, width) * 0.02)
+        self.attention = nn.MultiheadAttention(width, num_heads=1, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        leading = x.shape[:-2]
+        tokens = self.norm(self.token_projection(x.reshape(-1, *x.shape[-2:])) + self.position)
+        pooled, _ = self.attention(self.queries.expand(len(tokens), -1, -1), tokens, tokens, need_weights=False)
+        return pooled.reshape(*leading, *pooled.shape[1:])
+
+
+class TokenReadout(nn.Module):
+    """(..., width) -> (..., T, D): every position's learned embedding is added to the frame's code, then read out.
+
+    The target is the full normalized token states: they are what the encoder reads, and a pooled target
+    would let the latent drop where on the screen things are. The per-(token, dim) normalisation makes the
+    prompt's constant tokens zero, so they cost the decoder nothing to reconstruct.
+    """
+
+    def __init__(self, tokens: int, width: int, hidden_size: int):
+        super().__init__()
+        self.position = nn.Parameter(torch.randn(tokens, width) * 0.02)
+        self.output = nn.Linear(width, hidden_size)
+
+    def forward(self, code: torch.Tensor) -> torch.Tensor:
+        return self.output(F.gelu(code.unsqueeze(-2) + self.position))
 
 
 class VectorQuantizer(nn.Module):
@@ -90,24 +131,29 @@ class VectorQuantizer(nn.Module):
 
 
 class Encoder(nn.Module):
-    """The exported half: normalisation buffers + encoder network (+ codebook for `vq`); x -> latent."""
+    """The exported half: normalisation buffers + encoder network (+ codebook for `vq`); x -> latent.
 
-    def __init__(self, kind: str, hidden_size: int, latent_dim: int, window: int, net: nn.Module,
+    `hidden_shape` is one frame's hidden state: (D,) pooled, (T, D) per token (kind `tokens`).
+    """
+
+    def __init__(self, kind: str, hidden_shape: tuple[int, ...], latent_dim: int, window: int, net: nn.Module,
                  quantizer: VectorQuantizer | None = None):
         super().__init__()
-        self.kind, self.hidden_size, self.latent_dim, self.window = kind, hidden_size, latent_dim, window
-        self.register_buffer("input_mean", torch.zeros(hidden_size))
-        self.register_buffer("input_std", torch.ones(hidden_size))
+        self.kind, self.hidden_shape, self.latent_dim, self.window = kind, tuple(hidden_shape), latent_dim, window
+        self.hidden_size = self.hidden_shape[-1]
+        self.register_buffer("input_mean", torch.zeros(self.hidden_shape))
+        self.register_buffer("input_std", torch.ones(self.hidden_shape))
         self.net = net
         self.quantizer = quantizer
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        """Shape of one sample: (k, D) for the temporal encoder, (D,) otherwise."""
-        return (self.window, self.hidden_size) if self.kind == "temporal" else (self.hidden_size,)
+        """Shape of one sample: (k, *hidden_shape) for the windowed kinds, hidden_shape otherwise."""
+        return (self.window, *self.hidden_shape) if self.kind in WINDOWED_KINDS else self.hidden_shape
 
     def set_normalization(self, mean: np.ndarray, std: np.ndarray) -> None:
-        """Per-dim statistics of the training hidden states; a (near-)constant dim keeps std 1, not 1/0."""
+        """Per-dim (per token and dim) statistics of the training hidden states; a (near-)constant one keeps
+        std 1, not 1/0 (the prompt's tokens before the image are constant: they normalize to 0)."""
         std = np.where(std > 1e-6, std, 1.0)
         self.input_mean.copy_(torch.tensor(np.array(mean, dtype=np.float32)))
         self.input_std.copy_(torch.tensor(np.array(std, dtype=np.float32)))
@@ -116,7 +162,8 @@ class Encoder(nn.Module):
         if tuple(x.shape[1:]) != self.input_shape or x.dim() != len(self.input_shape) + 1:
             raise InputError(
                 f"the {self.kind} encoder takes hidden states of shape (batch, {', '.join(map(str, self.input_shape))}), "
-                f"got {tuple(x.shape)}; hidden size {self.hidden_size} must match the VLM that made the hidden states"
+                f"got {tuple(x.shape)}; hidden size {self.hidden_size} (hidden state shape {self.hidden_shape}) must "
+                "match the VLM that made the hidden states"
             )
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,27 +229,54 @@ class Autoencoder(nn.Module):
         codebook.copy_(z[picks] + noise)
 
 
-def build_autoencoder(config: EncoderConfig, hidden_size: int) -> Autoencoder:
-    """The autoencoder of `config.kind` for hidden states of width `hidden_size`."""
+def build_autoencoder(config: EncoderConfig, hidden_shape: int | tuple[int, ...]) -> Autoencoder:
+    """The autoencoder of `config.kind` for hidden states of one frame's shape: (D,) (an int D is the same)
+    for the pooled kinds, (T, D) for `tokens`."""
     if config.kind not in KINDS:
         raise InputError(f"unknown encoder kind {config.kind!r}; use one of {', '.join(KINDS)}")
-    dims, latent = list(config.hidden_dims), config.latent_dim
+    hidden_shape = (hidden_shape,) if isinstance(hidden_shape, int) else tuple(hidden_shape)
+    check_hidden_kind(config.kind, len(hidden_shape) == 2, f"hidden states of shape {hidden_shape} are")
+    dims, latent, hidden_size = list(config.hidden_dims), config.latent_dim, hidden_shape[-1]
+    width = dims[0] if dims else latent
     if config.kind == "temporal":
         k = config.window
-        net = TemporalEncoderNet(hidden_size, k, dims, latent)
-        decoder: nn.Module = TemporalDecoderNet(hidden_size, k, dims, latent)
-        return Autoencoder(Encoder("temporal", hidden_size, latent, k, net), decoder)
+        net = TemporalEncoderNet(nn.Sequential(nn.Linear(hidden_size, width), nn.GELU()), width, k, dims, latent)
+        decoder: nn.Module = TemporalDecoderNet(nn.Linear(width, hidden_size), width, k, dims, latent)
+        return Autoencoder(Encoder("temporal", hidden_shape, latent, k, net), decoder)
+    if config.kind == "tokens":
+        k, tokens, queries = config.window, hidden_shape[0], config.token_queries
+        pooling = AttentionPooling(tokens, hidden_size, width, queries)
+        net = TemporalEncoderNet(pooling, queries * width, k, dims, latent)
+        decoder = TemporalDecoderNet(TokenReadout(tokens, width, hidden_size), width, k, dims, latent)
+        return Autoencoder(Encoder("tokens", hidden_shape, latent, k, net), decoder)
     if config.kind == "linear":  # a learned linear projection: PCA-like, the baseline the others must beat
-        return Autoencoder(Encoder("linear", hidden_size, latent, 1, nn.Linear(hidden_size, latent)),
+        return Autoencoder(Encoder("linear", hidden_shape, latent, 1, nn.Linear(hidden_size, latent)),
                            nn.Linear(latent, hidden_size))
     net, decoder = mlp([hidden_size, *dims, latent]), mlp([latent, *reversed(dims), hidden_size])
     quantizer = VectorQuantizer(config.codebook_size, latent) if config.kind == "vq" else None
-    return Autoencoder(Encoder(config.kind, hidden_size, latent, 1, net, quantizer), decoder)
+    return Autoencoder(Encoder(config.kind, hidden_shape, latent, 1, net, quantizer), decoder)
+
+
+def check_hidden_kind(kind: str, per_token: bool, what: str) -> None:
+    """Per-token hidden states (vlm.pooling 'tokens') go to encoder.kind 'tokens' only, and it reads nothing
+    else. `what` names the hidden states' source in the message, e.g. "vlm.pooling 'tokens' gives"."""
+    if kind == "tokens" and not per_token:
+        raise ConfigError(f"encoder.kind 'tokens' reads per-token hidden states (T, D), but {what} one pooled "
+                          "vector per frame; set vlm.pooling=tokens (and rerun `envenc embed`), or choose another "
+                          "encoder.kind")
+    if kind != "tokens" and per_token:
+        raise ConfigError(f"encoder.kind {kind!r} reads one pooled hidden state per frame, but {what} per-token "
+                          "states (T, D); set encoder.kind=tokens, or vlm.pooling to last, mean or image_mean")
+
+
+def check_pooling(kind: str, pooling: str) -> None:
+    """`check_hidden_kind` for the settings: encoder.kind against vlm.pooling, before any work is done."""
+    check_hidden_kind(kind, pooling == "tokens", f"vlm.pooling {pooling!r} gives")
 
 
 def effective_window(config: EncoderConfig) -> int:
-    """Frames per sample: `window` for the temporal encoder, 1 for the per-frame kinds."""
-    return config.window if config.kind == "temporal" else 1
+    """Frames per sample: `window` for the windowed kinds (temporal, tokens), 1 for the per-frame kinds."""
+    return config.window if config.kind in WINDOWED_KINDS else 1
 
 
 def build_windows(episode_ids: np.ndarray, steps: np.ndarray, window: int) -> np.ndarray:

@@ -11,8 +11,9 @@ Read top to bottom, `train_encoder` is:
               written under a temporary name and renamed when complete
 
 Data path: the Train dataset holds row indices, not windows. Each worker gets the (N, D) hidden-state
-matrix once through the object store (zero-copy) and gathers the (B, k, D) windows of its batch itself;
-materialising every window in the dataset would store each hidden state k times.
+matrix ((N, T, D) per-token states for the tokens encoder) once through the object store (zero-copy) and
+gathers the (B, k, ...) windows of its batch itself; materialising every window in the dataset would
+store each hidden state k times.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from envenc_ray.config import EncoderConfig, EnvEncConfig
-from envenc_ray.data.schema import hidden_to_array, list_shards, objects_to_table
+from envenc_ray.data.schema import hidden_shape_of, hidden_to_array, list_shards, objects_to_table
 from envenc_ray.encoder.metrics import (
     consecutive_pairs,
     json_safe,
@@ -49,6 +50,9 @@ logger = logging.getLogger(__name__)
 REQUIRED_COLUMNS = ("episode_id", "step", "hidden")  # `objects` is optional: without it, no probes
 CHECKPOINTS_DIR = "encoder_train"  # <run>/encoder_train/<resume key>/: Ray Train's run folder
 PROBE_MAX_TRAIN_ROWS = 20_000  # linear probes fit on at most this many train frames (SVD cost ~ rows * D^2)
+# Flattened per-token states are T*D ~ 10^4 wide, wider than the rows: the probe's cost is rows^2 * T*D
+# (2048 rows of the tiny VLM's 75 x 128 tokens: a few seconds here, and ~0.4 GB).
+PROBE_MAX_TRAIN_ROWS_TOKENS = 2_048
 # Settings that change how long or where training runs, not what an epoch computes: a rerun that only
 # changes these continues the same training (e.g. more epochs after an interruption or early stop).
 RESUMABLE_SETTINGS = ("epochs", "patience", "num_workers", "cpus_per_worker", "report_poll_s")
@@ -60,12 +64,17 @@ class HiddenData:
 
     episode_ids: np.ndarray  # (N,) int64
     steps: np.ndarray  # (N,) int64
-    hidden: np.ndarray  # (N, D) float32
+    hidden: np.ndarray  # (N, D) float32, or (N, T, D) per-token states
     objects: dict[str, np.ndarray]  # numeric annotation -> (N,) float64
 
     @property
     def hidden_size(self) -> int:
-        return self.hidden.shape[1]
+        return self.hidden.shape[-1]
+
+    @property
+    def hidden_shape(self) -> tuple[int, ...]:
+        """One frame's hidden state: (D,) or (T, D)."""
+        return tuple(self.hidden.shape[1:])
 
 
 def train_encoder(config: EnvEncConfig) -> dict:
@@ -74,8 +83,12 @@ def train_encoder(config: EnvEncConfig) -> dict:
     Skips (and says so) when encoder/ already holds an export of this config and these hidden states.
     Returns a summary: skipped, epochs, best epoch, resumed_from_epoch, final metrics, phase timings.
     """
+    from envenc_ray.encoder.models import check_hidden_kind, check_pooling
+
+    check_pooling(config.encoder.kind, config.vlm.pooling)
     hidden_dir, encoder_dir = config.run_dir / "hidden", config.run_dir / "encoder"
-    shards, hidden_size, fingerprint = check_shards(hidden_dir)
+    shards, hidden_shape, fingerprint = check_shards(hidden_dir)
+    check_hidden_kind(config.encoder.kind, len(hidden_shape) == 2, f"{hidden_dir} holds")
     config_hash = output_hash(config)
     existing = read_json(encoder_dir / "config.json")
     if existing and existing.get("config_hash") == config_hash and existing.get("input_fingerprint") == fingerprint \
@@ -88,7 +101,7 @@ def train_encoder(config: EnvEncConfig) -> dict:
     import ray
 
     from envenc_ray.encoder.export import export_encoder
-    from envenc_ray.encoder.models import build_windows
+    from envenc_ray.encoder.models import build_windows, effective_window
     from envenc_ray.runtime import ensure_ray
 
     ensure_ray()
@@ -97,24 +110,25 @@ def train_encoder(config: EnvEncConfig) -> dict:
 
     # 1. read
     started = time.perf_counter()
-    data = read_hidden(shards, hidden_size)
-    window = config.encoder.window if config.encoder.kind == "temporal" else 1
+    data = read_hidden(shards, hidden_shape)
+    window = effective_window(config.encoder)
     windows = build_windows(data.episode_ids, data.steps, window)
     train_rows, val_rows = split_by_episode(data.episode_ids, config.encoder.val_fraction, config.experiment.seed)
     mean, std = data.hidden[train_rows].mean(0), data.hidden[train_rows].std(0)
     val_pairs = consecutive_pairs(data.episode_ids, val_rows)
     targets = probe_targets(data.objects, train_rows, val_rows)
-    probe_rows = _subsample(train_rows, PROBE_MAX_TRAIN_ROWS, config.experiment.seed)
+    probe_rows = probe_subsample(train_rows, hidden_shape, config.experiment.seed)
     standardized = (data.hidden - mean) / np.where(std > 1e-6, std, 1.0)
     baseline = {
         "val_consecutive_cosine_hidden": mean_cosine(data.hidden, val_pairs),
+        "val_consecutive_cosine_hidden_centred": mean_cosine(data.hidden, val_pairs, centred=True),
         "val_consecutive_cosine_hidden_standardized": mean_cosine(standardized, val_pairs),
         "probe_r2_hidden": ridge_probe_r2(data.hidden, targets, probe_rows, val_rows),
     }
     baseline["probe_r2_hidden_mean"] = mean_or_none(baseline["probe_r2_hidden"])
     timings["read_s"] = time.perf_counter() - started
-    logger.info("read %d frames (%d episodes, hidden size %d) in %.1f s", len(data.hidden),
-                len(np.unique(data.episode_ids)), data.hidden_size, timings["read_s"])
+    logger.info("read %d frames (%d episodes, hidden state shape %s) in %.1f s", len(data.hidden),
+                len(np.unique(data.episode_ids)), data.hidden_shape, timings["read_s"])
 
     # 2. train
     started = time.perf_counter()
@@ -146,6 +160,7 @@ def train_encoder(config: EnvEncConfig) -> dict:
         "config_hash": config_hash,
         "kind": config.encoder.kind,
         "hidden_size": data.hidden_size,
+        "hidden_shape": list(data.hidden_shape),
         "latent_dim": config.encoder.latent_dim,
         "window": window,
         "frames": {"train": int(len(train_rows)), "val": int(len(val_rows))},
@@ -159,7 +174,7 @@ def train_encoder(config: EnvEncConfig) -> dict:
         "resumed_from_epoch": _resumed_from(state["history"]),
         "timings": timings,
     }
-    export_encoder(best_checkpoint, encoder_dir, config, data.hidden_size, config_hash, fingerprint, metrics)
+    export_encoder(best_checkpoint, encoder_dir, config, data.hidden_shape, config_hash, fingerprint, metrics)
     timings["export_s"] = time.perf_counter() - started
     write_json_atomic(encoder_dir / "metrics.json", json_safe(metrics))  # now with the export time
 
@@ -181,17 +196,18 @@ def train_encoder(config: EnvEncConfig) -> dict:
 # ------------------------------------------------------------------------------------------------ read
 
 
-def check_shards(hidden_dir: Path) -> tuple[list[Path], int, str]:
-    """Footers of every shard: readable, required columns, one fixed hidden size, rows > 0.
+def check_shards(hidden_dir: Path) -> tuple[list[Path], tuple[int, ...], str]:
+    """Footers of every shard: readable, required columns, one fixed hidden state shape, rows > 0.
 
-    Cheap (no data pages are read), so a bad artifact fails before Ray starts. Returns the shards, the
-    hidden size and a fingerprint of the input (names, sizes, row counts) that identifies these shards.
+    Cheap (no data pages are read), so a bad artifact fails before Ray starts. Returns the shards, one
+    frame's hidden state shape ((D,), or (T, D) per token) and a fingerprint of the input (names, sizes,
+    row counts) that identifies these shards.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     shards = list_shards(hidden_dir, "hidden states (envenc embed)")
-    hidden_sizes, rows, identity = set(), 0, []
+    hidden_shapes, rows, identity = set(), 0, []
     for shard in shards:
         try:
             metadata = pq.read_metadata(shard)
@@ -202,22 +218,24 @@ def check_shards(hidden_dir: Path) -> tuple[list[Path], int, str]:
         if missing:
             raise DataError(f"{shard} lacks column(s) {', '.join(missing)}; it was not written by `envenc embed`")
         hidden_type = schema.field("hidden").type
-        if not pa.types.is_fixed_size_list(hidden_type) or not pa.types.is_floating(hidden_type.value_type):
-            raise DataError(f"{shard}: column 'hidden' is {hidden_type}, expected a fixed-size list of floats")
-        hidden_sizes.add(hidden_type.list_size)
+        hidden_shape = hidden_shape_of(hidden_type)
+        if hidden_shape is None or len(hidden_shape) > 2:
+            raise DataError(f"{shard}: column 'hidden' is {hidden_type}, expected a fixed-size list of floats (D) "
+                            "or of T fixed-size lists of floats (per-token states)")
+        hidden_shapes.add(hidden_shape)
         rows += metadata.num_rows
         identity.append((shard.name, shard.stat().st_size, metadata.num_rows))
-    if len(hidden_sizes) > 1:
-        raise DataError(f"the shards in {hidden_dir} mix hidden sizes {sorted(hidden_sizes)} (different VLMs?); "
-                        "delete hidden/ and rerun `envenc embed`")
+    if len(hidden_shapes) > 1:
+        raise DataError(f"the shards in {hidden_dir} mix hidden sizes {sorted(hidden_shapes)} (different VLMs or "
+                        "poolings?); delete hidden/ and rerun `envenc embed`")
     if rows == 0:
         raise DataError(f"{hidden_dir} holds no rows; rerun `envenc embed` on recorded frames")
-    hidden_size = hidden_sizes.pop()
-    fingerprint = hashlib.sha256(json.dumps([hidden_size, identity]).encode()).hexdigest()[:16]
-    return shards, hidden_size, fingerprint
+    hidden_shape = hidden_shapes.pop()
+    fingerprint = hashlib.sha256(json.dumps([list(hidden_shape), identity]).encode()).hexdigest()[:16]
+    return shards, hidden_shape, fingerprint
 
 
-def read_hidden(shards: list[Path], hidden_size: int) -> HiddenData:
+def read_hidden(shards: list[Path], hidden_shape: tuple[int, ...]) -> HiddenData:
     """All rows of the shards through Ray Data, sorted by (episode_id, step)."""
     import pyarrow as pa
     import ray
@@ -234,8 +252,8 @@ def read_hidden(shards: list[Path], hidden_size: int) -> HiddenData:
     episode_ids = np.concatenate([t["episode_id"].to_numpy().astype(np.int64) for t in tables])
     steps = np.concatenate([t["step"].to_numpy().astype(np.int64) for t in tables])
     hidden = np.concatenate([hidden_to_array(t["hidden"]) for t in tables])
-    if hidden.shape[1] != hidden_size:
-        raise DataError(f"hidden states are {hidden.shape[1]}-wide, the shard schemas say {hidden_size}")
+    if hidden.shape[1:] != tuple(hidden_shape):
+        raise DataError(f"hidden states are of shape {hidden.shape[1:]}, the shard schemas say {tuple(hidden_shape)}")
     if not np.isfinite(hidden).all():
         raise DataError(f"{shards[0].parent} holds NaN or infinite hidden states; check the VLM and rerun `envenc embed`")
     objects_json = [text or "{}" for t in tables for text in t["objects"].to_pylist()] if "objects" in columns else []
@@ -277,6 +295,13 @@ def split_by_episode(episode_ids: np.ndarray, val_fraction: float, seed: int) ->
     val_episodes = np.random.default_rng(seed).choice(episodes, size=n_val, replace=False)
     is_val = np.isin(episode_ids, val_episodes)
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+def probe_subsample(train_rows: np.ndarray, hidden_shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """The train rows the linear probes fit on (the hidden-state and the latent probes alike): a seeded
+    subsample of at most PROBE_MAX_TRAIN_ROWS, or PROBE_MAX_TRAIN_ROWS_TOKENS for per-token states (T, D)."""
+    limit = PROBE_MAX_TRAIN_ROWS_TOKENS if len(hidden_shape) == 2 else PROBE_MAX_TRAIN_ROWS
+    return _subsample(train_rows, limit, seed)
 
 
 def _subsample(rows: np.ndarray, limit: int, seed: int) -> np.ndarray:
@@ -365,21 +390,21 @@ def train_loop_per_worker(loop: dict) -> None:
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    from envenc_ray.encoder.models import build_autoencoder
+    from envenc_ray.encoder.models import WINDOWED_KINDS, build_autoencoder
 
     torch.set_num_threads(1)  # N workers on N cores: one thread each, or they fight over the cores
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     enc = EncoderConfig.model_validate(loop["encoder"])
     hidden, windows = ray.get(loop["hidden"]), ray.get(loop["windows"])
-    temporal = enc.kind == "temporal"
+    windowed = enc.kind in WINDOWED_KINDS
 
     def batch(rows: np.ndarray) -> torch.Tensor:
-        x = hidden[windows[rows]]  # (B, k, D), a copy
-        return torch.from_numpy(x if temporal else x[:, -1])
+        x = hidden[windows[rows]]  # (B, k, D) or (B, k, T, D), a copy
+        return torch.from_numpy(x if windowed else x[:, -1])
 
     torch.manual_seed(loop["seed"])  # identical initial weights on every worker
-    model = build_autoencoder(enc, hidden.shape[1])
+    model = build_autoencoder(enc, hidden.shape[1:])
     model.encoder_module().set_normalization(loop["mean"], loop["std"])
     init_rows = _subsample(loop["train_rows"], 1024, loop["seed"])
     model.init_codebook(batch(init_rows), generator=torch.Generator().manual_seed(loop["seed"]))
@@ -489,6 +514,7 @@ def _evaluate(model, batch, loop: dict, enc: EncoderConfig) -> dict:
         "val_mse": float(sse[val_rows].sum() / (n_val * dims)),
         "val_explained_variance": float(1 - sse[val_rows].sum() / val_total) if val_total > 0 else float("nan"),
         "val_consecutive_cosine_latent": mean_cosine(latents, loop["val_pairs"]),
+        "val_consecutive_cosine_latent_centred": mean_cosine(latents, loop["val_pairs"], centred=True),
         **loop["baseline"],
         "probe_r2_latent": probe,
         "probe_r2_latent_mean": mean_or_none(probe),
@@ -566,5 +592,5 @@ def _summary(metrics: dict) -> dict:
     }
 
 
-__all__ = ["train_encoder", "check_shards", "read_hidden", "split_by_episode", "output_hash", "resume_key",
-           "train_loop_per_worker", "HiddenData", "CHECKPOINTS_DIR"]
+__all__ = ["train_encoder", "check_shards", "read_hidden", "split_by_episode", "probe_subsample", "output_hash",
+           "resume_key", "train_loop_per_worker", "HiddenData", "CHECKPOINTS_DIR"]
