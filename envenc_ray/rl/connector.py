@@ -5,9 +5,11 @@ The connector rewrites the last observation of every episode in place (`set_obse
 so everything downstream of the EnvRunner -- the RLModule's forward pass, the learner batch, replay
 buffers, checkpointed episodes -- holds latents (and/or the 84x84 grayscale stack), never 210x160 RGB.
 
-State lives with the episode, not in the encoder: the temporal encoder's window of hidden states and the
-pixel frame stack are kept per episode id on the EnvRunner side, start fresh at an episode's reset, and
-are dropped when an episode ends (or disappears from the EnvRunner), so a long run does not leak them.
+State lives with the episode, not in the encoder: a windowed encoder's window of hidden states ((k-1, D)
+pooled, (k-1, T, D) per-token for the tokens encoder: the observer keeps whatever the encoder returns)
+and the pixel frame stack are kept per episode id on the EnvRunner side, start fresh at an episode's
+reset, and are dropped when an episode ends (or disappears from the EnvRunner), so a long run does not
+leak them.
 
 The encoder itself is built lazily on the first call, i.e. inside the EnvRunner actor, from paths or a
 Serve app name (`EncoderSource`): no model is pickled, and the driver's local EnvRunner (which has no env
@@ -150,7 +152,7 @@ class EpisodeObserver:
         check_obs_mode(obs_mode, encoder, "an encoder")
         self.obs_mode, self.encoder = obs_mode, encoder
         self.frame_stack, self.pixel_size = frame_stack, pixel_size
-        self.windows: dict[Hashable, Any] = {}  # episode -> the temporal encoder's state (None: fresh)
+        self.windows: dict[Hashable, Any] = {}  # episode -> a windowed encoder's state (None: fresh)
         self.stacks: dict[Hashable, np.ndarray] = {}  # episode -> (size, size, k) uint8 grayscale stack
         self.encode_calls = 0
         self.frames_encoded = 0
@@ -385,8 +387,11 @@ def encoder_source(config) -> EncoderSource | None:
         return serve_encoder_source(config)
     from envenc_ray.data.embed import resolve_model_path
 
+    from envenc_ray.encoder.models import check_pooling
+
     encoder_dir = Path(rl.encoder_dir) if rl.encoder_dir else config.run_dir / "encoder"
     description = read_encoder_description(encoder_dir)
+    check_pooling(description["kind"], config.vlm.pooling)  # on the driver, not in every EnvRunner
     model_path = resolve_model_path(config)
     if Path(model_path).exists():
         model_path = str(Path(model_path).resolve())

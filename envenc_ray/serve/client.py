@@ -2,7 +2,7 @@
 
     client = deploy_encoder(config)                  # or EncoderClient.connect(app_name="envenc-encoder")
     latents, windows = client.encode(frames_uint8, windows)   # (N, H, W, 3) uint8 -> (N, latent_dim) float32
-    client.hidden(frames_uint8)                      # (N, D) float32 hidden states
+    client.hidden(frames_uint8)                      # (N, D) float32 hidden states ((N, T, D) per token)
     client.stats()                                   # one dict per replica (batches, cache hit rate, errors)
 
 It is synchronous (call it from an RLlib EnvRunner actor, a plain Ray actor or a script) and picklable (build
@@ -15,7 +15,8 @@ it in the driver, ship it to the EnvRunners). Each call:
   `retries` times with exponential backoff, then raises EncoderServiceError. Errors caused by the call
   itself (InputError, ModelError) are raised at once, unchanged: retrying them cannot help.
 
-Per-episode window state (temporal encoder) is sent with each call and returned; the service keeps none.
+Per-episode window state (temporal and tokens encoders) is sent with each call and returned; the service
+keeps none.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ class EncoderClient:
 
     @property
     def window(self) -> int:
-        """Frames per latent: k for the temporal encoder, 1 otherwise (then no window state exists)."""
+        """Frames per latent: k for the windowed encoders, 1 otherwise (then no window state exists)."""
         return int(self.info["window"])
 
     @property
@@ -123,7 +124,7 @@ class EncoderClient:
         return stacked, (new_windows if self.window > 1 else None)
 
     def hidden(self, frames_uint8: np.ndarray) -> np.ndarray:
-        """The VLM's pooled hidden states (N, D) float32 of a batch of frames (N, H, W, 3) uint8."""
+        """The VLM's hidden states (N, D) float32, (N, T, D) with 'tokens' pooling, of frames (N, H, W, 3) uint8."""
         frames, resized = self._prepare(frames_uint8)
         parts = [self._call("hidden", frames[start:stop], resized) for start, stop in self._chunks(len(frames))]
         return np.concatenate(parts) if len(parts) > 1 else parts[0]

@@ -2,7 +2,7 @@
 
     app = build_app(config)                      # an Application: `serve.run(app)` or `envenc serve CONFIG`
     handle.encode.remote(frames_uint8, windows)  # -> (latents (N, L) float32, new windows | None)
-    handle.hidden.remote(frames_uint8)           # -> hidden states (N, D) float32
+    handle.hidden.remote(frames_uint8)           # -> hidden states (N, D) float32 ((N, T, D) per token)
     handle.stats.remote()                        # -> this replica's counters (batches, cache hit rate, ...)
 
 Use `client.EncoderClient` rather than the raw handle: it resizes frames client-side, splits oversized calls,
@@ -19,7 +19,7 @@ How a call flows through a replica:
    misses, one encoder forward over all calls' frames, and hands each call its own slice, or its own
    error (non-finite output) so the other calls of the batch still succeed.
 
-Replicas are stateless (DESIGN §3): a temporal encoder's per-episode window travels with the call and comes
+Replicas are stateless (DESIGN §3): a windowed encoder's per-episode window travels with the call and comes
 back updated. What is fixed at start (model, encoder, threads) is in the init args; the knobs a running
 replica can take (batch size, wait, cache size, frame limit) are Serve's `user_config`, handled by
 `reconfigure`. Serve applies a changed user_config without restarting replicas only for config-file
@@ -52,6 +52,9 @@ logger = logging.getLogger(__name__)
 
 APP_NAME = "envenc-encoder"
 DEPLOYMENT_NAME = "EnvironmentEncoder"
+# The hidden-state cache holds at most this many bytes whatever serve.cache_size says: a frame's per-token
+# states (vlm.pooling 'tokens') are T times a pooled one, megabytes on a real VLM.
+CACHE_MAX_BYTES = 1 << 30
 
 
 # ------------------------------------------------------------------------------------------ what a replica loads
@@ -90,7 +93,9 @@ def replica_spec(config: EnvEncConfig, model_path: str | Path | None = None,
     'builtin:tiny' is built into <run>/vlm here, in the driver, so replicas never race to build it.
     """
     from envenc_ray.data.embed import resolve_model_path
+    from envenc_ray.encoder.models import check_pooling
     from envenc_ray.envs.atari import game_name
+    from envenc_ray.files import read_json
 
     model = str(model_path) if model_path is not None else resolve_model_path(config)
     if Path(model).exists():
@@ -99,6 +104,9 @@ def replica_spec(config: EnvEncConfig, model_path: str | Path | None = None,
     if not (encoder / "config.json").is_file():
         raise ModelError(f"no exported encoder in {encoder}: run `envenc train-encoder CONFIG` first "
                          "(or pass an encoder directory)")
+    description = read_json(encoder / "config.json") or {}
+    if "kind" in description:  # here, not in a replica that Serve would restart; a broken export fails there
+        check_pooling(description["kind"], config.vlm.pooling)
     if config.vlm.device.startswith("cuda") and config.serve.num_gpus == 0:
         raise ConfigError(f"vlm.device={config.vlm.device!r} but serve.num_gpus=0: replicas would see no GPU; "
                           "set serve.num_gpus=1 (or vlm.device=cpu)")
@@ -155,7 +163,8 @@ def app_builder(args: dict[str, Any]):
 
 @dataclass
 class EncodeRequest:
-    """One validated call: frames (N, H, W, 3) uint8; windows None or one (k-1, D) array | None per frame."""
+    """One validated call: frames (N, H, W, 3) uint8; windows None or one (k-1, *hidden_shape) array | None
+    per frame."""
 
     frames: np.ndarray
     windows: list[np.ndarray | None] | None
@@ -234,8 +243,13 @@ class EncoderCore:
         if unknown:
             raise ConfigError(f"unknown live settings {sorted(unknown)}; known: {sorted(self.settings)}")
         self.settings = {**self.settings, **settings}
+        row_bytes = 4 * int(np.prod(self.encoder.hidden_shape))
+        capacity = min(int(self.settings["cache_size"]), CACHE_MAX_BYTES // row_bytes)
+        if capacity < int(self.settings["cache_size"]):
+            logger.info("hidden-state cache: %d entries of %s states (%d MiB), not serve.cache_size=%s", capacity,
+                        self.encoder.hidden_shape, capacity * row_bytes >> 20, self.settings["cache_size"])
         with self.lock:
-            self.cache.resize(int(self.settings["cache_size"]))
+            self.cache.resize(capacity)
 
     # ------------------------------------------------------------------ facts the client needs
 
@@ -246,6 +260,7 @@ class EncoderCore:
             "latent_dim": self.encoder.latent_dim,
             "window": self.encoder.window,
             "hidden_size": self.vlm.hidden_size,
+            "hidden_shape": self.encoder.hidden_shape,
             "image_size": tuple(self.vlm.image_size),
             "preprocessor": (  # None: the client must send raw frames (no client-side resize)
                 dataclasses.asdict(self.vlm.preprocessor) if self.preprocessor_after_resize is not None else None
@@ -283,13 +298,13 @@ class EncoderCore:
     def _check_windows(self, windows: Any, n: int) -> list[np.ndarray | None] | None:
         if windows is None or self.encoder.window == 1:
             return None  # per-frame encoders keep no state: windows are ignored, as in EnvironmentEncoder
-        if isinstance(windows, np.ndarray) and windows.ndim == 3:
-            windows = list(windows)  # (N, k-1, D): every episode continues
+        if isinstance(windows, np.ndarray):
+            windows = list(windows)  # (N, k-1, *hidden_shape): every episode continues
         if not isinstance(windows, (list, tuple)) or len(windows) != n:
             got = f"{len(windows)} window states" if isinstance(windows, (list, tuple)) else type(windows).__name__
             raise InputError(f"got {n} frames but {got}: pass a list with one window state per frame "
                              "(None at a fresh episode start)")
-        shape = (self.encoder.window - 1, self.vlm.hidden_size)
+        shape = (self.encoder.window - 1, *self.encoder.hidden_shape)
         checked: list[np.ndarray | None] = []
         for i, window in enumerate(windows):
             if window is None:
@@ -314,7 +329,7 @@ class EncoderCore:
         results: list[Any] = [None] * len(requests)
         to_encode = []
         for i, (request, states) in enumerate(zip(requests, hidden)):
-            bad = ~np.isfinite(states).all(axis=1)
+            bad = ~np.isfinite(states.reshape(len(states), -1)).all(axis=1)
             if bad.any():
                 results[i] = ModelError(
                     f"the VLM produced non-finite hidden states for frames {np.flatnonzero(bad)[:8].tolist()} of "
@@ -364,7 +379,7 @@ class EncoderCore:
 
     def _hidden_states(self, requests: list[EncodeRequest]) -> list[np.ndarray]:
         """Hidden states (n_i, D) per call: cached rows, plus one forward per frame size over the misses."""
-        outputs = [np.empty((len(r.frames), self.vlm.hidden_size), np.float32) for r in requests]
+        outputs = [np.empty((len(r.frames), *self.encoder.hidden_shape), np.float32) for r in requests]
         groups: dict[tuple, dict[Any, tuple[np.ndarray, list[tuple[int, int]]]]] = {}
         hits = duplicates = 0
         use_cache = self.cache.capacity > 0
@@ -467,11 +482,11 @@ class EnvironmentEncoderDeployment:
 
     async def encode(self, frames_uint8: np.ndarray, windows: list | None = None, resized: bool = False
                      ) -> tuple[np.ndarray, list[np.ndarray] | None]:
-        """Latents (N, latent_dim) float32 and the new window states (temporal encoder; else None)."""
+        """Latents (N, latent_dim) float32 and the new window states (windowed encoders; else None)."""
         return await self._submit(frames_uint8, windows, resized, "latents")
 
     async def hidden(self, frames_uint8: np.ndarray, resized: bool = False) -> np.ndarray:
-        """The VLM's pooled hidden states (N, D) float32."""
+        """The VLM's hidden states (N, D) float32, or (N, T, D) with 'tokens' pooling."""
         return await self._submit(frames_uint8, None, resized, "hidden")
 
     def info(self) -> dict[str, Any]:
@@ -499,7 +514,7 @@ class EnvironmentEncoderDeployment:
     async def __call__(self, request):
         """HTTP: POST /encode or /hidden with a .npy (N, H, W, 3) uint8 body -> .npy float32 body.
 
-        A temporal encoder's window state travels as .npz: frames, windows (N, k-1, D) float32 and fresh
+        A windowed encoder's state travels as .npz: frames, windows (N, k-1, *hidden_shape) float32 and fresh
         (N,) bool (True: start that episode fresh); the answer is .npz with latents and windows.
         Without windows every frame starts a fresh episode. GET /info and /stats return JSON.
         """
