@@ -73,6 +73,27 @@ def _build_parser() -> argparse.ArgumentParser:
         help="sweep file: metric, mode, num_samples, scheduler and params (dotted keys -> grid/choice/uniform/...); "
         "see configs/sweeps/ppo-lr.yaml",
     )
+    experiment = commands.add_parser(
+        "experiment",
+        help="compare arms (named config overrides) over seeds at an equal env-step budget, as Ray Tune trials",
+        description="Every (arm, seed) trains exactly --steps env steps as one Ray Tune trial (in turn or a few at "
+        "once here, in parallel on a cluster), then plays greedy full-length episodes. Frames, VLMs, hidden states "
+        "and encoders are built once, before the trials, and shared by the arms that need them. A rerun resumes: "
+        "finished trials and current artifacts are skipped. Writes <run>/experiments/<arms file stem>/results.json "
+        "and plots (mean return vs env steps with a 95% bootstrap band over seeds, final evaluation returns).",
+        epilog="e.g. envenc experiment configs/pong-tiny.yaml --arms configs/experiments/obs-mode.yaml --seeds 3 "
+        "--steps 51200",
+    )
+    _add_config_arguments(experiment)
+    experiment.add_argument("--arms", required=True, metavar="ARMS.yaml",
+                            help="arms file: question, arms (name -> dotted overrides), optional common, steps, "
+                            "seeds; see configs/experiments/")
+    experiment.add_argument("--seeds", type=int, help="seeds per arm, 0..S-1 (default: the arms file's seeds)")
+    experiment.add_argument("--steps", type=int,
+                            help="env steps per trial, a whole number of iterations (default: the arms file's steps)")
+    experiment.add_argument("--concurrent", type=int,
+                            help="trials at once (default: as many as fit the Ray cluster)")
+    experiment.set_defaults(handler=_experiment)
     evaluate = commands.choices["evaluate"]
     evaluate.add_argument("--checkpoint", help="checkpoint folder (default: the newest in <run>/agent/)")
     evaluate.add_argument("--episodes", type=int, help="greedy episodes to play (default rl.eval_episodes)")
@@ -190,6 +211,13 @@ def _stage_handler(name: str):
         entry(_load(args), **options)
 
     return handler
+
+
+def _experiment(args: argparse.Namespace) -> None:
+    from envenc_ray.rl.experiment import experiment
+
+    experiment(_load(args), args.arms, seeds=args.seeds, steps=args.steps, concurrent=args.concurrent,
+               command="envenc " + " ".join(sys.argv[1:]))
 
 
 def _bench(args: argparse.Namespace) -> None:

@@ -1,0 +1,547 @@
+"""Stage `experiment`: seeded, equal-budget comparisons of arms as Ray Tune trials -> <run>/experiments/<arms>/.
+
+    read the arms file (configs/experiments/*.yaml): a question, and per arm a name + dotted config overrides
+    -> one config per arm, checked before anything runs: keys and values, RLlib's batch rules, the step budget,
+       and that a trial fits the cluster
+    -> build the shared artifacts once, before the trials: frames, [the finetuned VLM], hidden states, encoders,
+       each in a folder keyed by a hash of the settings that determine it, so arms, seeds and other arms files
+       of the same config reuse them
+    -> Tuner.fit over the (arm, seed) pairs without a current result: each trial trains exactly --steps env
+       steps, saves its policy, plays greedy full-length episodes and writes its result.json atomically
+    -> results.json (per arm and seed: learning curve, evaluation return, wall time; per arm: diagnostics),
+       curves.png (mean training return vs env steps, 95% bootstrap band over seeds) and eval_returns.png.
+
+Layout under the config's run directory:
+
+    artifacts/<data key>/                       frames/, vlm/, hidden/ of one data config (collect, advise, embed)
+    artifacts/<data key>/encoders/<encoder key>/  one exported encoder per encoder section
+    experiments/<arms file stem>/               results.json, *.png, trials/<arm>/seed-<s>/, tune/ (Tune's own)
+
+Seeds: trial seed s becomes experiment.seed of the agent only (RLlib's seed, env resets, evaluation). The
+artifacts are built with the config's experiment.seed, so all seeds of an arm see the same encoder and the
+spread over seeds is the agent's. Resuming: rerunning the same command skips every trial whose result.json
+matches its config and budget (a killed trial restarts from its first step) and every current artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
+from pydantic import BaseModel, ConfigDict, Field, ValidationError  # noqa: E402
+from ray import tune as ray_tune  # noqa: E402
+
+from envenc_ray.config import EnvEncConfig  # noqa: E402
+from envenc_ray.errors import ConfigError, DataError, EnvEncError  # noqa: E402
+from envenc_ray.files import read_json, write_json_atomic  # noqa: E402
+from envenc_ray.rl.tune import (  # noqa: E402
+    absolute_paths,
+    check_resources,
+    check_rllib_settings,
+    raise_trial_error,
+    trial_bundles,
+    trial_config,
+)
+
+RESULT_FILE = "result.json"
+BOOTSTRAP_RESAMPLES = 2000
+CURVE_POINTS = 100  # learning-curve points per trial, at most
+SAMPLING_TIMERS = ("env_runner_sampling_timer", "sample")  # RLlib's names in PPO's and DreamerV3's results
+ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")  # becomes a folder name
+# Keys an arm may not set, because the experiment sets them for every trial.
+SET_BY_EXPERIMENT = {
+    "experiment": "the experiment owns the run directory, and a trial's experiment.seed is its seed (--seeds)",
+    "rl.encoder_source": "trials load their arm's encoder inside each EnvRunner (in_process)",
+    "rl.encoder_dir": "each arm trains (or reuses) its own encoder",
+    "rl.iterations": "the budget is --steps env steps",
+    "rl.eval_max_steps": "evaluation plays full-length episodes",
+}
+
+
+# ----------------------------------------------------------------------------- the arms file
+
+
+class ArmsSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    question: str = Field(..., description="What the arms compare; the plot's title.")
+    steps: int | None = Field(None, ge=1, description="Env steps per trial when --steps is not given.")
+    seeds: int | None = Field(None, ge=1, description="Seeds per arm (0 .. seeds-1) when --seeds is not given.")
+    common: dict[str, Any] = Field({}, description="Dotted overrides of every arm, applied before the arm's own.")
+    arms: dict[str, dict[str, Any]] = Field(..., min_length=1, description="Arm name -> dotted config overrides.")
+
+
+def load_arms(path: Path) -> ArmsSpec:
+    if not path.is_file():
+        raise ConfigError(f"arms file {path} does not exist; see configs/experiments/obs-mode.yaml for the format")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"arms file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"arms file {path} must hold a mapping with question, arms and optionally steps, seeds, "
+                          "common")
+    try:
+        spec = ArmsSpec.model_validate(data)
+    except ValidationError as error:
+        problems = [f"'{'.'.join(str(p) for p in item['loc']) or '(top level)'}': {item['msg']}"
+                    for item in error.errors()]
+        raise ConfigError(f"arms file {path}: {'; '.join(problems)} (known keys: "
+                          f"{', '.join(ArmsSpec.model_fields)})") from None
+    for name, overrides in spec.arms.items():
+        if not ARM_NAME.match(name):
+            raise ConfigError(f"arms file {path}: arm name {name!r} must be letters, digits and _ . + - "
+                              "(it names a folder)")
+        for key in [*spec.common, *overrides]:
+            for prefix, why in SET_BY_EXPERIMENT.items():
+                if key == prefix or key.startswith(prefix + "."):
+                    raise ConfigError(f"arms file {path}: arm {name!r} sets '{key}', which the experiment sets "
+                                      f"itself: {why}")
+    return spec
+
+
+def check_budget(config: EnvEncConfig, steps: int, origin: str) -> None:
+    """Every trial must stop at exactly `steps` env steps, so `steps` must be a whole number of iterations.
+
+    RLlib samples in rounds of (EnvRunners x sub-envs x rollout fragment) env steps. PPO takes exactly
+    train_batch_size steps per iteration when that is a whole number of rounds; DreamerV3 first fills its
+    replay buffer with batch_size_B x batch_length_T steps, then samples one round per iteration."""
+    rl = config.rl
+    round_steps = max(1, rl.num_env_runners) * rl.num_envs_per_env_runner * (rl.rollout_fragment_length or 1)
+    if rl.algo == "ppo":
+        if rl.train_batch_size % round_steps:
+            raise ConfigError(f"{origin}: rl.train_batch_size ({rl.train_batch_size}) must be a multiple of EnvRunners "
+                              f"x sub-envs x rollout fragment ({round_steps}) so that every iteration samples exactly "
+                              "that many env steps")
+        per_iteration = first = rl.train_batch_size
+    else:
+        per_iteration = round_steps
+        first = math.ceil(rl.dreamer_batch_size_B * rl.dreamer_batch_length_T / round_steps) * round_steps
+    if steps < first or steps % per_iteration:
+        lower = max(first, steps - steps % per_iteration)
+        raise ConfigError(f"{origin}: --steps {steps} is not a whole number of iterations of {per_iteration} env "
+                          f"steps ({rl.algo}, at least {first}); use --steps {lower} or {lower + per_iteration}, "
+                          "or change rl.train_batch_size / rl.num_envs_per_env_runner")
+
+
+# ----------------------------------------------------------------------------- shared artifacts
+
+
+def data_key(config: EnvEncConfig) -> str:
+    """Hash of what frames, the (finetuned) VLM and hidden states depend on; the trial seed is not part of it."""
+    payload = {"experiment.seed": config.experiment.seed,
+               **{name: getattr(config, name).model_dump(mode="json")
+                  for name in ("env", "collect", "vlm", "stage2", "embed")}}
+    if config.stage2.method == "finetuned":  # the advise settings matter only when a finetuned VLM is made
+        payload["advise"] = config.advise.model_dump(mode="json")
+        payload["encoder.val_fraction"] = config.encoder.val_fraction  # advise holds out the probes' episodes
+    return _hash(payload)
+
+
+def encoder_key(config: EnvEncConfig) -> str:
+    return _hash({"data": data_key(config), "encoder": config.encoder.model_dump(mode="json")})
+
+
+def _hash(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def artifact_config(config: EnvEncConfig, artifacts_root: Path) -> EnvEncConfig:
+    """The arm's config with its run directory moved to the artifact folder of its data key: the stages then
+    read and write there (and skip what is current), whichever arm or arms file asks."""
+    located = config.model_copy(deep=True)
+    located.experiment.run_root = str(artifacts_root)
+    located.experiment.name = data_key(config)
+    return located
+
+
+def build_artifacts(arm_configs: dict[str, EnvEncConfig], artifacts_root: Path) -> dict[str, Path | None]:
+    """collect -> [advise] -> embed -> train-encoder for every arm that sees latents; arm -> its encoder folder
+    (None for pixels). The stages skip themselves when their output is current, so arms that share a data key
+    share frames, VLM and hidden states; each distinct encoder section is trained once and kept under its key."""
+    from envenc_ray.data.collect import collect
+    from envenc_ray.data.embed import embed
+    from envenc_ray.encoder.train import train_encoder
+
+    encoders: dict[str, Path | None] = {}
+    for arm, config in arm_configs.items():
+        if config.rl.obs_mode == "pixels":
+            encoders[arm] = None
+            continue
+        located = artifact_config(config, artifacts_root)
+        target = located.run_dir / "encoders" / encoder_key(config)
+        if (target / "model.safetensors").is_file():  # only ever created whole, by the rename below
+            print(f"experiment: arm {arm} reuses the encoder {target}")
+        else:
+            print(f"experiment: arm {arm}: building artifacts in {located.run_dir}")
+            collect(located)
+            if config.stage2.method == "finetuned":
+                from envenc_ray.data.advise import advise
+
+                advise(located)
+            embed(located)
+            train_encoder(located)
+            # train_encoder always exports to <run>/encoder; keeping each export under its own key lets the
+            # next encoder section train beside it on the same hidden states.
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(located.run_dir / "encoder", target)
+        encoders[arm] = target
+    return encoders
+
+
+def encoder_diagnostics(encoder_dir: Path | None) -> dict | None:
+    """What the encoder's metrics.json says of its latent at the best epoch (None for pixels arms)."""
+    if encoder_dir is None:
+        return None
+    metrics = read_json(encoder_dir / "metrics.json") or {}
+    best = next((e for e in metrics.get("epochs", []) if e["epoch"] == metrics.get("best_epoch")), {})
+    return {
+        "encoder_dir": str(encoder_dir),
+        "probe_r2_latent_mean": best.get("probe_r2_latent_mean"),
+        "probe_r2_latent": best.get("probe_r2_latent"),
+        # centred (vectors minus their mean): written by encoders trained after issue 9; None before that
+        "consecutive_cosine_latent_centred": best.get("val_consecutive_cosine_latent_centred"),
+        "consecutive_cosine_latent": best.get("val_consecutive_cosine_latent"),
+    }
+
+
+# ----------------------------------------------------------------------------- trials
+
+
+@dataclass(frozen=True)
+class Trial:
+    arm: str
+    seed: int
+    config: EnvEncConfig  # what this trial trains and evaluates
+    directory: Path  # its result.json and policy/
+    fingerprint: str  # config + budget: a result.json with another fingerprint is stale
+
+    @property
+    def key(self) -> str:
+        return f"{self.arm}/{self.seed}"
+
+    def is_done(self) -> bool:
+        return (read_json(self.directory / RESULT_FILE) or {}).get("fingerprint") == self.fingerprint
+
+
+def plan_trials(arm_configs: dict[str, EnvEncConfig], encoders: dict[str, Path | None], seeds: int, steps: int,
+                artifacts_root: Path, out_dir: Path) -> list[Trial]:
+    trials = []
+    for arm, arm_config in arm_configs.items():
+        for seed in range(seeds):
+            config = arm_config.model_copy(deep=True)
+            if encoders[arm] is not None:  # run dir = the artifact folder, so the VLM resolves as embed's did
+                config = artifact_config(arm_config, artifacts_root)
+                config.rl.encoder_dir = str(encoders[arm])
+            config.experiment.seed = seed
+            config.rl.encoder_source = "in_process"
+            config.rl.eval_max_steps = None
+            fingerprint = _hash({"config": config.model_dump(mode="json"), "steps": steps})
+            trials.append(Trial(arm, seed, config, out_dir / "trials" / arm / f"seed-{seed}", fingerprint))
+    return trials
+
+
+def run_trial(params: dict, *, plans: dict[str, dict]) -> None:
+    """One (arm, seed), inside its Tune actor: exactly `steps` env steps of training, then greedy evaluation."""
+    from envenc_ray.rl.connector import new_error_key
+    from envenc_ray.rl.evaluate import evaluate, save_policy
+    from envenc_ray.rl.train import build_algorithm, metrics_row, train_iteration
+    from envenc_ray.runtime import set_torch_threads
+
+    plan = plans[params["trial"]]
+    config = EnvEncConfig.model_validate(plan["config"])
+    directory, budget = Path(plan["directory"]), plan["steps"]
+    set_torch_threads(config.rl.torch_threads)  # this process holds the learner (rl.num_learners=0)
+    started = time.perf_counter()
+    error_key = new_error_key()
+    algo = build_algorithm(config, error_key)
+    # At most CURVE_POINTS points (and Tune reports): DreamerV3 samples one round of a few env steps per iteration.
+    report_every = max(1, budget // CURVE_POINTS)
+    curve, steps, loop_s, encode_s, sampling_s = [], 0, 0.0, 0.0, 0.0
+    try:
+        while steps < budget:
+            result = train_iteration(algo, error_key)
+            row = metrics_row(result)
+            steps = int(row["env_steps_lifetime"])
+            loop_s += row["seconds"]
+            if row["encoder_calls"]:
+                encode_s += row["encoder_calls"] * row["encoder_call_ms"] / 1000
+            timers = result.get("timers", {})
+            sampling_s += next((timers[key] for key in SAMPLING_TIMERS if key in timers), 0.0)
+            reported = curve[-1][0] if curve else 0
+            if steps // report_every > reported // report_every or steps >= budget:
+                curve.append([steps, row["episode_return_mean"]])
+                ray_tune.report({"env_steps": steps, "env_steps_per_s": row["env_steps_per_s"] or math.nan,
+                                 "episode_return_mean": _nan_if_none(row["episode_return_mean"])})
+        policy_dir = directory / "policy"
+        policy_dir.mkdir(parents=True, exist_ok=True)
+        save_policy(algo, policy_dir, config)
+        iterations = algo.iteration
+    finally:
+        algo.stop()
+    if steps != budget:
+        raise DataError(f"trial {params['trial']} sampled {steps} env steps, not {budget}: RLlib overshot the "
+                        "budget; make --steps a multiple of the env steps one iteration samples")
+    train_s = time.perf_counter() - started
+    evaluation = evaluate(config, checkpoint=policy_dir)
+    # Encoder calls happen in the EnvRunners, in parallel: their summed time over the EnvRunners' sampling time.
+    # RLlib's sampling timer is a moving average of the iterations', so the share is approximate.
+    runners = max(1, config.rl.num_env_runners)
+    write_json_atomic(directory / RESULT_FILE, {
+        "arm": plan["arm"],
+        "seed": config.experiment.seed,
+        "fingerprint": plan["fingerprint"],
+        "env_steps": steps,
+        "iterations": iterations,
+        "curve": curve,
+        "eval": {key: evaluation[key] for key in ("episodes", "return_mean", "return_std", "returns", "lengths")},
+        "wall_s": time.perf_counter() - started,
+        "train_s": train_s,
+        "env_steps_per_s": steps / loop_s,  # sampling and learning, without building the algorithm
+        "encoder_share_of_sampling": encode_s / (runners * sampling_s) if encode_s and sampling_s else None,
+    })
+
+
+def _nan_if_none(value: float | None) -> float:
+    return math.nan if value is None else value  # Tune wants the same keys in every report
+
+
+def _trial_dirname(trial) -> str:
+    return "trial_" + trial.config["trial"].replace("/", "_seed")
+
+
+class TrialLines(ray_tune.Callback):
+    """One line per trial iteration and per failed trial, instead of Tune's periodic status tables."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        episode_return, speed = result.get("episode_return_mean"), result.get("env_steps_per_s")
+        print(f"experiment: {trial.config['trial']} iteration {result.get('training_iteration')}: "
+              f"{int(result.get('env_steps', 0))}/{self.budget} env steps, return "
+              f"{'-' if math.isnan(episode_return) else f'{episode_return:.2f}'}, "
+              f"{'-' if math.isnan(speed) else f'{speed:.0f}'} env steps/s", flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        print(f"experiment: {trial.config['trial']} failed; see {trial.path}", flush=True)
+
+
+def run_trials(trials: list[Trial], steps: int, concurrent: int, out_dir: Path) -> None:
+    from ray.tune import PlacementGroupFactory
+
+    plans = {t.key: {"arm": t.arm, "config": t.config.model_dump(mode="json"), "steps": steps,
+                     "directory": str(t.directory), "fingerprint": t.fingerprint} for t in trials}
+    bundles = {t.key: trial_bundles(t.config) for t in trials}
+    trainable = ray_tune.with_resources(
+        ray_tune.with_parameters(run_trial, plans=plans),
+        resources=lambda params: PlacementGroupFactory(bundles[params["trial"]], strategy="PACK"))
+    tuner = ray_tune.Tuner(
+        trainable,
+        param_space={"trial": ray_tune.grid_search(list(plans))},
+        tune_config=ray_tune.TuneConfig(max_concurrent_trials=concurrent, trial_dirname_creator=_trial_dirname),
+        run_config=ray_tune.RunConfig(name=f"run-{time.strftime('%Y%m%d-%H%M%S')}",
+                                      storage_path=str((out_dir / "tune").resolve()), verbose=0,
+                                      failure_config=ray_tune.FailureConfig(max_failures=0),
+                                      callbacks=[TrialLines(steps)]),
+    )
+    grid = tuner.fit()
+    failed = [result for result in grid if result.error is not None]
+    if failed and len(failed) == len(trials):
+        raise_trial_error(grid)
+    if failed:
+        raise EnvEncError(f"{len(failed)} of {len(trials)} trials failed (logs: {', '.join(r.path for r in failed)}); "
+                          "the others' results are kept: rerun the same command to retry only the failed ones")
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def experiment(config: EnvEncConfig, arms_path: str, seeds: int | None = None, steps: int | None = None,
+               concurrent: int | None = None, command: str | None = None) -> dict:
+    """Run (or resume) the experiment of `arms_path` on `config`; returns the summary also in results.json."""
+    import ray
+
+    from envenc_ray.runtime import ensure_ray
+
+    started = time.perf_counter()
+    path = Path(arms_path)
+    spec = load_arms(path)
+    steps = spec.steps if steps is None else steps
+    seeds = spec.seeds if seeds is None else seeds
+    if steps is None or seeds is None or steps < 1 or seeds < 1:
+        raise ConfigError(f"--steps and --seeds must be positive numbers (got {steps}, {seeds}); give them, or set "
+                          f"steps and seeds in the arms file {path}")
+    base = absolute_paths(config)  # trials run in Tune's folders: every path they read must be absolute
+    base_dump = base.model_dump(mode="json")
+    arm_configs = {}
+    for arm, overrides in spec.arms.items():
+        origin = f"arms file {path}, arm {arm!r}"
+        overrides = {**spec.common, **overrides}
+        arm_config = trial_config(base_dump, overrides, origin)
+        check_rllib_settings(arm_config, overrides, origin)
+        check_budget(arm_config, steps, origin)
+        arm_configs[arm] = arm_config
+
+    ensure_ray()
+    # A trial that can never be placed would make Tune wait forever: fail now, before building anything.
+    largest, fit = check_resources(list(arm_configs.values()), {"CPU": 0.0, "GPU": 0.0}, ray.cluster_resources(),
+                                   path)
+    artifacts_root = base.run_dir / "artifacts"
+    out_dir = base.run_dir / "experiments" / path.stem
+    encoders = build_artifacts(arm_configs, artifacts_root)
+    trials = plan_trials(arm_configs, encoders, seeds, steps, artifacts_root, out_dir)
+    pending = [t for t in trials if not t.is_done()]
+    concurrent = concurrent or fit
+    print(f"experiment: {path}: {len(spec.arms)} arms x {seeds} seeds x {steps} env steps; "
+          f"{len(trials) - len(pending)} trials already done, {len(pending)} to run, {concurrent} at once "
+          f"({sum(b['CPU'] for b in largest):g} CPUs each)", flush=True)
+    if pending:
+        run_trials(pending, steps, concurrent, out_dir)
+
+    summary = {
+        "arms_file": str(path),
+        "question": spec.question,
+        "command": command,
+        "steps": steps,
+        "seeds": list(range(seeds)),
+        "evaluation": {"episodes": base.rl.eval_episodes, "max_steps": None, "policy": "greedy"},
+        "curve": "(env steps, RLlib's mean return of the recent training episodes) after each iteration",
+        "trials_run": [t.key for t in pending],
+        "arms": summarize_arms(spec, arm_configs, encoders, trials),
+        "seconds": time.perf_counter() - started,
+    }
+    write_json_atomic(out_dir / "results.json", summary)
+    plot_curves(summary, out_dir / "curves.png")
+    plot_eval_returns(summary, out_dir / "eval_returns.png")
+    print_table(summary, out_dir)
+    return summary
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def summarize_arms(spec: ArmsSpec, arm_configs: dict[str, EnvEncConfig], encoders: dict[str, Path | None],
+                   trials: list[Trial]) -> dict:
+    rng = np.random.default_rng(0)
+    arms = {}
+    for arm, arm_config in arm_configs.items():
+        results = {t.seed: read_json(t.directory / RESULT_FILE) for t in trials if t.arm == arm}
+        seeds = {str(seed): result for seed, result in results.items() if result is not None}
+        returns = np.array([[result["eval"]["return_mean"] for result in seeds.values()]])
+        shares = [r["encoder_share_of_sampling"] for r in seeds.values() if r["encoder_share_of_sampling"]]
+        low, high = bootstrap_ci(returns, rng) if seeds else (None, None)
+        arms[arm] = {
+            "overrides": {**spec.common, **spec.arms[arm]},
+            "algo": arm_config.rl.algo,
+            "obs_mode": arm_config.rl.obs_mode,
+            "seeds": seeds,
+            "eval_return_mean": float(returns.mean()) if seeds else None,
+            "eval_return_ci95": [float(low[0]), float(high[0])] if seeds else None,
+            "wall_s_mean": float(np.mean([r["wall_s"] for r in seeds.values()])) if seeds else None,
+            "diagnostics": {"encoder": encoder_diagnostics(encoders[arm]),
+                            "encoder_share_of_sampling": float(np.mean(shares)) if shares else None},
+        }
+    return arms
+
+
+def bootstrap_ci(values: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """95% percentile-bootstrap interval of the mean over seeds (axis 1) for every row of `values`."""
+    seeds = values.shape[1]
+    picks = rng.integers(seeds, size=(BOOTSTRAP_RESAMPLES, seeds))
+    means = values[:, picks].mean(axis=2)  # (rows, resamples)
+    return np.percentile(means, 2.5, axis=1), np.percentile(means, 97.5, axis=1)
+
+
+def mean_curve(curves: list[list[list[float | None]]], rng: np.random.Generator):
+    """(steps, mean, low, high) over seeds on the union of their step counts; each seed's curve is linearly
+    interpolated there, from its first finished episode on (before that there is no return to average)."""
+    grid = np.unique([point[0] for curve in curves for point in curve]).astype(float)
+    values = []
+    for curve in curves:
+        known = np.array([point for point in curve if point[1] is not None], dtype=float).reshape(-1, 2)
+        values.append(np.interp(grid, known[:, 0], known[:, 1], left=np.nan) if len(known) else np.full(len(grid),
+                                                                                                      np.nan))
+    values = np.array(values).T  # (grid points, seeds)
+    defined = ~np.isnan(values).any(axis=1)
+    grid, values = grid[defined], values[defined]
+    if not len(grid):
+        return grid, grid, grid, grid
+    low, high = bootstrap_ci(values, rng)
+    return grid, values.mean(axis=1), low, high
+
+
+def plot_curves(summary: dict, path: Path) -> None:
+    rng = np.random.default_rng(0)
+    figure, axis = plt.subplots(figsize=(7.5, 4.5))
+    for arm, record in summary["arms"].items():
+        if not record["seeds"]:
+            continue
+        steps, mean, low, high = mean_curve([seed["curve"] for seed in record["seeds"].values()], rng)
+        line, = axis.plot(steps, mean, label=f"{arm} ({len(record['seeds'])} seeds)")
+        axis.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+    axis.set(title=summary["question"], xlabel="env steps",
+             ylabel="mean training episode return", xlim=(0, summary["steps"]))
+    axis.legend(title="shaded: 95% bootstrap CI over seeds", fontsize="small", title_fontsize="small")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_eval_returns(summary: dict, path: Path) -> None:
+    figure, axis = plt.subplots(figsize=(7.5, 4.0))
+    names = list(summary["arms"])
+    for position, arm in enumerate(names):
+        record = summary["arms"][arm]
+        if not record["seeds"]:
+            continue
+        per_seed = [seed["eval"]["return_mean"] for seed in record["seeds"].values()]
+        axis.scatter([position] * len(per_seed), per_seed, color="grey", s=14, zorder=2)
+        low, high = record["eval_return_ci95"]
+        mean = record["eval_return_mean"]
+        axis.errorbar([position], [mean], yerr=[[mean - low], [high - mean]], fmt="o", color="black", capsize=6,
+                      zorder=3)
+    axis.set_xticks(range(len(names)), names)
+    axis.set_xlim(-0.5, len(names) - 0.5)
+    axis.set(title=f"Greedy evaluation after {summary['steps']} env steps, {summary['evaluation']['episodes']} "
+                   "episodes per seed, no step cap\n(grey: each seed's mean; black: 95% bootstrap CI over seeds)",
+             ylabel="mean episode return")
+    axis.grid(alpha=0.3, axis="y")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def print_table(summary: dict, out_dir: Path) -> None:
+    header = ["arm", "seeds", "eval return", "95% CI", "env steps/s", "probe R2", "encoder share"]
+    lines = []
+    for arm, record in summary["arms"].items():
+        speeds = [seed["env_steps_per_s"] for seed in record["seeds"].values()]
+        encoder = record["diagnostics"]["encoder"] or {}
+        share = record["diagnostics"]["encoder_share_of_sampling"]
+        ci = record["eval_return_ci95"]
+        lines.append([arm, str(len(record["seeds"])), _fmt(record["eval_return_mean"]),
+                      f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "-", _fmt(np.mean(speeds) if speeds else None),
+                      _fmt(encoder.get("probe_r2_latent_mean")), _fmt(share)])
+    widths = [max(len(cell) for cell in column) for column in zip(header, *lines)]
+    for line in [header, *lines]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)))
+    print(f"experiment: results in {out_dir / 'results.json'}, plots curves.png and eval_returns.png")
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.3g}"
