@@ -18,8 +18,8 @@ Layout under the config's run directory:
     experiments/<arms file stem>/               results.json, *.png, trials/<arm>/seed-<s>/, tune/ (Tune's own)
 
 Seeds: trial seed s becomes experiment.seed of the agent only (RLlib's seed, env resets, evaluation). The
-artifacts are built with the config's experiment.seed, so all seeds of an arm see the same encoder and the
-spread over seeds is the agent's. Resuming: rerunning the same command skips every trial whose result.json
+artifacts are built with the config's experiment.seed, and a trial reads its arm's VLM and encoder by path
+(vlm.model, rl.encoder_dir), so all seeds of an arm see the same latents and the spread over seeds is the agent's. Resuming: rerunning the same command skips every trial whose result.json
 matches its config and budget (a killed trial restarts from its first step) and every current artifact.
 """
 
@@ -239,12 +239,17 @@ class Trial:
 
 def plan_trials(arm_configs: dict[str, EnvEncConfig], encoders: dict[str, Path | None], seeds: int, steps: int,
                 artifacts_root: Path, out_dir: Path) -> list[Trial]:
+    from envenc_ray.data.embed import resolve_model_path
+
     trials = []
     for arm, arm_config in arm_configs.items():
         for seed in range(seeds):
             config = arm_config.model_copy(deep=True)
-            if encoders[arm] is not None:  # run dir = the artifact folder, so the VLM resolves as embed's did
-                config = artifact_config(arm_config, artifacts_root)
+            if encoders[arm] is not None:
+                # The VLM that embed read (the built-in tiny one, or the finetuned one its advise.json names),
+                # given by path: the trial loads it as is, so nothing about it depends on the trial seed.
+                config.vlm.model = resolve_model_path(artifact_config(arm_config, artifacts_root))
+                config.stage2.method = "pretrained"
                 config.rl.encoder_dir = str(encoders[arm])
             config.experiment.seed = seed
             config.rl.encoder_source = "in_process"
