@@ -19,8 +19,9 @@ Layout under the config's run directory:
 
 Seeds: trial seed s becomes experiment.seed of the agent only (RLlib's seed, env resets, evaluation). The
 artifacts are built with the config's experiment.seed, and a trial reads its arm's VLM and encoder by path
-(vlm.model, rl.encoder_dir), so all seeds of an arm see the same latents and the spread over seeds is the agent's. Resuming: rerunning the same command skips every trial whose result.json
-matches its config and budget (a killed trial restarts from its first step) and every current artifact.
+(vlm.model, rl.encoder_dir), so all seeds of an arm see the same latents and the spread over seeds is the
+agent's. Resuming: rerunning the same command skips every trial whose result.json matches its config and
+budget (a killed trial restarts from its first step) and every current artifact.
 """
 
 from __future__ import annotations
