@@ -5,6 +5,7 @@
     annotation = annotator.annotate(env.unwrapped.ale.getRAM())
     annotation.objects            # {"player_y": 120.0, "ball_x": 80.0, ..., "player_score": 3, ...}
     annotation.advice             # "a game of pong, the score is 1-3, the right player should move up"
+    annotation.description        # "the ball is at column 4 row 6, below the right paddle, ..."
     annotation.heuristic_action   # index into the env's action space, chosen by the same decision
 
 Positions are the centre of the object in screen pixels of the 210x160 frame (x to the right, y down),
@@ -16,10 +17,15 @@ points the enemy paddle slides off the top of the screen (negative y) and reappe
 The advice names the move the heuristic takes, so a sentence and `heuristic_action` never disagree. The
 score in a sentence reads as the frame shows it: left-right for two-player games (Pong's agent is the
 RIGHT paddle, so "3-1" there means the agent has 1), the agent's own score for the others.
+
+The description names what an agent needs to see, in words a small VLM can learn to say: each object's
+cell in a GRID x GRID grid over the 210x160 frame, where the ball is relative to the agent's paddle, lives
+and score. It is a pure function of `objects`, so it can be rebuilt from recorded frames at any time.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from dataclasses import dataclass
@@ -30,6 +36,10 @@ from envenc_ray.envs.atari import game_name
 from envenc_ray.errors import InputError, UnsupportedGameError
 
 ANNOTATED_GAMES = ("pong", "breakout", "boxing", "freeway")
+FRAME_HEIGHT, FRAME_WIDTH = 210, 160
+# Descriptions place objects in a 10 x 10 grid (16 px columns, 21 px rows): fine enough that a probe of
+# the model's state can recover positions, coarse enough that every cell is one short number word.
+GRID = 10
 
 # Every phrase an advice sentence can end with, per game: the tokenizer of the built-in tiny VLM is
 # trained on sentences built from these, so its vocabulary covers all advice text.
@@ -63,11 +73,33 @@ def advice_corpus(seed: int = 0, per_game: int = 400) -> list[str]:
     return sentences
 
 
+def describe_corpus(seed: int = 0, per_game: int = 400) -> list[str]:
+    """Description sentences of every annotated game, decoded from random RAM (covers the whole vocabulary)."""
+    rng = np.random.default_rng(seed)
+    sentences = []
+    for game in ANNOTATED_GAMES:
+        annotator = _ANNOTATORS[game](list(_ANNOTATORS[game].moves.values()))
+        for _ in range(per_game):
+            sentences.append(annotator.describe(annotator.decode(rng.integers(0, 256, 128).tolist())))
+    return sentences
+
+
+def column(x: float) -> int:
+    """Grid column (0 = left) of a screen x coordinate; off-screen values clamp to the edge cells."""
+    return min(GRID - 1, max(0, int(x * GRID // FRAME_WIDTH)))
+
+
+def row(y: float) -> int:
+    """Grid row (0 = top) of a screen y coordinate; off-screen values clamp to the edge cells."""
+    return min(GRID - 1, max(0, int(y * GRID // FRAME_HEIGHT)))
+
+
 @dataclass(frozen=True)
 class Annotation:
     objects: dict[str, int | float]  # flat and numeric: JSON-serializable as is
     advice: str
     heuristic_action: int  # index into the env's action space
+    description: str = ""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -175,9 +207,14 @@ class Annotator:
             objects=objects,
             advice=advice_sentence(self.game, self.score_text(objects), phrase),
             heuristic_action=self._action_index[self.moves[phrase]],
+            description=self.describe(objects),
         )
 
     def decode(self, ram: list[int]) -> dict[str, int | float]:
+        raise NotImplementedError
+
+    def describe(self, objects: dict[str, int | float]) -> str:
+        """Where things are, in grid cells, and the score: see the module docstring."""
         raise NotImplementedError
 
     def decide(self, objects: dict[str, int | float]) -> str:
@@ -214,6 +251,17 @@ class PongAnnotator(Annotator):
             "player_score": int(ram[PONG_PLAYER_SCORE]),
             "enemy_score": int(ram[PONG_ENEMY_SCORE]),
         }
+
+    def describe(self, objects: dict[str, int | float]) -> str:
+        player_y = objects["player_y"]
+        if objects["ball_in_play"]:
+            ball_y = objects["ball_y"]
+            side = "above" if ball_y < player_y - 8 else "below" if ball_y > player_y + 8 else "level with"
+            ball = f"the ball is at column {column(objects['ball_x'])} row {row(ball_y)}, {side} the right paddle"
+        else:
+            ball = "there is no ball"
+        return (f"{ball}, the right paddle is at row {row(player_y)}, the left paddle is at row "
+                f"{row(objects['enemy_y'])}, the score is {self.score_text(objects)}")
 
     def decide(self, objects: dict[str, int | float]) -> str:
         if not objects["ball_in_play"]:
@@ -260,6 +308,17 @@ class BreakoutAnnotator(Annotator):
             "lives": int(ram[BREAKOUT_LIVES]),
         }
 
+    def describe(self, objects: dict[str, int | float]) -> str:
+        paddle_x = objects["player_x"]
+        if objects["ball_in_play"]:
+            ball_x = objects["ball_x"]
+            side = "left of" if ball_x < paddle_x - 8 else "right of" if ball_x > paddle_x + 8 else "above"
+            ball = f"the ball is at column {column(ball_x)} row {row(objects['ball_y'])}, {side} the paddle"
+        else:
+            ball = "there is no ball"
+        return (f"{ball}, the paddle is at column {column(paddle_x)}, {objects['lives']} lives left, "
+                f"the score is {objects['score']}")
+
     def decide(self, objects: dict[str, int | float]) -> str:
         if not objects["ball_in_play"]:
             self._previous_ball = None
@@ -294,6 +353,12 @@ class BoxingAnnotator(Annotator):
             "enemy_score": _boxing_score(ram[BOXING_ENEMY_SCORE]),
             "clock_seconds": 60 * (ram[BOXING_MINUTES] >> 4) + _bcd(ram[BOXING_SECONDS]),
         }
+
+    def describe(self, objects: dict[str, int | float]) -> str:
+        minutes, seconds = divmod(int(objects["clock_seconds"]), 60)
+        return (f"the white boxer is at column {column(objects['player_x'])} row {row(objects['player_y'])}, "
+                f"the black boxer is at column {column(objects['enemy_x'])} row {row(objects['enemy_y'])}, "
+                f"the score is {self.score_text(objects)}, the clock shows {minutes}:{seconds:02d}")
 
     def decide(self, objects: dict[str, int | float]) -> str:
         dy = objects["player_y"] - objects["enemy_y"]
@@ -336,6 +401,11 @@ class FreewayAnnotator(Annotator):
         objects["score"] = _bcd(ram[FREEWAY_SCORE])
         return objects
 
+    def describe(self, objects: dict[str, int | float]) -> str:
+        cars = " ".join(str(column(objects[f"car{lane}_x"])) for lane in range(10))
+        return (f"the chicken is at row {row(objects['player_y'])}, the cars from the bottom lane up are at "
+                f"columns {cars}, the score is {objects['score']}")
+
     def decide(self, objects: dict[str, int | float]) -> str:
         # The lane the chicken's head enters next: the lowest one whose bottom edge is above it.
         head = objects["player_y"] - self.CHICKEN_TOP
@@ -354,6 +424,35 @@ class FreewayAnnotator(Annotator):
 _ANNOTATORS: dict[str, type[Annotator]] = {
     cls.game: cls for cls in (PongAnnotator, BreakoutAnnotator, BoxingAnnotator, FreewayAnnotator)
 }
+
+
+@functools.lru_cache(maxsize=None)
+def _describer(game: str) -> Annotator:
+    """An annotator used only for its stateless `describe` (its own moves stand in for an env's actions)."""
+    cls = _ANNOTATORS[game]
+    return cls(list(cls.moves.values()))
+
+
+TEXT_KINDS = ("advice", "describe", "both")
+
+
+def answer_text(game: str, objects: dict[str, int | float], advice: str, kind: str) -> str:
+    """The text a VLM learns to say about a frame: its advice sentence, its description, or both.
+
+    'both' puts the description first, so the advised move is generated after (and conditioned on) where
+    things are."""
+    if kind not in TEXT_KINDS:
+        raise InputError(f"text kind must be one of {', '.join(TEXT_KINDS)}; got {kind!r}")
+    if kind == "advice":
+        return advice
+    description = _describer(game_name(game)).describe(objects)
+    return description if kind == "describe" else f"{description}; {advice}"
+
+
+def advised_phrase(game: str, text: str) -> str | None:
+    """The advice phrase of `game` that `text` ends its advice with (None if it names no move)."""
+    found = [phrase for phrase in ADVICE_PHRASES[game_name(game)] if phrase in text]
+    return max(found, key=text.rindex) if found else None  # the last one named, if a model rambles
 
 
 def get_annotator(game: str, action_meanings: list[str]) -> Annotator:

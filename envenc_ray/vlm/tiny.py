@@ -147,7 +147,7 @@ def _replace_dir(staging: Path, out: Path) -> None:
 
 
 def _train_tokenizer(seed: int):
-    """Byte-level BPE trained on the advice corpus plus the default prompt of every annotated game.
+    """Byte-level BPE trained on the advice and description corpora plus the default prompt of every annotated game.
 
     Byte-level, so any later advice text still encodes (no unknown token); the corpus is small, so the
     vocabulary saturates (whole words become single tokens) well below `max_vocab`.
@@ -156,10 +156,11 @@ def _train_tokenizer(seed: int):
     from transformers import PreTrainedTokenizerFast
 
     from envenc_ray.config import VLMConfig
-    from envenc_ray.envs.annotate import ANNOTATED_GAMES, advice_corpus
+    from envenc_ray.envs.annotate import ANNOTATED_GAMES, advice_corpus, describe_corpus
 
     prompt = VLMConfig.model_fields["prompt"].default
-    corpus = advice_corpus(seed=seed) + [prompt.format(game=game) for game in ANNOTATED_GAMES]
+    corpus = (advice_corpus(seed=seed) + describe_corpus(seed=seed)
+              + [prompt.format(game=game) for game in ANNOTATED_GAMES])
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
