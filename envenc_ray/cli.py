@@ -14,13 +14,13 @@ from envenc_ray.errors import EnvEncError, NotImplementedStageError
 
 # Stages that exist in the design but not yet in code: name -> what will provide them.
 PLANNED = {
-    "advise": "advice finetuning of the VLM (stage 2)",
     "reward-model": "the preference-trained reward model (stage 2)",
 }
 
 STAGE_HELP = {
     "collect": "play the game and record frames, RAM annotations and advice to <run>/frames/",
-    "advise": "finetune the VLM on (frame, advice) pairs into <run>/vlm/",
+    "advise": "finetune the VLM on (frame, text) pairs from the RAM annotations (Ray Train) into a shared, "
+    "content-addressed vlm/ that the run reads with stage2.method=finetuned",
     "embed": "run the truncated VLM over recorded frames into <run>/hidden/ (Ray Data)",
     "train-encoder": "train the autoencoder on hidden states (Ray Train), export the encoder to <run>/encoder/",
     "serve": "host the truncated VLM + encoder as a Ray Serve deployment",
@@ -183,6 +183,7 @@ def _init_tiny(args: argparse.Namespace) -> None:
 # Each implemented stage: its one entry function, taking the resolved config.
 ENTRY_POINTS = {
     "collect": "envenc_ray.data.collect:collect",
+    "advise": "envenc_ray.data.advise:advise",
     "embed": "envenc_ray.data.embed:embed",
     "train-encoder": "envenc_ray.encoder.train:train_encoder",
     "serve": "envenc_ray.serve.deployment:serve",

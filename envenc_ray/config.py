@@ -89,6 +89,64 @@ class CollectConfig(Section):
     num_tasks: int = Field(2, ge=1, description="Parallel Ray tasks playing episodes.")
 
 
+class Stage2Config(Section):
+    """Which VLM the encoder reads: the model as given, or one finetuned on game text first (`envenc advise`)."""
+
+    method: Literal["pretrained", "finetuned"] = Field(
+        "pretrained",
+        description="'pretrained': vlm.model as is (the built-in tiny VLM has random weights); 'finetuned': "
+        "`advise` first finetunes it on (frame, text) pairs from the RAM annotations, and every later stage "
+        "reads the finetuned VLM.",
+    )
+
+
+class AdviseConfig(Section):
+    """Stage `advise`: finetune the VLM on (frame, text) pairs with the causal-LM loss on the answer tokens."""
+
+    method: Literal["full", "lora"] = Field(
+        "full", description="'full' trains every weight (small models); 'lora' trains peft LoRA adapters, merged on export."
+    )
+    text: Literal["advice", "describe", "both"] = Field(
+        "both",
+        description="Answer text: the seed's advice sentence, a description of where things are (grid cells, "
+        "ball side, lives, score), or the description followed by the advice.",
+    )
+    games: list[str] = Field(
+        [],
+        description="Annotated games whose frames train the VLM; [] means env.game only. Games other than env.game "
+        "are recorded with the collect settings into a shared folder under experiment.run_root.",
+    )
+    data: str | None = Field(
+        None,
+        description="A Parquet or JSONL file of (image, text) rows to train on instead of recorded frames; "
+        "`image` is a path (relative to the file) or encoded bytes.",
+    )
+    question: str = Field(
+        "", description="Text asked after the image; '' uses vlm.prompt (so the embed read-out sees the same prompt)."
+    )
+    epochs: int = Field(8, ge=1, description="Maximum training epochs.")
+    batch_size: int = Field(32, ge=1, description="(frame, text) pairs per gradient step (per worker).")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate (full finetuning of the tiny VLM; use ~1e-4 for LoRA).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    patience: int = Field(2, ge=1, description="Early stopping: epochs without held-out loss improvement.")
+    max_pairs_per_game: int | None = Field(
+        None, ge=1, description="Cap on training pairs per game (a seeded subsample); None uses every frame."
+    )
+    lora_rank: int = Field(8, ge=1, description="LoRA rank r.")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha.")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    lora_targets: list[str] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj"], description="Module names (of the decoder) that get LoRA adapters."
+    )
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel).")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per Train worker; fractions on small machines.")
+    use_gpu: bool = Field(False, description="One GPU per Train worker (a GPU cluster).")
+    eval_pairs: int = Field(
+        200, ge=1, description="Held-out frames whose greedy generation is parsed for the advised move (accuracy)."
+    )
+    report_poll_s: float = Field(0.2, gt=0, description="How often Ray Train collects epoch reports (s).")
+
+
 class EmbedConfig(Section):
     batch_size: int = Field(32, ge=1, description="Frames per VLM forward pass.")
     concurrency: int = Field(1, ge=1, description="TruncatedVLM actors in the Ray Data actor pool.")
@@ -117,7 +175,10 @@ class EncoderConfig(Section):
     epochs: int = Field(20, ge=1, description="Maximum training epochs.")
     batch_size: int = Field(128, ge=1, description="Samples per gradient step (per worker).")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate.")
-    val_fraction: float = Field(0.25, gt=0, lt=1, description="Fraction of episodes held out for validation.")
+    val_fraction: float = Field(
+        0.25, gt=0, lt=1, description="Fraction of episodes held out for validation (and from advice finetuning, so "
+        "probes are measured on episodes no stage trained on)."
+    )
     patience: int = Field(5, ge=1, description="Early stopping: epochs without validation improvement.")
     num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel).")
     cpus_per_worker: float = Field(0.5, gt=0, description="CPUs per Train worker; fractions on small machines.")
@@ -256,6 +317,8 @@ class EnvEncConfig(Section):
     env: EnvConfig = EnvConfig()
     vlm: VLMConfig = VLMConfig()
     collect: CollectConfig = CollectConfig()
+    stage2: Stage2Config = Stage2Config()
+    advise: AdviseConfig = AdviseConfig()
     embed: EmbedConfig = EmbedConfig()
     encoder: EncoderConfig = EncoderConfig()
     serve: ServeConfig = ServeConfig()
@@ -269,6 +332,28 @@ class EnvEncConfig(Section):
         """A short stable hash of the named sections: a stage's output matches its config when equal."""
         payload = {name: getattr(self, name).model_dump(mode="json") for name in sections}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# vlm settings that change what the VLM computes for a frame before any layer is cut: what advice
+# finetuning depends on (layer, pooling, dtype, device and threads only change how it is read out).
+ADVISE_VLM_KEYS = ("model", "prompt", "trust_remote_code", "tiny_seed", "crop")
+# advise settings that change where and how fast it runs, not what it learns.
+ADVISE_PLACEMENT_KEYS = ("num_workers", "cpus_per_worker", "use_gpu", "report_poll_s")
+
+
+def advise_settings_hash(config: EnvEncConfig) -> str:
+    """A short hash of every setting the finetuned VLM depends on (its data is hashed separately)."""
+    vlm = config.vlm.model_dump(mode="json")
+    payload = {
+        "vlm": {key: vlm[key] for key in vlm if key in ADVISE_VLM_KEYS},
+        "advise": config.advise.model_dump(mode="json", exclude=set(ADVISE_PLACEMENT_KEYS)),
+        "val_fraction": config.encoder.val_fraction,  # advise holds out the episodes the encoder's probes test on
+        "seed": config.experiment.seed,
+        "env": config.env.model_dump(mode="json", exclude={"game"}),
+        "collect": config.collect.model_dump(mode="json"),
+        "game": config.env.game,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def load_config(paths: list[str | Path] = (), overrides: list[str] = ()) -> EnvEncConfig:

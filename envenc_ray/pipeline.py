@@ -1,7 +1,7 @@
 """`envenc run`: every stage in order on one Ray session, skipping the ones whose output is current.
 
     preflight (cheap checks: run dir writable, model present, no artifact of another config)
-    -> collect -> embed -> train-encoder -> [deploy the encoder service once] -> train -> evaluate
+    -> collect -> [advise, with stage2.method 'finetuned'] -> embed -> train-encoder -> [deploy the encoder service once] -> train -> evaluate
     -> report, with manifest.json recording what each stage did and how long it took.
 
 Each stage decides itself whether its output already matches the config (and says so), so an
@@ -71,13 +71,16 @@ def run(config: EnvEncConfig) -> dict:
 
 
 def _stages(config: EnvEncConfig) -> list[tuple[str, Callable[[], object]]]:
+    from envenc_ray.data.advise import advise
     from envenc_ray.data.collect import collect
     from envenc_ray.data.embed import embed
     from envenc_ray.encoder.train import train_encoder
     from envenc_ray.rl.train import train
 
-    stages = [
-        ("collect", lambda: collect(config)),
+    stages = [("collect", lambda: collect(config))]
+    if config.stage2.method == "finetuned":
+        stages.append(("advise", lambda: advise(config)))
+    stages += [
         ("embed", lambda: embed(config)),
         ("train-encoder", lambda: train_encoder(config)),
     ]

@@ -18,13 +18,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from envenc_ray.config import EnvEncConfig  # noqa: E402
+from envenc_ray.encoder.metrics import mean_or_none  # noqa: E402
 from envenc_ray.errors import DataError  # noqa: E402
 from envenc_ray.files import read_json, write_text_atomic  # noqa: E402
+from envenc_ray.layout import ADVISE_POINTER  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 # Every artifact the report reads, relative to the run directory.
-INPUTS = ("frames/_collect.json", "hidden/_embed.json", "encoder/metrics.json", "agent/train.json",
+INPUTS = ("frames/_collect.json", "advise.json", "hidden/_embed.json", "encoder/metrics.json", "agent/train.json",
           "agent/progress.jsonl", "agent/eval.json", "agent/reference.json")
 
 
@@ -39,7 +41,9 @@ def report(config: EnvEncConfig) -> Path:
              f"(layer {config.vlm.layer}, pooling {config.vlm.pooling}); encoder: {config.encoder.kind}.", ""]
     metrics: dict = {"experiment": config.experiment.name}
 
-    for section in (_data_section, _encoder_section, _agent_section, _service_section):
+    sections = (_data_section, _advice_section, _encoder_section, lambda r, o: _representation_section(config, r, o),
+                _agent_section, _service_section)
+    for section in sections:
         section_lines, section_metrics = section(run_dir, out)
         lines += section_lines + [""]
         metrics.update(section_metrics)
@@ -76,30 +80,22 @@ def _encoder_section(run_dir: Path, out: Path) -> tuple[list[str], dict]:
     best = next(e for e in epochs if e["epoch"] == encoder_metrics["best_epoch"])
     x = [e["epoch"] for e in epochs]
 
-    figure, (loss_axis, cosine_axis, probe_axis) = plt.subplots(1, 3, figsize=(15, 4.2))
+    figure, (loss_axis, cosine_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
     loss_axis.plot(x, [e["train_mse"] for e in epochs], label="train")
     loss_axis.plot(x, [e["val_mse"] for e in epochs], label="validation")
     loss_axis.set(title="Reconstruction error", xlabel="epoch", ylabel="MSE (standardised hidden state)",
                   yscale="log")
     loss_axis.legend()
-    cosine_axis.plot(x, [e["val_consecutive_cosine_latent"] for e in epochs], label="latent")
-    cosine_axis.axhline(best["val_consecutive_cosine_hidden"], color="grey", linestyle="--", label="raw hidden state")
-    cosine_axis.axhline(best["val_consecutive_cosine_hidden_standardized"], color="black", linestyle=":",
-                        label="standardised hidden state")
-    cosine_axis.set(title="Consecutive frames: mean cosine similarity", xlabel="epoch",
+    # Uncentred cosines of raw VLM states are ~1 for any frames (a large shared mean dominates them); the
+    # centred ones (mean over the validation frames removed) tell a static representation from a moving one.
+    centred = "val_consecutive_cosine_latent_centred" in best
+    latent_key = "val_consecutive_cosine_latent_centred" if centred else "val_consecutive_cosine_latent"
+    cosine_axis.plot(x, [e.get(latent_key) for e in epochs], label="latent")
+    hidden_key = "val_consecutive_cosine_hidden_centred" if centred else "val_consecutive_cosine_hidden"
+    cosine_axis.axhline(best[hidden_key], color="grey", linestyle="--", label="hidden state")
+    cosine_axis.set(title=f"Consecutive frames: {'centred ' if centred else ''}cosine similarity", xlabel="epoch",
                     ylabel="cosine (1 = identical)")
     cosine_axis.legend()
-    keys = sorted(best["probe_r2_latent"])
-    hidden_r2 = encoder_metrics["baseline"].get("probe_r2_hidden", {})
-    positions = range(len(keys))
-    probe_axis.bar([p - 0.2 for p in positions], [best["probe_r2_latent"][k] for k in keys], width=0.4,
-                   label="from latent")
-    probe_axis.bar([p + 0.2 for p in positions], [hidden_r2.get(k, float("nan")) for k in keys], width=0.4,
-                   label="from raw hidden state")
-    probe_axis.set_xticks(list(positions), keys, rotation=35, ha="right")
-    probe_axis.set(title=f"Linear probes of game state (epoch {best['epoch']})", ylabel="R² on validation episodes",
-                   ylim=(min(0.0, *[best["probe_r2_latent"][k] for k in keys]) - 0.05, 1.25))
-    probe_axis.legend(loc="upper left", ncol=2)
     for axis in (loss_axis, cosine_axis):
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     figure.tight_layout()
@@ -113,13 +109,103 @@ def _encoder_section(run_dir: Path, out: Path) -> tuple[list[str], dict]:
              f"| validation explained variance | {best['val_explained_variance']:.3f} |",
              f"| consecutive-frame cosine, latent | {best['val_consecutive_cosine_latent']:.3f} |",
              f"| consecutive-frame cosine, raw hidden state | {best['val_consecutive_cosine_hidden']:.3f} |",
+             *([f"| centred consecutive-frame cosine, latent | {best['val_consecutive_cosine_latent_centred']:.3f} |",
+                f"| centred consecutive-frame cosine, hidden state | {best['val_consecutive_cosine_hidden_centred']:.3f} |"]
+               if centred else []),
              f"| probe R² (mean), latent | {best['probe_r2_latent_mean']:.3f} |",
              f"| probe R² (mean), raw hidden state | {best['probe_r2_hidden_mean']:.3f} |",
              "", "![encoder metrics](encoder.png)"]
-    metrics = {"encoder": {k: best[k] for k in ("val_mse", "val_explained_variance", "val_consecutive_cosine_latent",
-                                                 "val_consecutive_cosine_hidden", "probe_r2_latent_mean",
-                                                 "probe_r2_hidden_mean")} | {"best_epoch": best["epoch"]}}
+    keys = ("val_mse", "val_explained_variance", "val_consecutive_cosine_latent", "val_consecutive_cosine_hidden",
+            "val_consecutive_cosine_latent_centred", "val_consecutive_cosine_hidden_centred", "probe_r2_latent_mean",
+            "probe_r2_hidden_mean")
+    metrics = {"encoder": {k: best[k] for k in keys if k in best} | {"best_epoch": best["epoch"]}}
     return lines, metrics
+
+
+def _representation_section(config: EnvEncConfig, run_dir: Path, out: Path) -> tuple[list[str], dict]:
+    """Probe R² per game variable: the VLM as given (untrained), the VLM the run reads (hidden), the latent."""
+    encoder_metrics = read_json(run_dir / "encoder" / "metrics.json")
+    if encoder_metrics is None:
+        return ["## What the representation knows", "", "No encoder trained yet (`envenc train-encoder`)."], {}
+    best = next(e for e in encoder_metrics["epochs"] if e["epoch"] == encoder_metrics["best_epoch"])
+    hidden = encoder_metrics["baseline"]["probe_r2_hidden"]
+    if config.stage2.method == "pretrained":
+        untrained = hidden  # the run reads the VLM as given: its hidden state is the untrained one
+    else:
+        from envenc_ray.encoder.diagnostics import base_probe_r2
+
+        untrained = base_probe_r2(config)
+    probes = {"untrained": untrained, "hidden": hidden, "latent": best["probe_r2_latent"]}
+    keys = sorted(probes["latent"])
+    means = {name: mean_or_none({k: values[k] for k in keys if k in values}) for name, values in probes.items()}
+
+    labels = {"untrained": "VLM as given (untrained)", "hidden": f"VLM the run reads ({config.stage2.method})",
+              "latent": "encoder latent"}
+    figure, axis = plt.subplots(figsize=(max(7.0, 1.1 * len(keys) + 2), 4.2))
+    for offset, name in zip((-0.27, 0.0, 0.27), probes):
+        axis.bar([p + offset for p in range(len(keys))], [probes[name].get(k, float("nan")) for k in keys], width=0.27,
+                 label=f"{labels[name]}, mean {_fmt(means[name])}")
+    axis.set_xticks(list(range(len(keys))), keys, rotation=35, ha="right")
+    lowest = min([0.0] + [v for values in probes.values() for v in values.values() if v == v])
+    axis.set(title="Linear probes of game state on held-out episodes", ylabel="ridge-probe R²",
+             ylim=(max(lowest, -1.0) - 0.05, 1.3))
+    axis.axhline(0, color="black", linewidth=0.6)
+    axis.legend(loc="upper left", fontsize=8, ncol=3)
+    figure.tight_layout()
+    figure.savefig(out / "probes.png", dpi=110)
+    plt.close(figure)
+
+    lines = ["## What the representation knows", "",
+             "Held-out ridge-probe R² of each annotated variable (1 = linearly decodable, 0 = no better than its mean).",
+             "", "| variable | untrained VLM | VLM read | latent |", "|---|---|---|---|"]
+    lines += [f"| {k} | {_fmt(untrained.get(k))} | {_fmt(hidden.get(k))} | {_fmt(probes['latent'].get(k))} |" for k in keys]
+    lines += [f"| **mean** | {_fmt(means['untrained'])} | {_fmt(means['hidden'])} | {_fmt(means['latent'])} |",
+              "", "![probes](probes.png)"]
+    return lines, {"probe_r2": probes, "probe_r2_mean": means}
+
+
+def _advice_section(run_dir: Path, out: Path) -> tuple[list[str], dict]:
+    """The advise stage: held-out loss, and the move parsed from greedy generation against chance."""
+    pointer = read_json(run_dir / ADVISE_POINTER)
+    advice = read_json(Path(pointer["metrics"])) if pointer else None
+    if advice is None:
+        return [], {}
+    epochs = advice["epochs"]
+    per_game = advice.get("per_game", {})
+    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    loss_axis.plot([0] + [e["epoch"] for e in epochs], [advice["val_loss_before"]] + [e["val_loss"] for e in epochs],
+                   marker="o", label="held-out")
+    loss_axis.plot([e["epoch"] for e in epochs], [e["train_loss"] for e in epochs], marker="o", label="train")
+    loss_axis.set(title="Advice finetuning: answer-token loss", xlabel="epoch (0 = before)", ylabel="cross-entropy")
+    loss_axis.legend()
+    games = list(per_game)
+    accuracy_axis.bar([p - 0.2 for p in range(len(games))], [per_game[g]["accuracy"] for g in games], width=0.4,
+                      label="greedy generation")
+    accuracy_axis.bar([p + 0.2 for p in range(len(games))], [per_game[g]["chance"] for g in games], width=0.4,
+                      label="chance (majority move)")
+    accuracy_axis.set_xticks(list(range(len(games))), games)
+    accuracy_axis.set(title="Advised move vs the RAM heuristic (held-out)", ylabel="accuracy", ylim=(0, 1.15))
+    accuracy_axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out / "advice.png", dpi=110)
+    plt.close(figure)
+    accuracy, chance = advice["action_accuracy_heldout"], advice["chance_accuracy"]
+    lines = ["## Advice finetuning (stage 2)", "",
+             f"{advice['method']} finetuning on `{advice['text']}` text from {advice['source']}: "
+             f"{advice['pairs']['train']} training, {advice['pairs']['val']} held-out pairs; best epoch "
+             f"{advice['best_epoch']} of {len(epochs)}. Finetuned VLM: `{pointer['vlm']}`.", "",
+             "| metric | value |", "|---|---|",
+             f"| held-out answer loss before -> after | {_fmt(advice['val_loss_before'])} -> {_fmt(advice['val_loss_best'])} |",
+             f"| advised move accuracy, held-out greedy generation | {_fmt(accuracy)} |",
+             f"| chance (majority move) | {_fmt(chance)} |", ""]
+    lines += [f"Example: target `{e['target']}`, generated `{e['generated']}`" for e in advice.get("examples", [])[:1]]
+    lines += ["", "![advice](advice.png)"]
+    keys = ("action_accuracy_heldout", "chance_accuracy", "val_loss_before", "val_loss_best", "per_game")
+    return lines, {"advice": {key: advice.get(key) for key in keys}}
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None or value != value else f"{value:.3f}"
 
 
 def _progress(run_dir: Path) -> list[dict]:

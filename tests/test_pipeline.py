@@ -39,6 +39,31 @@ def test_reduced_pipeline_end_to_end_then_everything_skips(ray_session, tmp_path
         serve.shutdown()
 
 
+@pytest.mark.slow
+def test_finetuned_stage2_runs_advise_and_reports_all_three_probes(ray_session, debug_config):
+    from ray import serve
+
+    config = debug_config("stage2.method=finetuned", "advise.epochs=1", "advise.batch_size=8", "advise.eval_pairs=4",
+                          "advise.cpus_per_worker=0.5", "rl.encoder_source=in_process")
+    try:
+        manifest = run(config)
+    finally:
+        serve.shutdown()
+    assert list(manifest["stages"])[:3] == ["collect", "advise", "embed"]
+    metrics = json.loads((config.run_dir / "report" / "metrics.json").read_text())
+    probes = metrics["probe_r2"]
+    assert set(probes) == {"untrained", "hidden", "latent"}
+    assert set(probes["untrained"]) == set(probes["hidden"]) >= set(probes["latent"]) >= {"ball_x", "player_y"}
+    assert probes["untrained"] != probes["hidden"]  # the finetuned VLM is not the VLM as given
+    advice = metrics["advice"]
+    assert 0 <= advice["action_accuracy_heldout"] <= 1 and 0 < advice["chance_accuracy"] <= 1
+    report = (config.run_dir / "report" / "report.md").read_text()
+    assert "## Advice finetuning (stage 2)" in report and "![probes](probes.png)" in report
+    assert (config.run_dir / "report" / "advice.png").is_file() and (config.run_dir / "report" / "probes.png").is_file()
+    hidden_meta = json.loads((config.run_dir / "hidden" / "_embed.json").read_text())
+    assert hidden_meta["model"] == json.loads((config.run_dir / "advise.json").read_text())["vlm"]
+
+
 def test_preflight_rejects_bad_setups_before_work(tmp_path, debug_config):
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("")

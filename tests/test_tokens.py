@@ -6,7 +6,6 @@ on real Pong frames with the built-in tiny VLM (T = 75 tokens of D = 128 per fra
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -15,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from envenc_ray.config import EncoderConfig, EnvEncConfig
+from envenc_ray.config import EncoderConfig
 from envenc_ray.data.schema import hidden_column, hidden_schema, hidden_shape_of, hidden_to_array, write_parquet_atomic
 from envenc_ray.errors import ConfigError, ModelError
 

@@ -21,6 +21,7 @@ from envenc_ray.config import EnvEncConfig, VLMConfig
 from envenc_ray.data.collect import read_frame_shape
 from envenc_ray.data.schema import frames_to_array, hidden_column, hidden_schema, hidden_shape_of, list_shards
 from envenc_ray.envs.atari import game_name
+from envenc_ray.layout import resolve_model_path
 from envenc_ray.runtime import set_torch_threads
 
 logger = logging.getLogger(__name__)
@@ -61,17 +62,9 @@ class HiddenStates:
         return pa.Table.from_arrays([batch["episode_id"], batch["step"], column, batch["objects"]], schema=self.schema)
 
 
-def resolve_model_path(config: EnvEncConfig) -> str:
-    """'builtin:tiny' -> <run>/vlm (built there on first use); anything else is used as given."""
-    if config.vlm.model != "builtin:tiny":
-        return config.vlm.model
-    from envenc_ray.vlm.tiny import build_tiny_vlm
-
-    model_dir = config.run_dir / "vlm"
-    if not (model_dir / "config.json").exists():
-        print(f"embed: building the built-in tiny VLM (seed {config.vlm.tiny_seed}) in {model_dir}")
-        build_tiny_vlm(model_dir, seed=config.vlm.tiny_seed)
-    return str(model_dir)
+def output_hash(config: EnvEncConfig) -> str:
+    """What determines hidden/: the frames, the VLM (as given, or finetuned by `advise`) and the read-out."""
+    return config.section_hash("experiment", "env", "collect", "vlm", "stage2", "advise", "embed")
 
 
 def embed(config: EnvEncConfig) -> EmbedSummary:
@@ -84,7 +77,7 @@ def embed(config: EnvEncConfig) -> EmbedSummary:
     check_pooling(config.encoder.kind, config.vlm.pooling)  # first: per-token states no encoder reads are waste
     frames_dir, hidden_dir = config.run_dir / "frames", config.run_dir / "hidden"
     shards = list_shards(frames_dir, "frames (envenc collect)")
-    config_hash = config.section_hash("experiment", "env", "collect", "vlm", "embed")
+    config_hash = output_hash(config)
     meta_path = hidden_dir / META_FILE
     if meta_path.exists() and json.loads(meta_path.read_text())["config_hash"] == config_hash:
         meta = json.loads(meta_path.read_text())

@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 import tempfile
 import time
@@ -44,6 +43,7 @@ from envenc_ray.encoder.metrics import (
 )
 from envenc_ray.errors import ConfigError, DataError
 from envenc_ray.files import read_json, write_json_atomic
+from envenc_ray.runtime import train_report_poll
 
 logger = logging.getLogger(__name__)
 
@@ -315,7 +315,7 @@ def _subsample(rows: np.ndarray, limit: int, seed: int) -> np.ndarray:
 
 def output_hash(config: EnvEncConfig) -> str:
     """What determines encoder/: its own settings and every stage upstream of hidden/ (as `embed` hashes)."""
-    return config.section_hash("experiment", "env", "collect", "vlm", "embed", "encoder")
+    return config.section_hash("experiment", "env", "collect", "vlm", "stage2", "advise", "embed", "encoder")
 
 
 def resume_key(config: EnvEncConfig, input_fingerprint: str) -> str:
@@ -365,20 +365,13 @@ def _fit(config: EnvEncConfig, loop_config: dict, key: str):
         datasets={"train": ray.data.from_arrow(pa.table({"row": loop_config["train_rows"]}))},
     )
     logger.info("Ray Train run folder: %s", storage / key)
-    # The driver hands this variable to the Train controller (ray.train.v2 ENV_VARS_TO_PROPAGATE).
-    previous_poll = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(enc.report_poll_s)
-    try:
-        return trainer.fit()
-    except ray.train.TrainingFailedError:
-        logger.error("encoder training failed; its checkpoints in %s are kept, so a rerun resumes from the "
-                     "last finished epoch", storage / key)
-        raise
-    finally:
-        if previous_poll is None:
-            os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
-        else:
-            os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = previous_poll
+    with train_report_poll(enc.report_poll_s):
+        try:
+            return trainer.fit()
+        except ray.train.TrainingFailedError:
+            logger.error("encoder training failed; its checkpoints in %s are kept, so a rerun resumes from the "
+                         "last finished epoch", storage / key)
+            raise
 
 
 def train_loop_per_worker(loop: dict) -> None:

@@ -385,7 +385,7 @@ def encoder_source(config) -> EncoderSource | None:
 
     if rl.encoder_source == "serve":
         return serve_encoder_source(config)
-    from envenc_ray.data.embed import resolve_model_path
+    from envenc_ray.layout import resolve_model_path
 
     from envenc_ray.encoder.models import check_pooling
 

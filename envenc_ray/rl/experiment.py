@@ -240,11 +240,13 @@ class Trial:
 
 def plan_trials(arm_configs: dict[str, EnvEncConfig], encoders: dict[str, Path | None], seeds: int, steps: int,
                 artifacts_root: Path, out_dir: Path) -> list[Trial]:
-    from envenc_ray.data.embed import resolve_model_path
+    from envenc_ray.layout import resolve_model_path
 
     trials = []
-    for arm, arm_config in arm_configs.items():
-        for seed in range(seeds):
+    # Seed-major: every arm's seed 0 runs before any arm's seed 1, so an experiment stopped early still
+    # compares all arms.
+    for seed in range(seeds):
+        for arm, arm_config in arm_configs.items():
             config = arm_config.model_copy(deep=True)
             if encoders[arm] is not None:
                 # The VLM that embed read (the built-in tiny one, or the finetuned one its advise.json names),

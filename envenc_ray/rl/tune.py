@@ -430,7 +430,7 @@ def prepare_encoder(config: EnvEncConfig) -> bool:
     """Check the encoder once and build what trials share: the built-in VLM (so trials never race to build it)
     and, with rl.encoder_source=serve, the deployment. Returns whether this call deployed it (then the sweep
     shuts it down at the end; an app that was already running stays)."""
-    from envenc_ray.data.embed import resolve_model_path
+    from envenc_ray.layout import resolve_model_path
     from envenc_ray.rl.connector import read_encoder_description
 
     resolve_model_path(config)

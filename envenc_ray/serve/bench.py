@@ -119,7 +119,7 @@ def model_and_encoder(config: EnvEncConfig) -> tuple[str, Path, bool]:
     """The run's VLM and encoder; without a trained encoder, an untrained one of config.encoder (timing only)."""
     import torch
 
-    from envenc_ray.data.embed import resolve_model_path
+    from envenc_ray.layout import resolve_model_path
     from envenc_ray.encoder.export import FORMAT, FORMAT_VERSION, save_encoder
     from envenc_ray.encoder.models import build_autoencoder
     from envenc_ray.vlm.backbone import TruncatedVLM

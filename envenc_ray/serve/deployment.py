@@ -92,7 +92,7 @@ def replica_spec(config: EnvEncConfig, model_path: str | Path | None = None,
 
     'builtin:tiny' is built into <run>/vlm here, in the driver, so replicas never race to build it.
     """
-    from envenc_ray.data.embed import resolve_model_path
+    from envenc_ray.layout import resolve_model_path
     from envenc_ray.encoder.models import check_pooling
     from envenc_ray.envs.atari import game_name
     from envenc_ray.files import read_json
