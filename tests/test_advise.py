@@ -80,18 +80,23 @@ def test_finetuned_vlm_loads_through_hf_auto_classes_and_truncated_vlm(advised, 
 
 
 @pytest.mark.slow
-def test_lora_finetuning_merges_adapters_on_export(advised, tmp_path):
+def test_lora_finetuning_on_two_games_merges_adapters_on_export(advised, tmp_path):
+    """LoRA on Pong and Breakout at once: Breakout is recorded into the shared folder, adapters are merged."""
     from safetensors.torch import load_file
 
     from envenc_ray.data.advise import advise
 
     config, _ = advised
     lora = config.model_copy(update={"advise": config.advise.model_copy(
-        update={"method": "lora", "epochs": 1, "lr": 1e-3, "eval_pairs": 2})})
+        update={"method": "lora", "epochs": 1, "lr": 1e-3, "eval_pairs": 16, "games": ["pong", "breakout"]})})
     summary = advise(lora)
     assert not summary["skipped"] and summary["val_loss_best"] < summary["val_loss_before"]
     weights = load_file(str(Path(summary["vlm"]) / "model.safetensors"))
     assert not any("lora" in name for name in weights), "LoRA adapters must be merged into the exported weights"
+    metrics = json.loads((Path(summary["vlm"]).parent / "metrics.json").read_text())
+    assert set(metrics["per_game"]) == {"pong", "breakout"}
+    assert metrics["pairs"]["train"] + metrics["pairs"]["val"] == 2 * 96  # debug preset: 2 x 48 frames per game
+    assert len(list(Path(config.experiment.run_root).glob("_shared/frames/breakout-*/frames/episode-*.parquet"))) == 2
 
 
 def test_stage2_finetuned_without_advise_says_what_to_run(debug_config):
