@@ -182,15 +182,15 @@ def preflight(config: EnvEncConfig) -> None:
 
 def _artifact_hashes(config: EnvEncConfig):
     """(artifact, hash recorded in it, hash this config would write) for each stage output present."""
-    from envenc_ray.encoder.train import output_hash
+    from envenc_ray.data.embed import output_hash as hidden_hash
+    from envenc_ray.encoder.train import output_hash as encoder_hash
     from envenc_ray.rl.train import agent_config_hash
 
     run_dir = config.run_dir
     yield (run_dir / "frames", _recorded(run_dir / "frames" / "_collect.json", "config_hash"),
            config.section_hash("experiment", "env", "collect"))
-    yield (run_dir / "hidden", _recorded(run_dir / "hidden" / "_embed.json", "config_hash"),
-           config.section_hash("experiment", "env", "collect", "vlm", "embed"))
-    yield run_dir / "encoder", _recorded(run_dir / "encoder" / "config.json", "config_hash"), output_hash(config)
+    yield run_dir / "hidden", _recorded(run_dir / "hidden" / "_embed.json", "config_hash"), hidden_hash(config)
+    yield run_dir / "encoder", _recorded(run_dir / "encoder" / "config.json", "config_hash"), encoder_hash(config)
     yield run_dir / "agent", _recorded(run_dir / "agent" / "train.json", "agent_hash"), agent_config_hash(config)
 
 

@@ -78,9 +78,12 @@ def load_trainable(base: str, *, method: str, lora_rank: int = 8, lora_alpha: fl
     from transformers import AutoModelForImageTextToText
 
     processor, family, _ = load_processor(base, trust_remote_code)
+    from envenc_ray.vlm.tiny import quiet_progress_bars
+
     try:
-        model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32,
-                                                            trust_remote_code=trust_remote_code)
+        with quiet_progress_bars():
+            model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32,
+                                                                trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError, ImportError) as error:
         raise ModelError(f"could not load the model from {base}: {_one_line(error)}") from None
     if method == "lora":

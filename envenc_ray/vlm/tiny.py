@@ -73,7 +73,7 @@ def build_tiny_vlm(out_dir: str | Path, seed: int = 0, *, measure: bool = True, 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    with _quiet_progress_bars():
+    with quiet_progress_bars():
         info = _build_into(staging, out, spec, seed, measure)
     summary = (
         f"built tiny VLM (seed {seed}) at {out}: {info['parameters'] / 1e6:.2f}M parameters, "
@@ -113,8 +113,8 @@ def _build_into(staging: Path, out: Path, spec: TinySpec, seed: int, measure: bo
 
 
 @contextmanager
-def _quiet_progress_bars():
-    """transformers' shard-writing and weight-loading bars are noise for a 7 MB model."""
+def quiet_progress_bars():
+    """transformers' shard-writing and weight-loading bars are noise for small models loaded many times."""
     from transformers.utils import logging as hf_logging
 
     enabled = hf_logging.is_progress_bar_enabled()
