@@ -1,35 +1,37 @@
-"""The `envenc` command: one subcommand per pipeline stage, plus run, serve, bench, model and config.
+"""The `envenc` command: one subcommand per stage of the registry (`pipeline.STAGES`), plus run, tune,
+experiment, bench, model and config.
 
-Stage modules are imported only when their subcommand runs, so `envenc --help` stays fast. Every
-`EnvEncError` becomes one line on stderr and exit code 2; a stage that a later issue fills in exits 3.
+Every `EnvEncError` becomes one line on stderr and exit code 2; a stage that a later issue fills in exits 3.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from pathlib import Path
 
-from envenc_ray.errors import EnvEncError, NotImplementedStageError
+# gRPC (inside Ray) logs INFO lines about fork() to the console unless told otherwise before it loads.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+import yaml  # noqa: E402
+
+from envenc_ray.bench.encoder import bench_encoder  # noqa: E402
+from envenc_ray.bench.rollout import bench_rollout  # noqa: E402
+from envenc_ray.config import load_config  # noqa: E402
+from envenc_ray.errors import ConfigError, EnvEncError, NotImplementedStageError  # noqa: E402
+from envenc_ray.layout import RunLayout  # noqa: E402
+from envenc_ray.pipeline import STAGES, Stage  # noqa: E402
+from envenc_ray.pipeline import run as run_pipeline  # noqa: E402
+from envenc_ray.rl.experiment import experiment  # noqa: E402
+from envenc_ray.rl.tune import tune as tune_sweep  # noqa: E402
+from envenc_ray.runtime import configure_console  # noqa: E402
+from envenc_ray.vlm.tiny import build_tiny_vlm  # noqa: E402
 
 # Stages that exist in the design but not yet in code: name -> what will provide them.
 PLANNED = {
     "reward-model": "the preference-trained reward model (stage 2)",
-}
-
-STAGE_HELP = {
-    "collect": "play the game and record frames, RAM annotations and advice to <run>/frames/",
-    "advise": "finetune the VLM on (frame, text) pairs from the RAM annotations (Ray Train) into a shared, "
-    "content-addressed vlm/ that the run reads with stage2.method=finetuned",
-    "embed": "run the truncated VLM over recorded frames into <run>/hidden/ (Ray Data)",
-    "train-encoder": "train the autoencoder on hidden states (Ray Train), export the encoder to <run>/encoder/",
-    "serve": "host the truncated VLM + encoder as a Ray Serve deployment",
-    "train": "train an RLlib agent (PPO or DreamerV3) on latents, pixels or both",
-    "tune": "run a Ray Tune sweep over config keys",
-    "reward-model": "train a transformer reward model on preference triples",
-    "evaluate": "run an agent checkpoint for N episodes",
-    "report": "write report.md, plots and metrics.json for a run (CONFIG... or a run directory)",
-    "run": "run every stage in order (skipping finished ones)",
 }
 
 
@@ -58,21 +60,40 @@ def _build_parser() -> argparse.ArgumentParser:
         epilog="Configs are YAML presets composed left to right, e.g. "
         "`envenc collect configs/pong-tiny.yaml --set collect.episodes=8`.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details (INFO level)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also show Ray's and the libraries' logs and every Ray worker's output (always kept in "
+                        "<run>/logs/)")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
-    for name, help_text in STAGE_HELP.items():
-        stage = commands.add_parser(name, help=help_text, description=help_text)
-        _add_config_arguments(stage)
-        stage.set_defaults(handler=_stage_handler(name))
-    commands.choices["serve"].add_argument(
-        "--http", action="store_true", help="also serve POST /encode (.npy in, .npy out) on serve.http_host:http_port"
-    )
-    commands.choices["tune"].add_argument(
+    where = RunLayout(run_dir=Path("<run>"), game="", agent_encoder=Path("rl.encoder_dir or <run>/encoder"))
+    for stage in STAGES:
+        reads = ", ".join(str(getattr(where, name)) for name in stage.reads) or "nothing"
+        epilog = f"reads {reads}; writes {getattr(where, stage.writes) if stage.writes else 'nothing'}"
+        sub = commands.add_parser(stage.name, help=stage.help, description=stage.help, epilog=epilog)
+        _add_config_arguments(sub)
+        if stage.add_arguments:
+            stage.add_arguments(sub)
+        sub.set_defaults(handler=_stage_handler(stage))
+    run = commands.add_parser("run", help="run every stage in order (skipping current ones)",
+                              description="Run every stage of the config in order on one Ray session; a stage "
+                              "whose output already matches the config and its inputs is skipped and says why. "
+                              "Writes <run>/manifest.json (what each stage did and how long it took).")
+    _add_config_arguments(run)
+    run.set_defaults(handler=lambda args: run_pipeline(_load(args)))
+    tune = commands.add_parser("tune", help="run a Ray Tune sweep over config keys",
+                               description="Ray Tune sweep over dotted config keys (grid/choice/uniform/...), "
+                               "optionally with ASHA; writes <run>/tune/ and best.yaml.")
+    _add_config_arguments(tune)
+    tune.add_argument(
         "--sweep", required=True, metavar="SWEEP.yaml",
         help="sweep file: metric, mode, num_samples, scheduler and params (dotted keys -> grid/choice/uniform/...); "
         "see configs/sweeps/ppo-lr.yaml",
     )
+    tune.set_defaults(handler=lambda args: tune_sweep(_load(args), sweep_path=args.sweep))
+    for name, what in PLANNED.items():
+        planned = commands.add_parser(name, help=f"not implemented yet: {what}")
+        _add_config_arguments(planned)
+        planned.set_defaults(handler=_planned(name))
     experiment = commands.add_parser(
         "experiment",
         help="compare arms (named config overrides) over seeds at an equal env-step budget, as Ray Tune trials",
@@ -94,11 +115,6 @@ def _build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--concurrent", type=int,
                             help="trials at once (default: as many as fit the Ray cluster)")
     experiment.set_defaults(handler=_experiment)
-    evaluate = commands.choices["evaluate"]
-    evaluate.add_argument("--checkpoint", help="checkpoint folder (default: the newest in <run>/agent/)")
-    evaluate.add_argument("--episodes", type=int, help="greedy episodes to play (default rl.eval_episodes)")
-    evaluate.add_argument("--gif", help="write the first episode as an animated GIF to this path")
-
     bench = commands.add_parser(
         "bench",
         help="benchmarks, results as JSON (encoder, rollout)",
@@ -149,16 +165,17 @@ def _add_config_arguments(parser: argparse.ArgumentParser, required: bool = True
 
 
 def _load(args: argparse.Namespace):
-    """The resolved config; a single run directory argument stands for the config its run recorded."""
-    from pathlib import Path
+    """The resolved config, with the console routed to its run's logs/ (see runtime.configure_console)."""
+    config = _resolve_config(args)
+    configure_console(RunLayout.of(config).logs, verbose=args.verbose)
+    return config
 
-    from envenc_ray.config import load_config
 
+def _resolve_config(args: argparse.Namespace):
+    """A single run directory argument stands for the config its run recorded."""
     if len(args.configs) == 1 and Path(args.configs[0]).is_dir():
         recorded = Path(args.configs[0]) / "config.yaml"
         if not recorded.is_file():
-            from envenc_ray.errors import ConfigError
-
             raise ConfigError(f"{args.configs[0]} is a folder without config.yaml: pass a run directory made by "
                               "`envenc run`, or the YAML config files of the run")
         run_dir = Path(args.configs[0]).resolve()  # wherever the folder is now, not where it was made
@@ -168,55 +185,22 @@ def _load(args: argparse.Namespace):
 
 
 def _config_show(args: argparse.Namespace) -> None:
-    import yaml
-
-    config = _load(args)
+    config = _resolve_config(args)  # no run directory is touched
     print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
 
 
 def _init_tiny(args: argparse.Namespace) -> None:
-    from envenc_ray.vlm.tiny import build_tiny_vlm
-
     build_tiny_vlm(args.out, seed=args.seed)
 
 
-# Each implemented stage: its one entry function, taking the resolved config.
-ENTRY_POINTS = {
-    "collect": "envenc_ray.data.collect:collect",
-    "advise": "envenc_ray.data.advise:advise",
-    "embed": "envenc_ray.data.embed:embed",
-    "train-encoder": "envenc_ray.encoder.train:train_encoder",
-    "serve": "envenc_ray.serve.deployment:serve",
-    "train": "envenc_ray.rl.train:train",
-    "evaluate": "envenc_ray.rl.evaluate:evaluate",
-    "report": "envenc_ray.report:report",
-    "run": "envenc_ray.pipeline:run",
-    "tune": "envenc_ray.rl.tune:tune",
-}
-
-
-def _stage_handler(name: str):
-    if name in PLANNED:
-        return _planned(name)
-
+def _stage_handler(stage: Stage):
     def handler(args: argparse.Namespace) -> None:
-        import importlib
-
-        module_name, function_name = ENTRY_POINTS[name].split(":")
-        entry = getattr(importlib.import_module(module_name), function_name)
-        options = {
-            "serve": lambda: {"http": args.http},
-            "evaluate": lambda: {"checkpoint": args.checkpoint, "episodes": args.episodes, "gif": args.gif},
-            "tune": lambda: {"sweep_path": args.sweep},
-        }.get(name, dict)()
-        entry(_load(args), **options)
+        stage.run(_load(args), **stage.options(args))
 
     return handler
 
 
 def _experiment(args: argparse.Namespace) -> None:
-    from envenc_ray.rl.experiment import experiment
-
     experiment(_load(args), args.arms, seeds=args.seeds, steps=args.steps, concurrent=args.concurrent,
                command="envenc " + " ".join(sys.argv[1:]))
 
@@ -224,12 +208,8 @@ def _experiment(args: argparse.Namespace) -> None:
 def _bench(args: argparse.Namespace) -> None:
     command = "envenc " + " ".join(sys.argv[1:])
     if args.target == "rollout":
-        from envenc_ray.rl.bench import bench_rollout
-
         bench_rollout(_load(args), args.json, iterations=args.iterations, command=command)
         return
-    from envenc_ray.serve.bench import bench_encoder
-
     bench_encoder(_load(args), args.json, callers=args.callers, frames_per_call=args.frames_per_call,
                   seconds=args.seconds, command=command)
 

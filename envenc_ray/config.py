@@ -376,19 +376,26 @@ def load_config(paths: list[str | Path] = (), overrides: list[str] = ()) -> EnvE
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    return read_yaml_mapping(path, "config file", "pass a YAML file such as configs/pong-tiny.yaml")
+
+
+def read_yaml_mapping(path: Path, what: str, example: str) -> dict[str, Any]:
+    """The mapping in the YAML file `path` ({} when empty), or a one-line ConfigError naming `what` file is
+    wrong, where, and (for a missing file) `example` of what to pass instead."""
+    path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; pass a YAML file such as configs/pong-tiny.yaml")
+        raise ConfigError(f"{what} {path} does not exist; {example}")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
+        raise ConfigError(f"{what} {path} is not valid YAML{where}: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections (got {type(data).__name__})")
+        raise ConfigError(f"{what} {path} must hold a mapping of keys (got {type(data).__name__})")
     return data
 
 

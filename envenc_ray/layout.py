@@ -1,24 +1,99 @@
-"""Where the VLM of a run lives: the base model as given, or the finetuned one `envenc advise` made.
+"""Where things live: every folder of a run, the VLM it reads, the encoder its agent reads, its game's name.
 
+    RunLayout.of(config)        the run directory's artifacts (frames/, hidden/, encoder/, agent/, ...),
+                                `agent_encoder` (rl.encoder_dir, else <run>/encoder) and the canonical game
     base_model_path(config)     'builtin:tiny' -> <run>/vlm (built there on first use); else vlm.model
     resolve_model_path(config)  the VLM every later stage reads: the base model, or with
                                 stage2.method 'finetuned' the one <run>/advise.json points at
     shared_dir(config)          <run_root>/_shared: artifacts that runs and experiment arms share
 
-Computed here once, so embed, Serve, the RL connector, evaluation and the benchmarks all load the same model.
+Computed here once, so collect, embed, Serve, the RL connector, evaluation, the report and the benchmarks all
+read and write the same places; no other module spells a run folder's name.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from envenc_ray.config import EnvEncConfig
+from envenc_ray.envs.atari import game_name
 from envenc_ray.errors import ModelError
 from envenc_ray.files import read_json
 
 BUILTIN_TINY = "builtin:tiny"
-ADVISE_POINTER = "advise.json"  # in the run directory: which shared finetuned VLM this run reads
 SHARED = "_shared"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The artifacts of one run directory (see docs/architecture.md for what each holds)."""
+
+    run_dir: Path
+    game: str  # 'ALE/Pong-v5' and 'pong' are both 'pong': the name annotations, prompts and advice use
+    agent_encoder: Path  # the exported encoder the agent, Serve and evaluation read
+
+    @classmethod
+    def of(cls, config: EnvEncConfig) -> RunLayout:
+        run_dir = config.run_dir
+        encoder = Path(config.rl.encoder_dir) if config.rl.encoder_dir else run_dir / "encoder"
+        return cls(run_dir=run_dir, game=game_name(config.env.game), agent_encoder=encoder)
+
+    @property
+    def frames(self) -> Path:  # Parquet shards of recorded episodes (collect)
+        return self.run_dir / "frames"
+
+    @property
+    def vlm(self) -> Path:  # the built-in tiny VLM, built on first use
+        return self.run_dir / "vlm"
+
+    @property
+    def advise_pointer(self) -> Path:  # which shared finetuned VLM this run reads (advise)
+        return self.run_dir / "advise.json"
+
+    @property
+    def hidden(self) -> Path:  # Parquet shards of hidden states (embed)
+        return self.run_dir / "hidden"
+
+    @property
+    def encoder(self) -> Path:  # the exported encoder train-encoder writes
+        return self.run_dir / "encoder"
+
+    @property
+    def encoder_train(self) -> Path:  # Ray Train's run folders of train-encoder (<resume key>/), for resuming
+        return self.run_dir / "encoder_train"
+
+    @property
+    def agent(self) -> Path:  # RLlib checkpoints, progress, train.json, eval.json, reference.json (train, evaluate)
+        return self.run_dir / "agent"
+
+    @property
+    def report(self) -> Path:  # report.md, plots, metrics.json (report)
+        return self.run_dir / "report"
+
+    @property
+    def logs(self) -> Path:  # Ray's own logs of our commands (driver and workers), shown with --verbose
+        return self.run_dir / "logs"
+
+    @property
+    def bench(self) -> Path:  # benchmark JSON and plots unless --json says elsewhere
+        return self.run_dir / "bench"
+
+    @property
+    def experiments(self) -> Path:  # one folder per arms file of `envenc experiment`
+        return self.run_dir / "experiments"
+
+    @property
+    def tune(self) -> Path:  # `envenc tune` trials, results and best.yaml
+        return self.run_dir / "tune"
+
+    @property
+    def manifest(self) -> Path:  # what each stage of `envenc run` did and how long it took
+        return self.run_dir / "manifest.json"
+
+    @property
+    def config_copy(self) -> Path:  # the resolved config, so `envenc report RUN_DIR` can rebuild the report
+        return self.run_dir / "config.yaml"
 
 
 def shared_dir(config: EnvEncConfig) -> Path:
@@ -31,7 +106,7 @@ def base_model_path(config: EnvEncConfig) -> str:
         return config.vlm.model
     from envenc_ray.vlm.tiny import build_tiny_vlm
 
-    model_dir = config.run_dir / "vlm"
+    model_dir = RunLayout.of(config).vlm
     if not (model_dir / "config.json").exists():
         print(f"building the built-in tiny VLM (seed {config.vlm.tiny_seed}) in {model_dir}")
         build_tiny_vlm(model_dir, seed=config.vlm.tiny_seed)
@@ -39,13 +114,20 @@ def base_model_path(config: EnvEncConfig) -> str:
 
 
 def resolve_model_path(config: EnvEncConfig) -> str:
-    """The VLM that embed, Serve and the agent read under `config.stage2.method`."""
+    """The VLM that embed, Serve and the agent read under `config.stage2.method` (absolute if a folder)."""
     if config.stage2.method == "pretrained":
-        return base_model_path(config)
-    pointer = read_json(config.run_dir / ADVISE_POINTER)
+        model = base_model_path(config)
+    else:
+        model = _finetuned_model_path(config)
+    return str(Path(model).resolve()) if Path(model).exists() else model
+
+
+def _finetuned_model_path(config: EnvEncConfig) -> str:
+    pointer_path = RunLayout.of(config).advise_pointer
+    pointer = read_json(pointer_path)
     if pointer is None or not (Path(pointer["vlm"]) / "config.json").is_file():
-        raise ModelError(f"stage2.method is 'finetuned' but {config.run_dir / ADVISE_POINTER} names no finetuned "
-                         "VLM yet: run `envenc advise CONFIG` (or `envenc run CONFIG`) first")
+        raise ModelError(f"stage2.method is 'finetuned' but {pointer_path} names no finetuned VLM yet: run "
+                         "`envenc advise CONFIG` (or `envenc run CONFIG`) first")
     from envenc_ray.config import advise_settings_hash
 
     if pointer["settings_hash"] != advise_settings_hash(config):

@@ -21,30 +21,44 @@ from envenc_ray.config import EnvEncConfig  # noqa: E402
 from envenc_ray.encoder.metrics import mean_or_none  # noqa: E402
 from envenc_ray.errors import DataError  # noqa: E402
 from envenc_ray.files import read_json, write_text_atomic  # noqa: E402
-from envenc_ray.layout import ADVISE_POINTER  # noqa: E402
+from envenc_ray.layout import RunLayout  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-# Every artifact the report reads, relative to the run directory.
-INPUTS = ("frames/_collect.json", "advise.json", "hidden/_embed.json", "encoder/metrics.json", "agent/train.json",
-          "agent/progress.jsonl", "agent/eval.json", "agent/reference.json")
+
+
+def inputs(layout: RunLayout) -> list[Path]:
+    """Every artifact file the report reads."""
+    return [layout.frames / "_collect.json", layout.advise_pointer, layout.hidden / "_embed.json",
+            layout.encoder / "metrics.json", layout.agent / "train.json", layout.agent / "progress.jsonl",
+            layout.agent / "eval.json", layout.agent / "reference.json"]
+
+
+def report_current(config: EnvEncConfig) -> str | None:
+    """Why <run>/report/ is newer than every artifact it reads, or None."""
+    layout = RunLayout.of(config)
+    done = layout.report / "metrics.json"
+    present = [path for path in inputs(layout) if path.is_file()]
+    if done.is_file() and all(path.stat().st_mtime <= done.stat().st_mtime for path in present):
+        return f"{layout.report} is newer than every artifact it reads"
+    return None
 
 
 def report(config: EnvEncConfig) -> Path:
     """Write <run>/report/ from whatever stages of the run have finished; returns report.md's path."""
-    run_dir = config.run_dir
-    if not run_dir.is_dir():
-        raise DataError(f"{run_dir} does not exist; run `envenc run` (or the stages) for this config first")
-    out = run_dir / "report"
+    layout = RunLayout.of(config)
+    if not layout.run_dir.is_dir():
+        raise DataError(f"{layout.run_dir} does not exist; run `envenc run` (or the stages) for this config first")
+    out = layout.report
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# Run report: {config.experiment.name}", "", f"Game: {config.env.game}; VLM: {config.vlm.model} "
              f"(layer {config.vlm.layer}, pooling {config.vlm.pooling}); encoder: {config.encoder.kind}.", ""]
     metrics: dict = {"experiment": config.experiment.name}
 
-    sections = (_data_section, _advice_section, _encoder_section, lambda r, o: _representation_section(config, r, o),
-                _agent_section, _service_section)
-    for section in sections:
-        section_lines, section_metrics = section(run_dir, out)
+    sections = (_data_section, _advice_section, _encoder_section, _representation_section, _agent_section,
+                _service_section)
+    for section in sections:  # each reads its artifacts and writes its plots into <run>/report/
+        section_lines, section_metrics = section(config, layout)
         lines += section_lines + [""]
         metrics.update(section_metrics)
 
@@ -55,9 +69,9 @@ def report(config: EnvEncConfig) -> Path:
     return report_path
 
 
-def _data_section(run_dir: Path, out: Path) -> tuple[list[str], dict]:
-    meta = read_json(run_dir / "frames" / "_collect.json")
-    embed = read_json(run_dir / "hidden" / "_embed.json")
+def _data_section(config: EnvEncConfig, layout: RunLayout) -> tuple[list[str], dict]:
+    meta = read_json(layout.frames / "_collect.json")
+    embed = read_json(layout.hidden / "_embed.json")
     if meta is None:
         return ["## Data", "", "No frames recorded yet (`envenc collect`)."], {}
     lines = ["## Data", "", f"{meta['collect']['episodes']} episodes of {meta['game']} "
@@ -72,8 +86,8 @@ def _data_section(run_dir: Path, out: Path) -> tuple[list[str], dict]:
     return lines, metrics
 
 
-def _encoder_section(run_dir: Path, out: Path) -> tuple[list[str], dict]:
-    encoder_metrics = read_json(run_dir / "encoder" / "metrics.json")
+def _encoder_section(config: EnvEncConfig, layout: RunLayout) -> tuple[list[str], dict]:
+    encoder_metrics = read_json(layout.encoder / "metrics.json")
     if encoder_metrics is None:
         return ["## Encoder", "", "No encoder trained yet (`envenc train-encoder`)."], {}
     epochs = encoder_metrics["epochs"]
@@ -99,7 +113,7 @@ def _encoder_section(run_dir: Path, out: Path) -> tuple[list[str], dict]:
     for axis in (loss_axis, cosine_axis):
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     figure.tight_layout()
-    figure.savefig(out / "encoder.png", dpi=110)
+    figure.savefig(layout.report / "encoder.png", dpi=110)
     plt.close(figure)
 
     lines = ["## Encoder", "", f"{encoder_metrics['kind']} encoder, latent {encoder_metrics['latent_dim']}, "
@@ -122,9 +136,9 @@ def _encoder_section(run_dir: Path, out: Path) -> tuple[list[str], dict]:
     return lines, metrics
 
 
-def _representation_section(config: EnvEncConfig, run_dir: Path, out: Path) -> tuple[list[str], dict]:
+def _representation_section(config: EnvEncConfig, layout: RunLayout) -> tuple[list[str], dict]:
     """Probe R² per game variable: the VLM as given (untrained), the VLM the run reads (hidden), the latent."""
-    encoder_metrics = read_json(run_dir / "encoder" / "metrics.json")
+    encoder_metrics = read_json(layout.encoder / "metrics.json")
     if encoder_metrics is None:
         return ["## What the representation knows", "", "No encoder trained yet (`envenc train-encoder`)."], {}
     best = next(e for e in encoder_metrics["epochs"] if e["epoch"] == encoder_metrics["best_epoch"])
@@ -152,7 +166,7 @@ def _representation_section(config: EnvEncConfig, run_dir: Path, out: Path) -> t
     axis.axhline(0, color="black", linewidth=0.6)
     axis.legend(loc="upper left", fontsize=8, ncol=3)
     figure.tight_layout()
-    figure.savefig(out / "probes.png", dpi=110)
+    figure.savefig(layout.report / "probes.png", dpi=110)
     plt.close(figure)
 
     lines = ["## What the representation knows", "",
@@ -164,9 +178,9 @@ def _representation_section(config: EnvEncConfig, run_dir: Path, out: Path) -> t
     return lines, {"probe_r2": probes, "probe_r2_mean": means}
 
 
-def _advice_section(run_dir: Path, out: Path) -> tuple[list[str], dict]:
+def _advice_section(config: EnvEncConfig, layout: RunLayout) -> tuple[list[str], dict]:
     """The advise stage: held-out loss, and the move parsed from greedy generation against chance."""
-    pointer = read_json(run_dir / ADVISE_POINTER)
+    pointer = read_json(layout.advise_pointer)
     advice = read_json(Path(pointer["metrics"])) if pointer else None
     if advice is None:
         return [], {}
@@ -187,7 +201,7 @@ def _advice_section(run_dir: Path, out: Path) -> tuple[list[str], dict]:
     accuracy_axis.set(title="Advised move vs the RAM heuristic (held-out)", ylabel="accuracy", ylim=(0, 1.15))
     accuracy_axis.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(out / "advice.png", dpi=110)
+    figure.savefig(layout.report / "advice.png", dpi=110)
     plt.close(figure)
     accuracy, chance = advice["action_accuracy_heldout"], advice["chance_accuracy"]
     lines = ["## Advice finetuning (stage 2)", "",
@@ -208,18 +222,18 @@ def _fmt(value) -> str:
     return "n/a" if value is None or value != value else f"{value:.3f}"
 
 
-def _progress(run_dir: Path) -> list[dict]:
-    path = run_dir / "agent" / "progress.jsonl"
+def _progress(layout: RunLayout) -> list[dict]:
+    path = layout.agent / "progress.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
-def _agent_section(run_dir: Path, out: Path) -> tuple[list[str], dict]:
-    rows = _progress(run_dir)
-    meta = read_json(run_dir / "agent" / "train.json")
+def _agent_section(config: EnvEncConfig, layout: RunLayout) -> tuple[list[str], dict]:
+    rows = _progress(layout)
+    meta = read_json(layout.agent / "train.json")
     if not rows or meta is None:
         return ["## Agent", "", "No agent trained yet (`envenc train`)."], {}
-    evaluation = read_json(run_dir / "agent" / "eval.json")
-    reference = read_json(run_dir / "agent" / "reference.json") or {}
+    evaluation = read_json(layout.agent / "eval.json")
+    reference = read_json(layout.agent / "reference.json") or {}
     curve = [(r["env_steps_lifetime"], r["episode_return_mean"]) for r in rows if r["episode_return_mean"] is not None]
 
     figure, axis = plt.subplots(figsize=(8, 4.5))
@@ -237,7 +251,7 @@ def _agent_section(run_dir: Path, out: Path) -> tuple[list[str], dict]:
     axis.set(title="Learning curve", xlabel="environment steps", ylabel="episode return (mean)")
     axis.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(out / "learning_curve.png", dpi=110)
+    figure.savefig(layout.report / "learning_curve.png", dpi=110)
     plt.close(figure)
 
     summary = meta.get("summary") or {}
@@ -262,8 +276,8 @@ def _agent_section(run_dir: Path, out: Path) -> tuple[list[str], dict]:
     return lines, metrics
 
 
-def _service_section(run_dir: Path, out: Path) -> tuple[list[str], dict]:
-    rows = [r for r in _progress(run_dir) if r.get("encoder_call_ms") is not None]
+def _service_section(config: EnvEncConfig, layout: RunLayout) -> tuple[list[str], dict]:
+    rows = [r for r in _progress(layout) if r.get("encoder_call_ms") is not None]
     if not rows:
         return ["## Encoder service", "", "No encoder calls measured (pixels-only agent, or no agent yet)."], {}
     x = [r["iteration"] for r in rows]
@@ -283,7 +297,7 @@ def _service_section(run_dir: Path, out: Path) -> tuple[list[str], dict]:
         axis.set_ylim(bottom=0)
     frames_axis.set_ylim(bottom=0)
     figure.tight_layout()
-    figure.savefig(out / "service.png", dpi=110)
+    figure.savefig(layout.report / "service.png", dpi=110)
     plt.close(figure)
 
     def mean(key: str) -> float:

@@ -1,12 +1,71 @@
-"""Process-level set-up shared by every stage: Ray start-up and torch threads."""
+"""Process-level set-up shared by every stage: the console, Ray start-up and torch threads.
+
+The console of an `envenc` command shows our stage headers, tqdm bars and one-line summaries. Everything
+else -- Ray's and the libraries' log records in the driver, and every line Ray workers print -- goes to
+<run>/logs/ (envenc.log, workers.log, and `ray`, a link to Ray's own session logs), and to the console
+too with `--verbose`. Errors of any logger still reach the console. A worker line meant for the user (an
+epoch of a Ray Train job) is printed with `tell_user`, which marks it so the driver shows it.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
+import tempfile
+import threading
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
 
 logger = logging.getLogger(__name__)
+
+USER_LINE = "[envenc] "  # marks a worker's line for the driver's console
+LIBRARY_LOGGERS = ("ray", "ray.serve", "ray.data", "ray.tune", "ray.train", "ray.rllib", "transformers")
+_console: dict = {"verbose": True, "logs": None}  # what configure_console decided (unset: show everything)
+
+
+def tell_user(text: str) -> None:
+    """Print a progress line from inside a Ray worker so that the driver's console shows it."""
+    print(USER_LINE + text, flush=True)
+
+
+def configure_console(logs_dir: Path, verbose: bool) -> None:
+    """Route every log record to logs_dir/envenc.log; the console gets ours (warnings and up), everyone's
+    errors, and with `verbose` everything from INFO up."""
+    logs_dir = Path(logs_dir)
+    logs_dir.mkdir(parents=True, exist_ok=True)
+    _console.update(verbose=verbose, logs=logs_dir)
+    log_file = logging.FileHandler(logs_dir / "envenc.log")
+    log_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    console.setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose:
+        console.addFilter(lambda record: record.name.startswith("envenc_ray") or record.levelno >= logging.ERROR)
+    root = logging.getLogger()
+    root.handlers = [log_file, console]
+    root.setLevel(logging.INFO)
+    # Ray, Serve, Ray Data, RLlib and transformers install console handlers of their own at import time (and
+    # ray.init clears Ray's): imported first, then without handlers and propagating, their records reach ours.
+    import ray.data  # noqa: F401
+    import ray.rllib  # noqa: F401
+    import ray.serve  # noqa: F401
+    import transformers  # noqa: F401
+
+    for name in LIBRARY_LOGGERS:
+        library = logging.getLogger(name)
+        library.handlers = []
+        library.propagate = True
+    logging.captureWarnings(True)  # deprecation and other Python warnings: records like any other
+    if not verbose:
+        from ray.data import DataContext
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # "Loading weights" bars
+        context = DataContext.get_current()
+        context.enable_operator_progress_bars = False  # one bar per Dataset on a terminal, no per-operator bars
+        context.print_on_execution_start = False
 
 
 def ensure_ray() -> None:
@@ -22,7 +81,47 @@ def ensure_ray() -> None:
         ray.init(configure_logging=False)
     else:
         ray.init(include_dashboard=False, configure_logging=False)
+    if _console["logs"] is not None:
+        _route_worker_lines(_console["logs"], _console["verbose"])
     logger.info("Ray resources: %s", ray.cluster_resources())
+
+
+def _route_worker_lines(logs_dir: Path, verbose: bool) -> None:
+    """Every line a Ray worker prints goes to logs_dir/workers.log; the console shows all of them with
+    `verbose`, else only the lines `tell_user` marked (Ray's printer is swapped for ours, in this driver)."""
+    from ray._private import worker as ray_worker
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher
+
+    node = getattr(ray_worker, "_global_node", None)
+    link = logs_dir / "ray"
+    if node is not None and not link.exists():
+        try:
+            link.symlink_to(node.get_logs_dir_path(), target_is_directory=True)
+        except OSError:
+            pass  # a filesystem without links: Ray's logs stay in its session folder
+    if verbose:
+        return
+    lock, shown = threading.Lock(), []
+    out = open(logs_dir / "workers.log", "a", buffering=1)
+
+    def handle(data: dict) -> None:
+        source = data.get("actor_name") or data.get("task_name") or "worker"
+        with lock:
+            for line in data.get("lines", []):
+                out.write(f"({source} pid={data.get('pid')}) {line}\n")
+                if line.startswith(USER_LINE) and line not in shown[-8:]:  # Ray Train echoes some lines twice
+                    shown.append(line)
+                    print(line[len(USER_LINE):], flush=True)
+
+    global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")
+    global_worker_stdstream_dispatcher.add_handler("envenc_worker_lines", handle)
+
+
+def inside_ray_actor() -> bool:
+    """True in a Ray actor (a remote EnvRunner, a Serve replica), False in the driver process."""
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
 
 
 def set_torch_threads(num_threads: int | None) -> None:
@@ -51,3 +150,42 @@ def train_report_poll(seconds: float):
             os.environ.pop(name)
         else:
             os.environ[name] = previous
+
+
+# ----------------------------------------------------------------------------- inside a Ray Train worker loop
+
+
+def agreed_by_rank0(value: float, world_size: int) -> float:
+    """Rank 0's `value` on every worker (torch.distributed broadcast), so that all workers take the same
+    early-stopping decision from the evaluation only rank 0 runs."""
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor([value], dtype=torch.float64)
+    if world_size > 1:
+        dist.broadcast(tensor, src=0)
+    return float(tensor.item())
+
+
+def note_epoch(state: dict, epoch: int, score: float, best_key: str) -> None:
+    """Early-stopping bookkeeping in `state`: the best (lowest) score under `best_key`, its epoch, and the
+    epochs since it."""
+    if score < state[best_key]:
+        state.update({best_key: score, "best_epoch": epoch, "epochs_since_best": 0})
+    else:
+        state["epochs_since_best"] += 1
+    state["epoch"] = epoch
+
+
+def report_epoch(metrics: dict, epoch: int, rank: int, save: Callable[[Path], None]) -> None:
+    """ray.train.report of one epoch: rank 0 with a checkpoint (folder epoch-NNNN, filled by `save`), the
+    other ranks with the metrics only (Ray Train waits for every rank's report)."""
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        save(Path(directory))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                         checkpoint_dir_name=f"epoch-{epoch:04d}")

@@ -12,6 +12,27 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
+def pytest_collection_modifyitems(items):
+    """A test that uses the session's Ray is slow by definition (`pytest -m "not slow"` starts no Ray)."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()) and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _fast_tests_start_no_ray(request, monkeypatch):
+    """Tests outside the slow set must not start Ray (they would make `pytest -m "not slow"` slow): fail
+    them at ray.init, so a missing `slow` marker shows up as an error, not as a slow fast set."""
+    if request.node.get_closest_marker("slow") is not None:
+        return
+    import ray
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{request.node.nodeid} starts Ray but is not marked slow; add @pytest.mark.slow")
+
+    monkeypatch.setattr(ray, "init", refuse)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the whole session: 2 logical CPUs, like this machine; no dashboard."""

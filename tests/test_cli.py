@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from envenc_ray.cli import PLANNED, STAGE_HELP
+from envenc_ray.cli import PLANNED
+from envenc_ray.pipeline import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,7 +19,7 @@ def envenc(*args: str) -> subprocess.CompletedProcess:
 def test_help_lists_every_stage():
     result = envenc("--help")
     assert result.returncode == 0
-    for command in [*STAGE_HELP, "bench", "model", "config"]:
+    for command in [*(stage.name for stage in STAGES), "run", "tune", "experiment", "bench", "model", "config"]:
         assert command in result.stdout
 
 

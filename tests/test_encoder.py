@@ -32,7 +32,8 @@ from envenc_ray.encoder.models import KINDS, build_autoencoder, build_windows
 
 # The tokens kind reads per-token (T, D) states, not these pooled ones: tests/test_tokens.py covers it.
 POOLED_KINDS = [kind for kind in KINDS if kind != "tokens"]
-from envenc_ray.encoder.train import CHECKPOINTS_DIR, check_shards, read_hidden, split_by_episode, train_encoder
+from envenc_ray.encoder.train import check_shards, read_hidden, split_by_episode, train_encoder
+from envenc_ray.layout import RunLayout
 from envenc_ray.errors import ConfigError, DataError, InputError, ModelError
 
 HIDDEN_SIZE = 32
@@ -358,7 +359,7 @@ def test_train_encoder_trains_exports_and_then_skips(ray_session, tmp_path):
     assert 0 < best["val_consecutive_cosine_latent"] <= 1
 
     # The exported encoder gives the latents of the trained model's best epoch, bit for bit.
-    run_folder = next((config.run_dir / CHECKPOINTS_DIR).iterdir())
+    run_folder = next(RunLayout.of(config).encoder_train.iterdir())
     trained = build_autoencoder(config.encoder, HIDDEN_SIZE)
     trained.load_state_dict(load_file(str(run_folder / f"epoch-{metrics['best_epoch']:04d}" / "model.safetensors")))
     shards, hidden_size, _ = check_shards(config.run_dir / "hidden")
@@ -391,7 +392,7 @@ def test_train_encoder_killed_after_a_checkpoint_resumes_from_it(ray_session, tm
                              env=env, stdout=log, stderr=subprocess.STDOUT)
     snapshot, deadline = None, time.monotonic() + 120
     while time.monotonic() < deadline and first.poll() is None:
-        found = list((config.run_dir / CHECKPOINTS_DIR).glob("*/checkpoint_manager_snapshot.json"))
+        found = list(RunLayout.of(config).encoder_train.glob("*/checkpoint_manager_snapshot.json"))
         if found and "epoch-" in found[0].read_text():
             snapshot = found[0]
             break

@@ -71,7 +71,7 @@ def rgb_episode(frame: np.ndarray):
 
 
 def test_observer_one_call_per_step_windows_fresh_at_reset(environment_encoder, pong_frames):
-    from envenc_ray.rl.connector import EpisodeObserver
+    from envenc_ray.rl.observations import EpisodeObserver
 
     encoder, _ = environment_encoder
     observer = EpisodeObserver("latent+pixels", encoder, frame_stack=4, pixel_size=84)
@@ -94,7 +94,8 @@ def test_observer_one_call_per_step_windows_fresh_at_reset(environment_encoder, 
 
 
 def test_connector_rewrites_last_observation_of_every_episode(environment_encoder, tiny_vlm_dir, pong_frames):
-    from envenc_ray.rl.connector import EncoderSource, LatentObservations
+    from envenc_ray.rl.connector import LatentObservations
+    from envenc_ray.rl.encoder_source import EncoderSource
 
     _, encoder_dir = environment_encoder
     source = EncoderSource(kind="in_process", latent_dim=LATENT_DIM, window=2, encoder_dir=str(encoder_dir),
@@ -147,9 +148,10 @@ def test_gym_wrapper_passes_env_checker_and_batches_encoder_calls(environment_en
 
 
 def test_bad_inputs_say_what_to_fix(environment_encoder, tmp_path, tiny_vlm_dir):
-    from envenc_ray.rl.connector import EpisodeObserver, encoder_source
+    from envenc_ray.rl.encoder_source import encoder_source
+    from envenc_ray.rl.observations import EpisodeObserver
     from envenc_ray.rl.evaluate import evaluate
-    from envenc_ray.rl.train import build_algorithm
+    from envenc_ray.rl.algorithm import build_algorithm
 
     _, encoder_dir = environment_encoder
     with pytest.raises(ConfigError, match="obs_mode"):
@@ -186,10 +188,10 @@ def batch_recorder():
 @pytest.mark.slow
 def test_ppo_latent_learner_sees_latents_one_encode_per_vector_step(ray_session, environment_encoder, tmp_path,
                                                                     tiny_vlm_dir):
-    from envenc_ray.rl.connector import encoder_source
-    from envenc_ray.rl.evaluate import load_policy
+    from envenc_ray.rl.encoder_source import encoder_source
+    from envenc_ray.rl.checkpoints import load_policy
     from envenc_ray.rl.ppo import build_ppo_config
-    from envenc_ray.rl.train import save_checkpoint
+    from envenc_ray.rl.checkpoints import save_checkpoint
 
     _, encoder_dir = environment_encoder
     config = make_config(tmp_path, tiny_vlm_dir, encoder_dir, obs_mode="latent", num_env_runners=0, **PPO_TINY)
@@ -229,7 +231,8 @@ def test_ppo_latent_learner_sees_latents_one_encode_per_vector_step(ray_session,
 
 @pytest.mark.slow
 def test_ppo_pixels_on_a_remote_env_runner(ray_session, environment_encoder, tmp_path, tiny_vlm_dir):
-    from envenc_ray.rl.train import build_algorithm, metrics_row
+    from envenc_ray.rl.algorithm import build_algorithm
+    from envenc_ray.rl.train import metrics_row
 
     _, encoder_dir = environment_encoder
     config = make_config(tmp_path, tiny_vlm_dir, encoder_dir, obs_mode="pixels", num_env_runners=1, **PPO_TINY)
@@ -295,7 +298,8 @@ def test_dreamerv3_on_latents_trains_and_evaluates(ray_session, environment_enco
 @pytest.mark.slow
 @pytest.mark.parametrize("obs_mode", ["latent", "latent+pixels"])
 def test_ppo_through_serve(ray_session, environment_encoder, tmp_path, tiny_vlm_dir, obs_mode):
-    from envenc_ray.rl.train import build_algorithm, metrics_row
+    from envenc_ray.rl.algorithm import build_algorithm
+    from envenc_ray.rl.train import metrics_row
     from envenc_ray.serve.client import deploy_encoder, shutdown
 
     _, encoder_dir = environment_encoder

@@ -162,7 +162,7 @@ def test_tokens_with_the_wrong_encoder_kind_fails_early_and_says_what_to_set(tmp
     from envenc_ray.encoder.export import FORMAT, FORMAT_VERSION, save_encoder
     from envenc_ray.encoder.models import build_autoencoder
     from envenc_ray.encoder.train import train_encoder
-    from envenc_ray.rl.connector import encoder_source
+    from envenc_ray.rl.encoder_source import encoder_source
     from envenc_ray.serve.deployment import replica_spec
 
     # from the settings, before any frame is read (none were recorded here)
@@ -214,7 +214,8 @@ def test_tokens_embed_train_serve_and_one_ppo_iteration(ray_session, debug_confi
     from envenc_ray.data.collect import collect
     from envenc_ray.data.embed import embed
     from envenc_ray.encoder.train import train_encoder
-    from envenc_ray.rl.train import build_algorithm, metrics_row
+    from envenc_ray.rl.algorithm import build_algorithm
+    from envenc_ray.rl.train import metrics_row
     from envenc_ray.serve.client import deploy_encoder, shutdown
 
     app = "envenc-tokens-test"  # the debug preset's PPO calls it (rl.encoder_source: serve)

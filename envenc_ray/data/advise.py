@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -39,9 +38,9 @@ from envenc_ray.encoder.train import split_by_episode
 from envenc_ray.envs.annotate import ANNOTATED_GAMES, advised_phrase, answer_text
 from envenc_ray.envs.atari import game_name
 from envenc_ray.errors import ConfigError, DataError
-from envenc_ray.files import write_json_atomic
-from envenc_ray.layout import ADVISE_POINTER, base_model_path, shared_dir
-from envenc_ray.runtime import train_report_poll
+from envenc_ray.files import read_json, write_json_atomic
+from envenc_ray.layout import RunLayout, base_model_path, shared_dir
+from envenc_ray.runtime import agreed_by_rank0, note_epoch, report_epoch, tell_user, train_report_poll
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +65,11 @@ class AdviceData:
 
 def advise(config: EnvEncConfig) -> dict:
     """Finetune the VLM on (frame, text) pairs, unless a finetuned VLM of these inputs exists; point the run at it."""
+    reason = advise_current(config)
+    if reason:
+        pointer = read_json(RunLayout.of(config).advise_pointer)
+        print(f"advise: skipped, {reason}")
+        return {"skipped": True, "vlm": pointer["vlm"], **_summary(read_json(Path(pointer["metrics"])))}
     data = advice_data(config)
     key = hashlib.sha256(f"{advise_settings_hash(config)}-{data.fingerprint}".encode()).hexdigest()[:16]
     out_dir = shared_dir(config) / f"advise-{key}"
@@ -74,7 +78,7 @@ def advise(config: EnvEncConfig) -> dict:
         _write_pointer(config, out_dir)
         print(f"advise: skipped, {out_dir / 'vlm'} is the finetuned VLM of these inputs "
               f"(best epoch {metrics['best_epoch']}, held-out loss {metrics['val_loss_best']:.3f})")
-        return {"skipped": True, "vlm": str(out_dir / "vlm"), **_summary(metrics)}
+        return {"skipped": True, "vlm": str((out_dir / "vlm").resolve()), **_summary(metrics)}
 
     from envenc_ray.runtime import ensure_ray
 
@@ -124,13 +128,40 @@ def advise(config: EnvEncConfig) -> dict:
           f"held-out loss {metrics['val_loss_before']:.3f} -> {metrics['val_loss_best']:.3f}"
           + (f", advised move accuracy {acc:.3f} (chance {metrics['chance_accuracy']:.3f})" if acc is not None else "")
           + f"; train {timings['train_s']:.0f} s")
-    return {"skipped": False, "vlm": str(out_dir / "vlm"), **_summary(json_safe(metrics))}
+    return {"skipped": False, "vlm": str((out_dir / "vlm").resolve()), **_summary(json_safe(metrics))}
+
+
+def advise_current(config: EnvEncConfig) -> str | None:
+    """Why <run>/advise.json already points at the finetuned VLM of these settings and data, or None.
+
+    Recorded frames are a function of the settings (which the hash covers); a user's advise.data file is
+    compared by size and modification time, so an edited file is finetuned on again.
+    """
+    pointer = read_json(RunLayout.of(config).advise_pointer)
+    if pointer is None or pointer.get("settings_hash") != advise_settings_hash(config):
+        return None
+    if not (Path(pointer["vlm"]) / "config.json").is_file() or not Path(pointer["metrics"]).is_file():
+        return None
+    if pointer.get("data_file") != _data_file_stamp(config):
+        return None
+    metrics = read_json(Path(pointer["metrics"])) or {}
+    return (f"{pointer['vlm']} is the finetuned VLM of these inputs (best epoch {metrics.get('best_epoch')}, "
+            f"held-out loss {metrics.get('val_loss_best', float('nan')):.3f})")
+
+
+def _data_file_stamp(config: EnvEncConfig) -> dict | None:
+    if not config.advise.data:
+        return None
+    path = Path(config.advise.data).resolve()
+    stat = path.stat() if path.is_file() else None
+    return {"path": str(path), "size": stat.st_size if stat else None, "mtime_ns": stat.st_mtime_ns if stat else None}
 
 
 def _write_pointer(config: EnvEncConfig, out_dir: Path) -> None:
-    write_json_atomic(config.run_dir / ADVISE_POINTER, {"vlm": str((out_dir / "vlm").resolve()),
-                                                        "settings_hash": advise_settings_hash(config),
-                                                        "metrics": str((out_dir / "metrics.json").resolve())})
+    write_json_atomic(RunLayout.of(config).advise_pointer, {"vlm": str((out_dir / "vlm").resolve()),
+                                                            "settings_hash": advise_settings_hash(config),
+                                                            "metrics": str((out_dir / "metrics.json").resolve()),
+                                                            "data_file": _data_file_stamp(config)})
 
 
 def _summary(metrics: dict) -> dict:
@@ -166,8 +197,8 @@ def advice_data(config: EnvEncConfig) -> AdviceData:
 def game_frames_dir(config: EnvEncConfig, game: str) -> Path:
     """env.game's frames are the run's own; another game's are recorded once with the same collect settings
     into a shared folder named by what determines them."""
-    if game == game_name(config.env.game):
-        return config.run_dir / "frames"
+    if game == RunLayout.of(config).game:
+        return RunLayout.of(config).frames
     env = config.env.model_copy(update={"game": game})
     recipe = {"seed": config.experiment.seed, "env": env.model_dump(mode="json"),
               "collect": config.collect.model_dump(mode="json")}
@@ -359,7 +390,7 @@ def _fit(config: EnvEncConfig, data: AdviceData, base: str, train_rows: np.ndarr
 
 def _question(config: EnvEncConfig) -> str:
     """The prompt the pairs answer: embed reads the hidden state where the model is about to answer it."""
-    return (config.advise.question or config.vlm.prompt).format(game=game_name(config.env.game))
+    return (config.advise.question or config.vlm.prompt).format(game=RunLayout.of(config).game)
 
 
 def train_loop_per_worker(loop: dict) -> None:
@@ -417,7 +448,7 @@ def train_loop_per_worker(loop: dict) -> None:
         state["best_val_loss"] = math.inf if state["best_val_loss"] is None else state["best_val_loss"]
         state["resumed_from_epoch"] = state["epoch"]
         if rank == 0:
-            print(f"advise: resuming after epoch {state['epoch']} from {checkpoint.path}", flush=True)
+            tell_user(f"advise: resuming after epoch {state['epoch']} from {checkpoint.path}")
     elif rank == 0:
         state["val_loss_before"] = held_out_loss()
     # Some weights never get a gradient (e.g. CLIP's post-layernorm when Llava reads the last layer's raw
@@ -445,30 +476,21 @@ def train_loop_per_worker(loop: dict) -> None:
         train_loss = torch.tensor([loss_sum / steps], dtype=torch.float64)
         if world_size > 1:
             dist.all_reduce(train_loss)
-        val_loss = torch.tensor([held_out_loss() if rank == 0 else 0.0], dtype=torch.float64)
-        if world_size > 1:  # every worker takes rank 0's early-stopping decision
-            dist.broadcast(val_loss, src=0)
-        val = float(val_loss.item())
-        if val < state["best_val_loss"]:
-            state.update(best_val_loss=val, best_epoch=epoch, epochs_since_best=0)
-        else:
-            state["epochs_since_best"] += 1
-        state["epoch"] = epoch
+        val = agreed_by_rank0(held_out_loss() if rank == 0 else 0.0, world_size)
+        note_epoch(state, epoch, val, "best_val_loss")
         entry = {"epoch": epoch, "train_loss": float(train_loss.item()) / world_size, "val_loss": val,
                  "seconds": time.perf_counter() - started, "session": loop["session"]}
         state["history"].append(entry)
+
+        def save(directory: Path) -> None:
+            save_file(trainable_state(model), str(directory / "trainable.safetensors"))
+            torch.save(optimizer.state_dict(), directory / "optimizer.pt")  # tensors only: weights_only loads it
+            (directory / "train_state.json").write_text(json.dumps(json_safe(state)))
+
+        report_epoch({"val_loss": val, "epoch": epoch}, epoch, rank, save)
         if rank == 0:
-            with tempfile.TemporaryDirectory() as directory:
-                save_file(trainable_state(model), str(Path(directory) / "trainable.safetensors"))
-                torch.save(optimizer.state_dict(), Path(directory) / "optimizer.pt")  # tensors only: weights_only loads it
-                (Path(directory) / "train_state.json").write_text(json.dumps(json_safe(state)))
-                ray.train.report({"val_loss": val, "epoch": epoch},
-                                 checkpoint=ray.train.Checkpoint.from_directory(directory),
-                                 checkpoint_dir_name=f"epoch-{epoch:04d}")
-            print(f"advise epoch {epoch}/{advise.epochs}: train loss {entry['train_loss']:.3f}, held-out loss "
-                  f"{val:.3f}, {entry['seconds']:.0f} s", flush=True)
-        else:
-            ray.train.report({"val_loss": val, "epoch": epoch}, checkpoint=None)
+            tell_user(f"advise epoch {epoch}/{advise.epochs}: train loss {entry['train_loss']:.3f}, held-out loss "
+                      f"{val:.3f}, {entry['seconds']:.0f} s")
 
 
 # ---------------------------------------------------------------------------------------------- export

@@ -23,6 +23,8 @@ from envenc_ray.data.schema import FRAMES_SCHEMA, write_parquet_atomic
 from envenc_ray.envs.annotate import get_annotator
 from envenc_ray.envs.atari import game_name, make_env_from_config
 from envenc_ray.errors import DataError, UnsupportedGameError
+from envenc_ray.files import read_json
+from envenc_ray.layout import RunLayout
 
 logger = logging.getLogger(__name__)
 
@@ -100,17 +102,16 @@ def collect(config: EnvEncConfig) -> CollectSummary:
 
     from envenc_ray.runtime import ensure_ray
 
-    frames_dir = config.run_dir / "frames"
+    frames_dir = RunLayout.of(config).frames
     if config.collect.policy != "random":  # fail here, not inside a Ray task, if the game has no heuristic
         env = make_env_from_config(config.env)
-        get_annotator(game_name(config.env.game), env.unwrapped.get_action_meanings())
+        get_annotator(RunLayout.of(config).game, env.unwrapped.get_action_meanings())
         env.close()
-    config_hash = config.section_hash("experiment", "env", "collect")
-    frame_shape = _check_or_write_meta(frames_dir, config_hash, config)
+    frame_shape = _check_or_write_meta(frames_dir, output_hash(config), config)
     todo = [e for e in range(config.collect.episodes) if not _shard_path(frames_dir, e).exists()]
     started = time.perf_counter()
     if not todo:
-        print(f"collect: skipped, all {config.collect.episodes} episodes already in {frames_dir}")
+        print(f"collect: skipped, {collect_current(config)}")
     else:
         ensure_ray()
         # At most num_tasks episodes in flight: ALE is single-threaded, one CPU per task.
@@ -133,6 +134,22 @@ def collect(config: EnvEncConfig) -> CollectSummary:
         f"{summary.episodes_played} episodes played in {summary.seconds:.1f} s"
     )
     return summary
+
+
+def output_hash(config: EnvEncConfig) -> str:
+    """What determines frames/: the game and its settings, the policy, the episode count, the seed."""
+    return config.section_hash("experiment", "env", "collect")
+
+
+def collect_current(config: EnvEncConfig) -> str | None:
+    """Why frames/ already holds every episode of this config, or None."""
+    frames_dir = RunLayout.of(config).frames
+    meta = read_json(frames_dir / META_FILE)
+    if meta is None or meta["config_hash"] != output_hash(config):
+        return None
+    if any(not _shard_path(frames_dir, e).exists() for e in range(config.collect.episodes)):
+        return None
+    return f"all {config.collect.episodes} episodes already in {frames_dir}"
 
 
 def _play_and_write(env_config: EnvConfig, collect_config: CollectConfig, seed: int, episode: int, frames_dir: str) -> int:
@@ -160,7 +177,7 @@ def _check_or_write_meta(frames_dir: Path, config_hash: str, config: EnvEncConfi
     frame_shape = tuple(int(n) for n in env.observation_space.shape)
     env.close()
     frames_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"config_hash": config_hash, "game": game_name(config.env.game), "frame_shape": frame_shape,
+    meta = {"config_hash": config_hash, "game": RunLayout.of(config).game, "frame_shape": frame_shape,
             "env": config.env.model_dump(), "collect": config.collect.model_dump(), "seed": config.experiment.seed}
     tmp = meta_path.with_name(meta_path.name + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2))

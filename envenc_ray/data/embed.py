@@ -20,8 +20,8 @@ import pyarrow.dataset as pads
 from envenc_ray.config import EnvEncConfig, VLMConfig
 from envenc_ray.data.collect import read_frame_shape
 from envenc_ray.data.schema import frames_to_array, hidden_column, hidden_schema, hidden_shape_of, list_shards
-from envenc_ray.envs.atari import game_name
-from envenc_ray.layout import resolve_model_path
+from envenc_ray.files import read_json
+from envenc_ray.layout import RunLayout, resolve_model_path
 from envenc_ray.runtime import set_torch_threads
 
 logger = logging.getLogger(__name__)
@@ -67,6 +67,15 @@ def output_hash(config: EnvEncConfig) -> str:
     return config.section_hash("experiment", "env", "collect", "vlm", "stage2", "advise", "embed")
 
 
+def embed_current(config: EnvEncConfig) -> str | None:
+    """Why hidden/ already holds the hidden states of this config, or None."""
+    hidden_dir = RunLayout.of(config).hidden
+    meta = read_json(hidden_dir / META_FILE)
+    if meta is None or meta["config_hash"] != output_hash(config):
+        return None
+    return f"{hidden_dir} already holds {meta['frames']} hidden states for this config"
+
+
 def embed(config: EnvEncConfig) -> EmbedSummary:
     """Hidden states of every frame in <run>/frames/ -> <run>/hidden/, unless already there for this config."""
     import ray
@@ -75,13 +84,14 @@ def embed(config: EnvEncConfig) -> EmbedSummary:
     from envenc_ray.runtime import ensure_ray
 
     check_pooling(config.encoder.kind, config.vlm.pooling)  # first: per-token states no encoder reads are waste
-    frames_dir, hidden_dir = config.run_dir / "frames", config.run_dir / "hidden"
+    layout = RunLayout.of(config)
+    frames_dir, hidden_dir = layout.frames, layout.hidden
     shards = list_shards(frames_dir, "frames (envenc collect)")
     config_hash = output_hash(config)
-    meta_path = hidden_dir / META_FILE
-    if meta_path.exists() and json.loads(meta_path.read_text())["config_hash"] == config_hash:
-        meta = json.loads(meta_path.read_text())
-        print(f"embed: skipped, {hidden_dir} already holds {meta['frames']} hidden states for this config")
+    reason = embed_current(config)
+    if reason:
+        meta = read_json(hidden_dir / META_FILE)
+        print(f"embed: skipped, {reason}")
         # hidden/ written before per-token states existed names only hidden_size: (D,)
         hidden_shape = tuple(meta.get("hidden_shape", [meta["hidden_size"]]))
         return EmbedSummary(meta["frames"], meta["hidden_size"], 0.0, skipped=True, hidden_shape=hidden_shape)
@@ -96,7 +106,7 @@ def embed(config: EnvEncConfig) -> EmbedSummary:
         fn_constructor_kwargs=dict(
             vlm_config=config.vlm,
             model_path=model_path,
-            game=game_name(config.env.game),
+            game=layout.game,
             frame_shape=frame_shape,
             hidden_dtype="float16" if config.vlm.pooling == "tokens" else config.embed.hidden_dtype,
         ),

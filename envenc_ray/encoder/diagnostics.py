@@ -16,8 +16,7 @@ from envenc_ray.data.collect import read_frame_shape
 from envenc_ray.data.schema import frames_to_array, objects_to_table, read_table
 from envenc_ray.encoder.metrics import probe_targets, ridge_probe_r2
 from envenc_ray.encoder.train import probe_subsample, split_by_episode
-from envenc_ray.envs.atari import game_name
-from envenc_ray.layout import base_model_path
+from envenc_ray.layout import RunLayout, base_model_path
 
 
 def base_probe_r2(config: EnvEncConfig) -> dict[str, float]:
@@ -26,12 +25,13 @@ def base_probe_r2(config: EnvEncConfig) -> dict[str, float]:
 
     from envenc_ray.vlm.backbone import TruncatedVLM
 
-    frames_dir = config.run_dir / "frames"
+    layout = RunLayout.of(config)
+    frames_dir = layout.frames
     table = read_table(frames_dir, "frames (envenc collect)", ("episode_id", "step", "frame", "objects"))
     episode_ids = table["episode_id"].to_numpy().astype(np.int64)
     order = np.lexsort((table["step"].to_numpy(), episode_ids))  # the row order train-encoder probes in
     table, episode_ids = table.take(order), episode_ids[order]
-    vlm = TruncatedVLM.from_config(config.vlm, model_path=base_model_path(config), game=game_name(config.env.game))
+    vlm = TruncatedVLM.from_config(config.vlm, model_path=base_model_path(config), game=layout.game)
     frame_shape, batch = read_frame_shape(frames_dir), config.embed.batch_size
     hidden = []
     with torch.inference_mode():

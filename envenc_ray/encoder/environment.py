@@ -54,11 +54,8 @@ class EnvironmentEncoder:
         return self.encoder.hidden_shape
 
     def hidden(self, frames_uint8: np.ndarray) -> np.ndarray:
-        """Raw hidden states (N, *hidden_shape) float32 of a batch of frames (N, H, W, 3) uint8."""
-        frames_uint8 = np.asarray(frames_uint8)
-        if frames_uint8.dtype != np.uint8 or frames_uint8.ndim != 4 or frames_uint8.shape[-1] != 3:
-            raise InputError(f"frames must be uint8 of shape (N, H, W, 3), got {frames_uint8.dtype} "
-                             f"{frames_uint8.shape}")
+        """Raw hidden states (N, *hidden_shape) float32 of a batch of frames (N, H, W, 3) uint8 (checked once,
+        by the VLM's `embed`: the in-process entry)."""
         with torch.no_grad():
             return self.vlm.embed(frames_uint8).float().cpu().numpy()
 
@@ -103,3 +100,13 @@ class EnvironmentEncoder:
         with torch.no_grad():
             latents = self.encoder(torch.from_numpy(stacked)).numpy()
         return latents, [stacked[i, 1:].copy() for i in range(n)]
+
+
+def load_environment_encoder(vlm_config, model_path: str, encoder_dir, game: str) -> EnvironmentEncoder:
+    """The truncated VLM of `model_path` (read out as `vlm_config` says) + the exported encoder of `encoder_dir`:
+    the one pair that Serve replicas, in-process EnvRunners and the encoder benchmark all run."""
+    from envenc_ray.encoder.export import load_encoder
+    from envenc_ray.vlm.backbone import TruncatedVLM
+
+    vlm = TruncatedVLM.from_config(vlm_config, model_path=model_path, game=game)
+    return EnvironmentEncoder(vlm, load_encoder(encoder_dir))

@@ -12,14 +12,6 @@ import numpy as np
 RIDGE_ALPHAS = np.logspace(-4, 2, 7)  # times the mean squared singular value: from almost OLS to heavy shrinkage
 
 
-def explained_variance(target: np.ndarray, reconstruction: np.ndarray) -> float:
-    """1 - SSE / SST over all dims (SST around the evaluated set's own mean): 1 is perfect, 0 is the mean."""
-    target = target.reshape(len(target), -1).astype(np.float64)
-    reconstruction = reconstruction.reshape(len(reconstruction), -1).astype(np.float64)
-    total = ((target - target.mean(0)) ** 2).sum()
-    return float(1.0 - ((target - reconstruction) ** 2).sum() / total) if total > 0 else float("nan")
-
-
 def consecutive_pairs(episode_ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """(P, 2) pairs of rows (t, t+1) of the same episode, for rows sorted by (episode, step)."""
     rows = np.asarray(rows)

@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import re
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -43,12 +42,12 @@ from envenc_ray.encoder.metrics import (
 )
 from envenc_ray.errors import ConfigError, DataError
 from envenc_ray.files import read_json, write_json_atomic
-from envenc_ray.runtime import train_report_poll
+from envenc_ray.layout import RunLayout
+from envenc_ray.runtime import agreed_by_rank0, note_epoch, report_epoch, tell_user, train_report_poll
 
 logger = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("episode_id", "step", "hidden")  # `objects` is optional: without it, no probes
-CHECKPOINTS_DIR = "encoder_train"  # <run>/encoder_train/<resume key>/: Ray Train's run folder
 PROBE_MAX_TRAIN_ROWS = 20_000  # linear probes fit on at most this many train frames (SVD cost ~ rows * D^2)
 # Flattened per-token states are T*D ~ 10^4 wide, wider than the rows: the probe's cost is rows^2 * T*D
 # (2048 rows of the tiny VLM's 75 x 128 tokens: a few seconds here, and ~0.4 GB).
@@ -86,17 +85,15 @@ def train_encoder(config: EnvEncConfig) -> dict:
     from envenc_ray.encoder.models import check_hidden_kind, check_pooling
 
     check_pooling(config.encoder.kind, config.vlm.pooling)
-    hidden_dir, encoder_dir = config.run_dir / "hidden", config.run_dir / "encoder"
+    layout = RunLayout.of(config)
+    hidden_dir, encoder_dir = layout.hidden, layout.encoder
     shards, hidden_shape, fingerprint = check_shards(hidden_dir)
     check_hidden_kind(config.encoder.kind, len(hidden_shape) == 2, f"{hidden_dir} holds")
     config_hash = output_hash(config)
-    existing = read_json(encoder_dir / "config.json")
-    if existing and existing.get("config_hash") == config_hash and existing.get("input_fingerprint") == fingerprint \
-            and (encoder_dir / "model.safetensors").exists() and (encoder_dir / "metrics.json").exists():
-        metrics = json.loads((encoder_dir / "metrics.json").read_text())
-        print(f"train-encoder: skipped, {encoder_dir} already holds the {existing['kind']} encoder of this config "
-              f"(best epoch {metrics['best_epoch']}, val mse {_best(metrics)['val_mse']:.4f})")
-        return {"skipped": True, "encoder_dir": str(encoder_dir), **_summary(metrics)}
+    reason = encoder_current(config)
+    if reason:
+        print(f"train-encoder: skipped, {reason}")
+        return {"skipped": True, "encoder_dir": str(encoder_dir), **_summary(read_json(encoder_dir / "metrics.json"))}
 
     import ray
 
@@ -155,7 +152,7 @@ def train_encoder(config: EnvEncConfig) -> dict:
     state = _load_checkpoint_state(result.checkpoint)
     best_checkpoint = result.get_best_checkpoint(metric="val_mse", mode="min")
     if best_checkpoint is None:
-        raise DataError(f"training under {config.run_dir / CHECKPOINTS_DIR} left no checkpoint; delete it and rerun")
+        raise DataError(f"training under {RunLayout.of(config).encoder_train} left no checkpoint; delete it and rerun")
     metrics = {
         "config_hash": config_hash,
         "kind": config.encoder.kind,
@@ -194,6 +191,23 @@ def train_encoder(config: EnvEncConfig) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ read
+
+
+def encoder_current(config: EnvEncConfig) -> str | None:
+    """Why encoder/ already holds the export of this config trained on these very hidden states, or None."""
+    layout = RunLayout.of(config)
+    existing, metrics = read_json(layout.encoder / "config.json"), read_json(layout.encoder / "metrics.json")
+    if not existing or not metrics or existing.get("config_hash") != output_hash(config) \
+            or not (layout.encoder / "model.safetensors").exists():
+        return None
+    try:
+        fingerprint = check_shards(layout.hidden)[2]
+    except DataError:
+        return None  # the stage itself says what is wrong with hidden/
+    if existing.get("input_fingerprint") != fingerprint:
+        return None
+    return (f"{layout.encoder} already holds the {existing['kind']} encoder of this config (best epoch "
+            f"{metrics['best_epoch']}, val mse {_best(metrics)['val_mse']:.4f})")
 
 
 def check_shards(hidden_dir: Path) -> tuple[list[Path], tuple[int, ...], str]:
@@ -347,7 +361,7 @@ def _fit(config: EnvEncConfig, loop_config: dict, key: str):
     from ray.train.torch import TorchTrainer
 
     enc = config.encoder
-    storage = (config.run_dir / CHECKPOINTS_DIR).resolve()
+    storage = (RunLayout.of(config).encoder_train).resolve()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -408,7 +422,7 @@ def train_loop_per_worker(loop: dict) -> None:
         with checkpoint.as_directory() as directory:
             state = _load_training_state(Path(directory), model, optimizer)
         if rank == 0:
-            print(f"encoder: resuming after epoch {state['epoch']} from {checkpoint.path}", flush=True)
+            tell_user(f"encoder: resuming after epoch {state['epoch']} from {checkpoint.path}")
     trained = ray.train.torch.prepare_model(model)  # DDP when world_size > 1
     shard = ray.train.get_dataset_shard("train")
 
@@ -436,15 +450,8 @@ def train_loop_per_worker(loop: dict) -> None:
         # Rank 0 evaluates on the full train and validation sets; the others wait for its verdict so
         # that every worker takes the same early-stopping decision.
         entry = _evaluate(model, batch, loop, enc) if rank == 0 else {}
-        val_mse = torch.tensor([entry.get("val_mse", 0.0)], dtype=torch.float64)
-        if world_size > 1:
-            dist.broadcast(val_mse, src=0)
-        val_mse = float(val_mse.item())
-        if val_mse < state["best_val_mse"]:
-            state.update(best_val_mse=val_mse, best_epoch=epoch, epochs_since_best=0)
-        else:
-            state["epochs_since_best"] += 1
-        state["epoch"] = epoch
+        val_mse = agreed_by_rank0(entry.get("val_mse", 0.0), world_size)
+        note_epoch(state, epoch, val_mse, "best_val_mse")
         entry.update(
             epoch=epoch,
             train_loss=float(totals[0] / max(totals[1], 1)),
@@ -456,17 +463,12 @@ def train_loop_per_worker(loop: dict) -> None:
         state["history"].append(entry)
         reported = {k: v for k, v in entry.items() if isinstance(v, (int, float)) and v is not None}
         reported["val_mse"] = val_mse
+        report_epoch(reported, epoch, rank, lambda directory: _save_training_state(directory, model, optimizer, state))
         if rank == 0:
-            with tempfile.TemporaryDirectory() as directory:
-                _save_training_state(Path(directory), model, optimizer, state)
-                ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(directory),
-                                 checkpoint_dir_name=f"epoch-{epoch:04d}")
-            print(f"encoder epoch {epoch}/{enc.epochs}: train loss {entry['train_loss']:.4f}, val mse {val_mse:.4f}, "
-                  f"explained variance {entry['val_explained_variance']:.3f}, probe R2 latent "
-                  f"{_fmt(entry['probe_r2_latent_mean'])} (hidden {_fmt(entry['probe_r2_hidden_mean'])}), "
-                  f"{entry['epoch_seconds']:.2f} s", flush=True)
-        else:
-            ray.train.report(reported, checkpoint=None)
+            tell_user(f"encoder epoch {epoch}/{enc.epochs}: train loss {entry['train_loss']:.4f}, val mse "
+                      f"{val_mse:.4f}, explained variance {entry['val_explained_variance']:.3f}, probe R2 latent "
+                      f"{_fmt(entry['probe_r2_latent_mean'])} (hidden {_fmt(entry['probe_r2_hidden_mean'])}), "
+                      f"{entry['epoch_seconds']:.2f} s")
 
 
 def _evaluate(model, batch, loop: dict, enc: EncoderConfig) -> dict:
@@ -585,5 +587,5 @@ def _summary(metrics: dict) -> dict:
     }
 
 
-__all__ = ["train_encoder", "check_shards", "read_hidden", "split_by_episode", "probe_subsample", "output_hash",
-           "resume_key", "train_loop_per_worker", "HiddenData", "CHECKPOINTS_DIR"]
+__all__ = ["train_encoder", "encoder_current", "check_shards", "read_hidden", "split_by_episode", "probe_subsample",
+           "output_hash", "resume_key", "train_loop_per_worker", "HiddenData"]

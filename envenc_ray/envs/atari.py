@@ -42,6 +42,7 @@ def make_env(
         import ale_py
 
         gym.register_envs(ale_py)
+        ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)  # no banner per env, in every process
         _registered = True
     env_id = ale_id(game)
     if env_id not in gym.registry:

@@ -10,7 +10,9 @@ from ray.rllib.algorithms.dreamerv3 import DreamerV3Config
 
 from envenc_ray.config import EnvEncConfig
 from envenc_ray.errors import ConfigError
-from envenc_ray.rl.connector import EncoderSource, make_env_to_module, with_common_settings
+from envenc_ray.rl.connector import make_env_to_module
+from envenc_ray.rl.encoder_source import EncoderSource
+from envenc_ray.rl.runners import with_common_settings
 
 
 def build_dreamer_config(config: EnvEncConfig, source: EncoderSource | None,

@@ -8,7 +8,6 @@ step for all N episodes. No Ray cluster is needed (unless the encoder is the Ser
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -17,12 +16,14 @@ from pathlib import Path
 import numpy as np
 
 from envenc_ray.config import EnvEncConfig
-from envenc_ray.files import write_json_atomic
 from envenc_ray.errors import DataError, InputError
+from envenc_ray.files import read_json, write_json_atomic
+from envenc_ray.layout import RunLayout
+from envenc_ray.rl.checkpoints import latest_checkpoint, load_policy
 
 logger = logging.getLogger(__name__)
 
-POLICY_WEIGHTS, POLICY_CONFIG = "policy.safetensors", "policy.json"
+EVAL_FILE, REFERENCE_FILE = "eval.json", "reference.json"  # in <run>/agent/
 
 
 def evaluate(config: EnvEncConfig, checkpoint: str | Path | None = None, episodes: int | None = None,
@@ -38,15 +39,14 @@ def evaluate(config: EnvEncConfig, checkpoint: str | Path | None = None, episode
     from tqdm import tqdm
 
     from envenc_ray.rl.gym_wrapper import EnvEncVectorEnv
-    from envenc_ray.rl.train import latest_checkpoint
 
     episodes = config.rl.eval_episodes if episodes is None else episodes
     if episodes < 1:
         raise InputError(f"episodes must be >= 1, got {episodes}")
     if checkpoint is None:
-        latest = latest_checkpoint(config.run_dir / "agent")
+        latest = latest_checkpoint(RunLayout.of(config).agent)
         if latest is None:
-            raise DataError(f"no checkpoint in {config.run_dir / 'agent'}; run `envenc train` first or pass one")
+            raise DataError(f"no checkpoint in {RunLayout.of(config).agent}; run `envenc train` first or pass one")
         checkpoint = latest[1]
     checkpoint = Path(checkpoint)
     slots = min(episodes, config.rl.num_envs_per_env_runner)
@@ -100,38 +100,11 @@ def evaluate(config: EnvEncConfig, checkpoint: str | Path | None = None, episode
     }
     if gif:
         write_gif(gif_frames, Path(gif))
-    out = config.run_dir / "agent" / "eval.json"
+    out = RunLayout.of(config).agent / EVAL_FILE
     if out.parent.is_dir():
         write_json_atomic(out, result)
     print(f"evaluate: {episodes} episodes, return {result['return_mean']:.2f} +- {result['return_std']:.2f}")
     return result
-
-
-def load_policy(config: EnvEncConfig, checkpoint: Path, obs_space, action_space):
-    """The trained RLModule from checkpoint/policy.safetensors, built from the spec training used."""
-    from ray.rllib.core import DEFAULT_MODULE_ID
-    from safetensors.torch import load_file
-
-    weights_path, description_path = checkpoint / POLICY_WEIGHTS, checkpoint / POLICY_CONFIG
-    if not weights_path.is_file() or not description_path.is_file():
-        raise DataError(f"{checkpoint} is not an agent checkpoint (needs {POLICY_WEIGHTS} and {POLICY_CONFIG}); "
-                        "pass a checkpoint_<iteration> folder from <run>/agent/")
-    description = json.loads(description_path.read_text())
-    rl = config.rl
-    if (description["algo"], description["obs_mode"]) != (rl.algo, rl.obs_mode):
-        raise InputError(f"{checkpoint} holds a {description['algo']} agent on {description['obs_mode']} "
-                         f"observations, but the config says rl.algo={rl.algo}, rl.obs_mode={rl.obs_mode}; "
-                         "evaluate it with the config it was trained with")
-    if description["observation_shapes"] != space_shapes(obs_space):
-        raise InputError(f"{checkpoint} was trained on observations of shape {description['observation_shapes']} "
-                         f"but the encoder/config gives {space_shapes(obs_space)}; use the encoder and "
-                         "frame settings it was trained with")
-    algo_config = _algorithm_config(config)
-    spec = algo_config.get_rl_module_spec(spaces={DEFAULT_MODULE_ID: (obs_space, action_space)}, inference_only=False)
-    module = spec.build()
-    module.load_state_dict(load_file(str(weights_path)))
-    module.eval()
-    return module
 
 
 def greedy_actions(module, observations, state, is_first, torch, Columns):
@@ -149,21 +122,6 @@ def greedy_actions(module, observations, state, is_first, torch, Columns):
             return out[Columns.ACTIONS].numpy(), state
         dist = module.get_inference_action_dist_cls().from_logits(out[Columns.ACTION_DIST_INPUTS])
         return dist.to_deterministic().sample().numpy(), state
-
-
-def save_policy(algo, checkpoint: Path, config: EnvEncConfig) -> None:
-    """Weights-only copy of the trained module (safetensors) + what it is, next to RLlib's own files."""
-    import torch
-    from ray.rllib.core import DEFAULT_MODULE_ID
-    from safetensors.torch import save_file
-
-    weights = algo.learner_group.get_weights(module_ids=[DEFAULT_MODULE_ID])[DEFAULT_MODULE_ID]
-    tensors = {k: torch.as_tensor(np.asarray(v)).contiguous() for k, v in weights.items()}
-    save_file(tensors, str(checkpoint / POLICY_WEIGHTS))
-    description = {"algo": config.rl.algo, "obs_mode": config.rl.obs_mode,
-                   "observation_shapes": space_shapes(algo.get_module().observation_space), "game": config.env.game,
-                   "frame_stack": config.rl.frame_stack, "pixel_size": config.rl.pixel_size}
-    (checkpoint / POLICY_CONFIG).write_text(json.dumps(description, indent=2))
 
 
 def write_gif(frames: list[np.ndarray], path: Path, fps: int = 15) -> None:
@@ -185,36 +143,22 @@ def _initial_state(module, n: int):
             for k, v in module.get_initial_state().items()}
 
 
-def _algorithm_config(config: EnvEncConfig):
-    """The algorithm config without an encoder source: only its RLModule spec is used here."""
-    from envenc_ray.rl.connector import EncoderSource
-
-    placeholder = EncoderSource(kind="in_process", latent_dim=1)  # never built: spaces come from the env
-    if config.rl.algo == "dreamerv3":
-        from envenc_ray.rl.dreamer import build_dreamer_config
-
-        return build_dreamer_config(config, placeholder)
-    from envenc_ray.rl.ppo import build_ppo_config
-
-    return build_ppo_config(config, placeholder)
-
-
-def space_shapes(space):
-    """[shape] of a Box, {key: [shape]} of a Dict: what a checkpoint records of its observation space."""
-    import gymnasium as gym
-
-    if isinstance(space, gym.spaces.Dict):
-        return {key: list(sub.shape) for key, sub in space.spaces.items()}
-    return list(space.shape)
-
-
+def evaluation_current(config: EnvEncConfig) -> str | None:
+    """Why agent/eval.json and reference.json already evaluate the newest checkpoint with these settings, or None."""
+    agent_dir = RunLayout.of(config).agent
+    checkpoint = latest_checkpoint(agent_dir)
+    previous = read_json(agent_dir / EVAL_FILE)
+    if (checkpoint is not None and previous is not None and (agent_dir / REFERENCE_FILE).is_file()
+            and previous["checkpoint"] == str(checkpoint[1]) and previous["episodes"] == config.rl.eval_episodes):
+        return f"{agent_dir / EVAL_FILE} already evaluates the newest checkpoint"
+    return None
 
 
 def reference_returns(config: EnvEncConfig, episodes: int | None = None) -> dict:
     """Returns of the random and the RAM-heuristic policy on the agent's env settings: a learning curve's
     floor and a simple bar. Same episode count, seed and step cap as `evaluate`; written to reference.json."""
     from envenc_ray.envs.annotate import get_annotator
-    from envenc_ray.envs.atari import game_name, make_env_from_config
+    from envenc_ray.envs.atari import make_env_from_config
     from envenc_ray.errors import UnsupportedGameError
 
     episodes = episodes or config.rl.eval_episodes
@@ -222,8 +166,9 @@ def reference_returns(config: EnvEncConfig, episodes: int | None = None) -> dict
     result = {"episodes": episodes, "max_steps": max_steps}
     for policy in ("random", "heuristic"):
         env = make_env_from_config(config.env)
+        annotator = None
         try:
-            annotator = get_annotator(game_name(config.env.game), env.unwrapped.get_action_meanings())
+            annotator = get_annotator(RunLayout.of(config).game, env.unwrapped.get_action_meanings())
         except UnsupportedGameError:
             if policy == "heuristic":
                 env.close()
@@ -232,7 +177,8 @@ def reference_returns(config: EnvEncConfig, episodes: int | None = None) -> dict
         returns = []
         for episode in range(episodes):
             env.reset(seed=config.experiment.seed + episode)
-            annotator.reset()
+            if annotator is not None:
+                annotator.reset()
             total, steps, done = 0.0, 0, False
             while not done and (max_steps is None or steps < max_steps):
                 if policy == "random":
@@ -245,7 +191,7 @@ def reference_returns(config: EnvEncConfig, episodes: int | None = None) -> dict
         env.close()
         result[policy] = {"return_mean": float(np.mean(returns)), "return_std": float(np.std(returns)),
                           "returns": returns}
-    out = config.run_dir / "agent" / "reference.json"
+    out = RunLayout.of(config).agent / REFERENCE_FILE
     if out.parent.is_dir():
         write_json_atomic(out, result)
     return result

@@ -41,11 +41,11 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import yaml  # noqa: E402
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationError  # noqa: E402
 from ray import tune as ray_tune  # noqa: E402
 
-from envenc_ray.config import EnvEncConfig  # noqa: E402
+from envenc_ray.config import EnvEncConfig, read_yaml_mapping  # noqa: E402
 from envenc_ray.errors import ConfigError, DataError, EnvEncError  # noqa: E402
 from envenc_ray.files import read_json, write_json_atomic  # noqa: E402
 from envenc_ray.rl.tune import (  # noqa: E402
@@ -86,15 +86,7 @@ class ArmsSpec(BaseModel):
 
 
 def load_arms(path: Path) -> ArmsSpec:
-    if not path.is_file():
-        raise ConfigError(f"arms file {path} does not exist; see configs/experiments/obs-mode.yaml for the format")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"arms file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"arms file {path} must hold a mapping with question, arms and optionally steps, seeds, "
-                          "common")
+    data = read_yaml_mapping(path, "arms file", "see configs/experiments/obs-mode.yaml for the format")
     try:
         spec = ArmsSpec.model_validate(data)
     except ValidationError as error:
@@ -264,9 +256,11 @@ def plan_trials(arm_configs: dict[str, EnvEncConfig], encoders: dict[str, Path |
 
 def run_trial(params: dict, *, plans: dict[str, dict]) -> None:
     """One (arm, seed), inside its Tune actor: exactly `steps` env steps of training, then greedy evaluation."""
-    from envenc_ray.rl.connector import new_error_key
-    from envenc_ray.rl.evaluate import evaluate, save_policy
-    from envenc_ray.rl.train import build_algorithm, metrics_row, train_iteration
+    from envenc_ray.rl.algorithm import build_algorithm, train_iteration
+    from envenc_ray.rl.checkpoints import save_policy
+    from envenc_ray.rl.evaluate import evaluate
+    from envenc_ray.rl.runner_errors import new_error_key
+    from envenc_ray.rl.train import metrics_row
     from envenc_ray.runtime import set_torch_threads
 
     plan = plans[params["trial"]]

@@ -17,7 +17,8 @@ from gymnasium.vector.utils import batch_space
 
 from envenc_ray.config import EnvEncConfig
 from envenc_ray.envs.atari import make_env_from_config
-from envenc_ray.rl.connector import LATENT_KEY, PIXELS_KEY, EpisodeObserver, encoder_source, observation_space
+from envenc_ray.rl.encoder_source import encoder_source
+from envenc_ray.rl.observations import LATENT_KEY, PIXELS_KEY, EpisodeObserver, observation_space
 
 
 def build_observer(config: EnvEncConfig, encoder=None) -> EpisodeObserver:

@@ -27,7 +27,7 @@ from ray.rllib.core.models.configs import MultiStreamEncoderConfig
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
 from envenc_ray.config import RLConfig
-from envenc_ray.rl.connector import LATENT_KEY, PIXELS_KEY
+from envenc_ray.rl.observations import LATENT_KEY, PIXELS_KEY
 
 # Mnih et al. 2015 (Nature DQN): [filters, kernel, stride, padding]; 84x84 -> 20 -> 9 -> 7x7x64.
 NATURE_CNN_FILTERS = [[32, 8, 4, "valid"], [64, 4, 2, "valid"], [64, 3, 1, "valid"]]

@@ -5,15 +5,17 @@ from __future__ import annotations
 from ray.rllib.algorithms.ppo import PPOConfig
 
 from envenc_ray.config import EnvEncConfig
-from envenc_ray.rl.connector import EncoderSource, make_env_to_module, with_common_settings
+from envenc_ray.rl.connector import make_env_to_module
+from envenc_ray.rl.encoder_source import EncoderSource
 from envenc_ray.rl.modules import ppo_module_spec
+from envenc_ray.rl.runners import with_common_settings
 
 
 def build_ppo_config(config: EnvEncConfig, source: EncoderSource | None,
                                 error_key: str | None = None) -> PPOConfig:
     """PPO on `config.env`'s game; observations come from the latent connector fed by `source`.
 
-    `error_key`: where the EnvRunners report an encoder error for the driver (see `train.train_iteration`).
+    `error_key`: where the EnvRunners report an encoder error for the driver (see `algorithm.train_iteration`).
     """
     rl = config.rl
     learners = max(1, rl.num_learners)

@@ -16,22 +16,21 @@ import csv
 import json
 import logging
 import math
-import os
-import re
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from envenc_ray.config import EnvEncConfig
-from envenc_ray.files import write_json_atomic
 from envenc_ray.errors import DataError
-from envenc_ray.rl.connector import new_error_key, raise_runner_error
+from envenc_ray.files import write_json_atomic
+from envenc_ray.layout import RunLayout
+from envenc_ray.rl.algorithm import build_algorithm, train_iteration
+from envenc_ray.rl.checkpoints import META_FILE, latest_checkpoint, read_meta, save_checkpoint
+from envenc_ray.rl.runner_errors import new_error_key
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d{6})$")
-META_FILE = "train.json"
 # Learner losses copied into each metrics row when the algorithm reports them (PPO's, then DreamerV3's).
 LEARNER_METRICS = ("total_loss", "policy_loss", "vf_loss", "entropy",
                    "WORLD_MODEL_L_total", "ACTOR_L_total", "CRITIC_L_total")
@@ -44,17 +43,17 @@ def train(config: EnvEncConfig) -> dict:
     from envenc_ray.runtime import ensure_ray
 
     rl = config.rl
-    agent_dir = config.run_dir / "agent"
+    agent_dir = RunLayout.of(config).agent
     agent_hash = agent_config_hash(config)
-    meta = _read_meta(agent_dir)
+    meta = read_meta(agent_dir)
     if meta is not None and meta["agent_hash"] != agent_hash:
         raise DataError(f"{agent_dir} holds checkpoints of a different agent ({meta['algo']}, obs_mode "
                         f"{meta['obs_mode']}, other model/encoder settings); delete {agent_dir} or set another "
                         "experiment.name to train this one")
     latest = latest_checkpoint(agent_dir)
-    if latest is not None and latest[0] >= rl.iterations and meta is not None:
-        print(f"train: skipped, {latest[1]} already holds {latest[0]} iterations of this agent "
-              f"(rl.iterations={rl.iterations}); raise rl.iterations to train on")
+    reason = training_current(config)
+    if reason:
+        print(f"train: skipped, {reason}")
         return (meta.get("summary") or {}) | {"iterations": latest[0], "checkpoint": str(latest[1]), "skipped": True}
 
     ensure_ray()
@@ -103,33 +102,15 @@ def train(config: EnvEncConfig) -> dict:
         algo.stop()
 
 
-def build_algorithm(config: EnvEncConfig, error_key: str | None = None):
-    """The RLlib Algorithm of `config.rl` (not yet trained); Ray must be running."""
-    from envenc_ray.envs.atari import make_env
-    from envenc_ray.rl.connector import encoder_source
-
-    make_env(config.env.game).close()  # an unknown game fails here, in one line, not inside an EnvRunner
-    source = encoder_source(config)
-    if config.rl.algo == "dreamerv3":
-        from envenc_ray.rl.dreamer import build_dreamer_config
-
-        algo_config = build_dreamer_config(config, source, error_key)
-    else:
-        from envenc_ray.rl.ppo import build_ppo_config
-
-        algo_config = build_ppo_config(config, source, error_key)
-    return algo_config.build_algo()
-
-
-def train_iteration(algo, error_key: str) -> dict:
-    """algo.train(), except that an EnvRunner killed by an encoder error raises that error, not "actor died"."""
-    from ray.exceptions import RayActorError
-
-    try:
-        return algo.train()
-    except RayActorError:
-        raise_runner_error(error_key)
-        raise
+def training_current(config: EnvEncConfig) -> str | None:
+    """Why <run>/agent/ already holds rl.iterations iterations of this very agent, or None."""
+    agent_dir = RunLayout.of(config).agent
+    latest, meta = latest_checkpoint(agent_dir), read_meta(agent_dir)
+    if latest is None or meta is None or meta["agent_hash"] != agent_config_hash(config) \
+            or latest[0] < config.rl.iterations:
+        return None
+    return (f"{latest[1]} already holds {latest[0]} iterations of this agent (rl.iterations="
+            f"{config.rl.iterations}); raise rl.iterations to train on")
 
 
 def agent_config_hash(config: EnvEncConfig) -> str:
@@ -236,50 +217,5 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def latest_checkpoint(agent_dir: Path) -> tuple[int, Path] | None:
-    """(iteration, path) of the newest complete checkpoint in `agent_dir`, or None."""
-    found = []
-    if Path(agent_dir).is_dir():
-        for path in Path(agent_dir).iterdir():
-            match = CHECKPOINT_PATTERN.match(path.name)
-            if match and path.is_dir():
-                found.append((int(match.group(1)), path))
-    return max(found) if found else None
-
-
-def save_checkpoint(algo, config: EnvEncConfig, agent_dir: Path, iteration: int) -> Path:
-    """algo.save_to_path into a temporary folder, rename it to checkpoint_<iteration>, prune old ones.
-
-    RLlib's own files (pickles: optimizer and connector state, for resuming) sit next to policy.safetensors
-    + policy.json, the weights-only copy that `evaluate` loads.
-    """
-    from envenc_ray.rl.evaluate import save_policy
-
-    keep = config.rl.keep_checkpoints
-    final = agent_dir / f"checkpoint_{iteration:06d}"
-    tmp = agent_dir / f".checkpoint_{iteration:06d}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    algo.save_to_path(str(tmp.resolve()))
-    save_policy(algo, tmp, config)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    checkpoints = sorted(p for p in agent_dir.iterdir() if CHECKPOINT_PATTERN.match(p.name))
-    for old in checkpoints[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _read_meta(agent_dir: Path) -> dict | None:
-    path = agent_dir / META_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise DataError(f"{path} is not valid JSON; delete {agent_dir} to train from scratch") from None
 
 

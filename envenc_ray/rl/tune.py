@@ -44,8 +44,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from ray import tune as ray_tune
 
-from envenc_ray.config import EnvEncConfig, explain_validation_error
+from envenc_ray.config import EnvEncConfig, explain_validation_error, read_yaml_mapping
 from envenc_ray.errors import ConfigError, EnvEncError
+from envenc_ray.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -118,14 +119,7 @@ class Param(BaseModel):
 
 def load_sweep(path: str | Path) -> tuple[SweepSpec, list[Param]]:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file {path} does not exist; see configs/sweeps/ppo-lr.yaml for the format")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"sweep file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"sweep file {path} must hold a mapping with metric, mode, params, ...")
+    data = read_yaml_mapping(path, "sweep file", "see configs/sweeps/ppo-lr.yaml for the format")
     try:
         spec = SweepSpec.model_validate(data)
     except ValidationError as error:
@@ -237,18 +231,10 @@ def candidate_configs(config: EnvEncConfig, params: list[Param], path: Path) -> 
 def check_rllib_settings(config: EnvEncConfig, override: dict[str, Any], origin: str) -> None:
     """RLlib's own validation of the algorithm config (batch sizes vs runners x envs x fragment length, ...),
     which would otherwise fail inside every trial. No encoder is touched: the source is only a description."""
-    from envenc_ray.rl.connector import EncoderSource
+    from envenc_ray.rl.algorithm import offline_algorithm_config
 
-    placeholder = EncoderSource(kind="check-only", latent_dim=1)  # never built: validate() runs no EnvRunner
     try:
-        if config.rl.algo == "dreamerv3":
-            from envenc_ray.rl.dreamer import build_dreamer_config
-
-            build_dreamer_config(config, placeholder).validate()
-        else:
-            from envenc_ray.rl.ppo import build_ppo_config
-
-            build_ppo_config(config, placeholder).validate()
+        offline_algorithm_config(config).validate()
     except ValueError as error:
         values = ", ".join(f"{key}={value!r}" for key, value in override.items())
         raise ConfigError(f"{origin}: RLlib refuses the trial with {values}: "
@@ -430,11 +416,11 @@ def prepare_encoder(config: EnvEncConfig) -> bool:
     """Check the encoder once and build what trials share: the built-in VLM (so trials never race to build it)
     and, with rl.encoder_source=serve, the deployment. Returns whether this call deployed it (then the sweep
     shuts it down at the end; an app that was already running stays)."""
-    from envenc_ray.layout import resolve_model_path
-    from envenc_ray.rl.connector import read_encoder_description
+    from envenc_ray.layout import RunLayout, resolve_model_path
+    from envenc_ray.rl.encoder_source import read_encoder_description
 
     resolve_model_path(config)
-    encoder_dir = Path(config.rl.encoder_dir) if config.rl.encoder_dir else config.run_dir / "encoder"
+    encoder_dir = RunLayout.of(config).agent_encoder
     read_encoder_description(encoder_dir)  # a missing encoder fails here, in one line, before any trial
     if config.rl.encoder_source != "serve":
         return False
@@ -468,8 +454,9 @@ def run_trial(trial_params: dict, *, base: dict, origin: str) -> None:
     Reports our metrics_row each iteration (None -> NaN: Tune needs the metric in every report, and ASHA
     treats NaN as 'not known yet' instead of failing).
     """
-    from envenc_ray.rl.connector import new_error_key
-    from envenc_ray.rl.train import build_algorithm, metrics_row, train_iteration
+    from envenc_ray.rl.algorithm import build_algorithm, train_iteration
+    from envenc_ray.rl.runner_errors import new_error_key
+    from envenc_ray.rl.train import metrics_row
     from envenc_ray.runtime import set_torch_threads
 
     config = trial_config(base, flatten(trial_params), origin)
@@ -589,7 +576,7 @@ def write_best_yaml(config: EnvEncConfig, path: Path, best: dict, spec: SweepSpe
               f"({spec.mode}), after {best['iterations']} iterations.\n"
               f"# Swept values: {json.dumps(best['params'])}\n"
               f"# A complete config: `envenc config show {path}`, `envenc train {path}`.\n")
-    _atomic_write(path, header + yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    write_text_atomic(path, header + yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     return path
 
 
@@ -604,7 +591,7 @@ def write_results(summary: dict, out_dir: Path) -> None:
         for row in summary["trials"]:
             writer.writerow({**{k: v for k, v in row.items() if k != "params"}, **row["params"]})
     os.replace(tmp, out_dir / "results.csv")
-    _atomic_write(out_dir / "results.json", json.dumps(summary, indent=2, default=str))
+    write_text_atomic(out_dir / "results.json", json.dumps(summary, indent=2, default=str))
 
 
 def print_table(summary: dict) -> None:
@@ -638,9 +625,3 @@ def _fmt(value) -> str:
 def _first_line(error) -> str:
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -92,15 +92,15 @@ def replica_spec(config: EnvEncConfig, model_path: str | Path | None = None,
 
     'builtin:tiny' is built into <run>/vlm here, in the driver, so replicas never race to build it.
     """
-    from envenc_ray.layout import resolve_model_path
     from envenc_ray.encoder.models import check_pooling
-    from envenc_ray.envs.atari import game_name
     from envenc_ray.files import read_json
+    from envenc_ray.layout import RunLayout, resolve_model_path
 
+    layout = RunLayout.of(config)
     model = str(model_path) if model_path is not None else resolve_model_path(config)
     if Path(model).exists():
         model = str(Path(model).resolve())
-    encoder = Path(encoder_dir) if encoder_dir is not None else config.run_dir / "encoder"
+    encoder = Path(encoder_dir) if encoder_dir is not None else layout.agent_encoder
     if not (encoder / "config.json").is_file():
         raise ModelError(f"no exported encoder in {encoder}: run `envenc train-encoder CONFIG` first "
                          "(or pass an encoder directory)")
@@ -111,7 +111,7 @@ def replica_spec(config: EnvEncConfig, model_path: str | Path | None = None,
         raise ConfigError(f"vlm.device={config.vlm.device!r} but serve.num_gpus=0: replicas would see no GPU; "
                           "set serve.num_gpus=1 (or vlm.device=cpu)")
     return ReplicaSpec(model_path=model, encoder_dir=str(encoder.resolve()), vlm=config.vlm,
-                       game=game_name(config.env.game), num_threads=replica_threads(config))
+                       game=layout.game, num_threads=replica_threads(config))
 
 
 def deployment_options(serve_config: ServeConfig) -> dict[str, Any]:
@@ -211,16 +211,14 @@ class EncoderCore:
     """Everything a replica does, as plain Python (no Serve): load, validate, run a batch, count."""
 
     def __init__(self, spec: ReplicaSpec, settings: dict[str, Any] | None = None):
-        from envenc_ray.encoder.environment import EnvironmentEncoder
-        from envenc_ray.encoder.export import load_encoder
+        from envenc_ray.encoder.environment import load_environment_encoder
         from envenc_ray.runtime import set_torch_threads
-        from envenc_ray.vlm.backbone import TruncatedVLM
         from envenc_ray.vlm.preprocess import FramePreprocessor
 
         set_torch_threads(spec.num_threads)
         self.spec = spec
-        self.vlm = TruncatedVLM.from_config(spec.vlm, model_path=spec.model_path, game=spec.game)
-        self.encoder = EnvironmentEncoder(self.vlm, load_encoder(spec.encoder_dir))
+        self.encoder = load_environment_encoder(spec.vlm, spec.model_path, spec.encoder_dir, spec.game)
+        self.vlm = self.encoder.vlm
         # Frames resized client-side skip the resize (and crop); the rest of the preprocessing is unchanged.
         # Families preprocessed by their own HF processor (Idefics3's tiling) take raw frames only.
         self.preprocessor_after_resize = (
@@ -429,9 +427,9 @@ class EncoderCore:
     def _embed(self, frames: np.ndarray, resized: bool) -> np.ndarray:
         import torch
 
+        tensor = torch.from_numpy(frames)  # validated once, in `check`, at the service's entry
         if not resized:
-            return self.vlm.embed(frames).cpu().numpy()
-        tensor = torch.from_numpy(frames)
+            return self.vlm.embed_frames(tensor).cpu().numpy()
         vision_inputs = self.vlm.family.vision_inputs(self.preprocessor_after_resize, tensor, self.vlm.device)
         return self.vlm.embed_vision_inputs(vision_inputs).cpu().numpy()
 

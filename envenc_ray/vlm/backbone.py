@@ -77,7 +77,7 @@ class Family:
 
     def vision_inputs(self, preprocessor: FramePreprocessor, frames: torch.Tensor, device: torch.device) -> dict:
         """The keyword inputs of `image_features` for a batch of validated uint8 frames (all of one size)."""
-        return {"pixel_values": preprocessor(frames, device=device)}
+        return {"pixel_values": preprocessor.pixel_values(frames, device=device)}
 
     def image_features(self, backbone: nn.Module, **vision_inputs: torch.Tensor) -> torch.Tensor:
         """(N, image tokens per frame, decoder hidden size): what replaces the image placeholder tokens."""
@@ -219,7 +219,7 @@ class Qwen2VLFamily(Family):
         return FramePreprocessor.from_qwen2_vl_image_processor(image_processor)
 
     def vision_inputs(self, preprocessor: FramePreprocessor, frames: torch.Tensor, device: torch.device) -> dict:
-        pixel_values, image_grid_thw = preprocessor.to_patches(preprocessor(frames, device=device))
+        pixel_values, image_grid_thw = preprocessor.to_patches(preprocessor.pixel_values(frames, device=device))
         return {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
 
     def image_features(
@@ -433,7 +433,12 @@ class TruncatedVLM:
         Shape (N, D) for 'last', 'mean' and 'image_mean' pooling, (N, T, D) for 'tokens'. Returned tensors
         are inference tensors: `.clone()` them before using them in autograd.
         """
-        frames = as_frame_batch(frames_uint8)
+        return self.embed_frames(as_frame_batch(frames_uint8))
+
+    @torch.inference_mode()
+    def embed_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """`embed` of a batch already validated by `as_frame_batch` (uint8 (N, H, W, 3) tensor): what the
+        service and EnvironmentEncoder call after checking the frames once at their entry."""
         vision_inputs = self.family.vision_inputs(self.preprocessor, frames, self.device)
         return self.embed_vision_inputs(vision_inputs, frame_size=tuple(frames.shape[1:3]))
 

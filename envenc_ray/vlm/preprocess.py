@@ -218,7 +218,10 @@ class FramePreprocessor:
 
     def __call__(self, frames_uint8: Any, device: torch.device | str = "cpu") -> torch.Tensor:
         """uint8 frames (N, H, W, 3), numpy or torch -> float32 pixel_values (N, 3, H', W') on `device`."""
-        frames = as_frame_batch(frames_uint8)
+        return self.pixel_values(as_frame_batch(frames_uint8), device)
+
+    def pixel_values(self, frames: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+        """`__call__` of a batch already validated by `as_frame_batch` (the model's hot path)."""
         # NHWC -> NCHW view (channels-last memory): no copy; move the 1-byte pixels, not 4-byte floats.
         images = frames.permute(0, 3, 1, 2).to(device, non_blocking=True)
         images = self._resize(images)

@@ -14,12 +14,9 @@ hardware the path runs and the op profile says what holds it back.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import platform
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -27,8 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from envenc_ray.bench.common import bench_encoder_pair, machine_facts, model_and_encoder, phase, write_json
 from envenc_ray.config import EnvEncConfig
 from envenc_ray.envs.atari import random_rollout_frames
+from envenc_ray.layout import RunLayout
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +66,7 @@ def bench_encoder(config: EnvEncConfig, json_out: str | None = None, callers: in
 
     model_path, encoder_dir, untrained = model_and_encoder(config)
     results["model"] = {"model_path": model_path, "encoder_dir": str(encoder_dir), "untrained_encoder": untrained}
-    encoder_fp32 = load_environment_encoder(config, model_path, encoder_dir, "float32")
+    encoder_fp32 = bench_encoder_pair(config, model_path, encoder_dir, "float32")
     vlm = encoder_fp32.vlm
     results["model"].update({"hidden_size": vlm.hidden_size, "layers_kept": vlm.num_layers,
                              "layers_total": vlm.total_layers, "tokens_per_frame": vlm.sequence_length,
@@ -84,7 +83,7 @@ def bench_encoder(config: EnvEncConfig, json_out: str | None = None, callers: in
     results["naive"] = bench_naive(model_path, vlm, frames, seconds)
 
     phase(f"sweep: frames/s vs batch size {list(sweep)} (float32, bfloat16)")
-    encoder_bf16 = load_environment_encoder(config, model_path, encoder_dir, "bfloat16")
+    encoder_bf16 = bench_encoder_pair(config, model_path, encoder_dir, "bfloat16")
     results["sweep"] = {
         "batch_sizes": list(sweep),
         "float32": [bench_in_process(encoder_fp32, frames, size, min(seconds, 1.5))["frames_per_s"] for size in sweep],
@@ -103,53 +102,13 @@ def bench_encoder(config: EnvEncConfig, json_out: str | None = None, callers: in
     results["wall_s"] = time.perf_counter() - started
     results["machine"]["load_average_end"] = os.getloadavg()
 
-    json_path = Path(json_out) if json_out else config.run_dir / "bench" / "encoder.json"
+    json_path = Path(json_out) if json_out else RunLayout.of(config).bench / "encoder.json"
     png_path = Path(plot_out) if plot_out else json_path.with_suffix(".png")
     plot_sweep(results, png_path)
     results["plot"] = str(png_path)
     write_json(results, json_path)
     print_table(results, json_path, png_path)
     return results
-
-
-# ------------------------------------------------------------------------------------------ inputs
-
-
-def model_and_encoder(config: EnvEncConfig) -> tuple[str, Path, bool]:
-    """The run's VLM and encoder; without a trained encoder, an untrained one of config.encoder (timing only)."""
-    import torch
-
-    from envenc_ray.layout import resolve_model_path
-    from envenc_ray.encoder.export import FORMAT, FORMAT_VERSION, save_encoder
-    from envenc_ray.encoder.models import build_autoencoder
-    from envenc_ray.vlm.backbone import TruncatedVLM
-
-    model_path = resolve_model_path(config)
-    encoder_dir = config.run_dir / "encoder"
-    if (encoder_dir / "config.json").is_file():
-        return model_path, encoder_dir, False
-    hidden_size = TruncatedVLM.from_config(config.vlm, model_path=model_path).hidden_size
-    torch.manual_seed(config.experiment.seed)
-    encoder = build_autoencoder(config.encoder, hidden_size).encoder_module()
-    encoder_dir = Path(tempfile.mkdtemp(prefix="envenc-bench-")) / "encoder"
-    save_encoder(encoder, encoder_dir, {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": config.encoder.kind,
-                                        "hidden_size": hidden_size, "latent_dim": config.encoder.latent_dim,
-                                        "window": encoder.window, "encoder": config.encoder.model_dump(mode="json")},
-                 metrics={})
-    print(f"bench: no trained encoder in {config.run_dir / 'encoder'}: timing an untrained "
-          f"{config.encoder.kind} encoder (same shapes and cost)")
-    return model_path, encoder_dir, True
-
-
-def load_environment_encoder(config: EnvEncConfig, model_path: str, encoder_dir: Path, dtype: str):
-    from envenc_ray.encoder.environment import EnvironmentEncoder
-    from envenc_ray.encoder.export import load_encoder
-    from envenc_ray.envs.atari import game_name
-    from envenc_ray.vlm.backbone import TruncatedVLM
-
-    vlm_config = config.vlm.model_copy(update={"dtype": dtype, "num_threads": None})  # threads: set once above
-    vlm = TruncatedVLM.from_config(vlm_config, model_path=model_path, game=game_name(config.env.game))
-    return EnvironmentEncoder(vlm, load_encoder(encoder_dir))
 
 
 # ------------------------------------------------------------------------------------------ counting
@@ -451,27 +410,6 @@ def limits(results: dict[str, Any]) -> str:
             f"{profile['elementwise and other']:.0%} elementwise/other (memory-bound: norms, activations, copies)")
 
 
-def machine_facts() -> dict[str, Any]:
-    import ray
-    import torch
-    import transformers
-
-    cpu = platform.processor() or ""
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-        isa = sorted(flag for flag in flags if flag.startswith(("avx512_bf16", "amx", "avx512f", "avx2")))
-    except (OSError, StopIteration):
-        isa = []
-    return {"cpu": cpu, "cores": os.cpu_count(), "isa": isa, "load_average_start": os.getloadavg(),
-            "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
-            "transformers": transformers.__version__}
-
-
-def phase(text: str) -> None:
-    print(f"bench: {text}", flush=True)
-
-
 def plot_sweep(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -508,18 +446,6 @@ def plot_sweep(results: dict[str, Any], path: Path) -> None:
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
-
-
-def write_json(results: dict[str, Any], path: Path) -> None:
-    def without_raw_latencies(value):
-        if isinstance(value, dict):
-            return {k: without_raw_latencies(v) for k, v in value.items() if k != "_latencies"}
-        return value
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(without_raw_latencies(results), indent=2, default=float))
     os.replace(tmp, path)
 
 

@@ -41,9 +41,10 @@ def bench_rollout(config: EnvEncConfig, json_out: str | None = None, iterations:
     import ray
     import torch
 
-    from envenc_ray.rl.train import build_algorithm, metrics_row
+    from envenc_ray.rl.algorithm import build_algorithm
+    from envenc_ray.rl.train import metrics_row
     from envenc_ray.runtime import ensure_ray
-    from envenc_ray.serve.bench import machine_facts, model_and_encoder, phase, write_json
+    from envenc_ray.bench.common import machine_facts, model_and_encoder, phase, write_json
     from envenc_ray.serve.client import deploy_encoder, shutdown
 
     started = time.perf_counter()

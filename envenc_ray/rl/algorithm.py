@@ -1,0 +1,48 @@
+"""One algorithm builder for PPO and DreamerV3: what train, tune, experiment, evaluate and the rollout
+benchmark all build their RLlib algorithm (or only its RLModule spec) from."""
+
+from __future__ import annotations
+
+from envenc_ray.config import EnvEncConfig
+from envenc_ray.rl.encoder_source import EncoderSource, encoder_source
+from envenc_ray.rl.runner_errors import raise_runner_error
+
+
+def algorithm_config(config: EnvEncConfig, source: EncoderSource | None, error_key: str | None = None):
+    """The AlgorithmConfig of `config.rl.algo`; observations come from the latent connector fed by `source`.
+
+    `error_key`: where the EnvRunners report an encoder error for the driver (see `train_iteration`).
+    """
+    if config.rl.algo == "dreamerv3":
+        from envenc_ray.rl.dreamer import build_dreamer_config
+
+        return build_dreamer_config(config, source, error_key)
+    from envenc_ray.rl.ppo import build_ppo_config
+
+    return build_ppo_config(config, source, error_key)
+
+
+def offline_algorithm_config(config: EnvEncConfig):
+    """The AlgorithmConfig for what runs no EnvRunner (RLlib's validation, the RLModule spec of a checkpoint):
+    its encoder source only says that observations are latents; it is never built."""
+    source = None if config.rl.obs_mode == "pixels" else EncoderSource(kind="description-only", latent_dim=1)
+    return algorithm_config(config, source)
+
+
+def build_algorithm(config: EnvEncConfig, error_key: str | None = None):
+    """The RLlib Algorithm of `config.rl` (not yet trained); Ray must be running."""
+    from envenc_ray.envs.atari import make_env
+
+    make_env(config.env.game).close()  # an unknown game fails here, in one line, not inside an EnvRunner
+    return algorithm_config(config, encoder_source(config), error_key).build_algo()
+
+
+def train_iteration(algo, error_key: str) -> dict:
+    """algo.train(), except that an EnvRunner killed by an encoder error raises that error, not "actor died"."""
+    from ray.exceptions import RayActorError
+
+    try:
+        return algo.train()
+    except RayActorError:
+        raise_runner_error(error_key)
+        raise

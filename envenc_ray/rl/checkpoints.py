@@ -1,0 +1,120 @@
+"""Agent checkpoints in <run>/agent/: RLlib's own (for resuming) plus a weights-only policy (for evaluation).
+
+    checkpoint_<iteration>/   algo.save_to_path (pickles: optimizer and connector state) + policy.safetensors
+                              + policy.json (what the policy is), written under a temporary name, then renamed
+    train.json                what the checkpoints were trained with (agent hash, algo, obs mode, summary)
+
+RLlib's files are pickles: restore (resume) only checkpoints you made yourself. `evaluate` loads
+policy.safetensors only, which unpickles nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from envenc_ray.config import EnvEncConfig
+from envenc_ray.errors import DataError, InputError
+from envenc_ray.rl.algorithm import offline_algorithm_config
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d{6})$")
+META_FILE = "train.json"
+POLICY_WEIGHTS, POLICY_CONFIG = "policy.safetensors", "policy.json"
+
+
+def latest_checkpoint(agent_dir: Path) -> tuple[int, Path] | None:
+    """(iteration, path) of the newest complete checkpoint in `agent_dir`, or None."""
+    found = []
+    if Path(agent_dir).is_dir():
+        for path in Path(agent_dir).iterdir():
+            match = CHECKPOINT_PATTERN.match(path.name)
+            if match and path.is_dir():
+                found.append((int(match.group(1)), path))
+    return max(found) if found else None
+
+
+def save_checkpoint(algo, config: EnvEncConfig, agent_dir: Path, iteration: int) -> Path:
+    """algo.save_to_path into a temporary folder, rename it to checkpoint_<iteration>, prune old ones.
+
+    RLlib's own files (pickles: optimizer and connector state, for resuming) sit next to policy.safetensors
+    + policy.json, the weights-only copy that `evaluate` loads.
+    """
+    keep = config.rl.keep_checkpoints
+    final = agent_dir / f"checkpoint_{iteration:06d}"
+    tmp = agent_dir / f".checkpoint_{iteration:06d}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    algo.save_to_path(str(tmp.resolve()))
+    save_policy(algo, tmp, config)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    checkpoints = sorted(p for p in agent_dir.iterdir() if CHECKPOINT_PATTERN.match(p.name))
+    for old in checkpoints[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_meta(agent_dir: Path) -> dict | None:
+    path = agent_dir / META_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise DataError(f"{path} is not valid JSON; delete {agent_dir} to train from scratch") from None
+
+
+def save_policy(algo, checkpoint: Path, config: EnvEncConfig) -> None:
+    """Weights-only copy of the trained module (safetensors) + what it is, next to RLlib's own files."""
+    import torch
+    from ray.rllib.core import DEFAULT_MODULE_ID
+    from safetensors.torch import save_file
+
+    weights = algo.learner_group.get_weights(module_ids=[DEFAULT_MODULE_ID])[DEFAULT_MODULE_ID]
+    tensors = {k: torch.as_tensor(np.asarray(v)).contiguous() for k, v in weights.items()}
+    save_file(tensors, str(checkpoint / POLICY_WEIGHTS))
+    description = {"algo": config.rl.algo, "obs_mode": config.rl.obs_mode,
+                   "observation_shapes": space_shapes(algo.get_module().observation_space), "game": config.env.game,
+                   "frame_stack": config.rl.frame_stack, "pixel_size": config.rl.pixel_size}
+    (checkpoint / POLICY_CONFIG).write_text(json.dumps(description, indent=2))
+
+
+def load_policy(config: EnvEncConfig, checkpoint: Path, obs_space, action_space):
+    """The trained RLModule from checkpoint/policy.safetensors, built from the spec training used."""
+    from ray.rllib.core import DEFAULT_MODULE_ID
+    from safetensors.torch import load_file
+
+    weights_path, description_path = checkpoint / POLICY_WEIGHTS, checkpoint / POLICY_CONFIG
+    if not weights_path.is_file() or not description_path.is_file():
+        raise DataError(f"{checkpoint} is not an agent checkpoint (needs {POLICY_WEIGHTS} and {POLICY_CONFIG}); "
+                        "pass a checkpoint_<iteration> folder from <run>/agent/")
+    description = json.loads(description_path.read_text())
+    rl = config.rl
+    if (description["algo"], description["obs_mode"]) != (rl.algo, rl.obs_mode):
+        raise InputError(f"{checkpoint} holds a {description['algo']} agent on {description['obs_mode']} "
+                         f"observations, but the config says rl.algo={rl.algo}, rl.obs_mode={rl.obs_mode}; "
+                         "evaluate it with the config it was trained with")
+    if description["observation_shapes"] != space_shapes(obs_space):
+        raise InputError(f"{checkpoint} was trained on observations of shape {description['observation_shapes']} "
+                         f"but the encoder/config gives {space_shapes(obs_space)}; use the encoder and "
+                         "frame settings it was trained with")
+    algo_config = offline_algorithm_config(config)
+    spec = algo_config.get_rl_module_spec(spaces={DEFAULT_MODULE_ID: (obs_space, action_space)}, inference_only=False)
+    module = spec.build()
+    module.load_state_dict(load_file(str(weights_path)))
+    module.eval()
+    return module
+
+
+def space_shapes(space):
+    """[shape] of a Box, {key: [shape]} of a Dict: what a checkpoint records of its observation space."""
+    import gymnasium as gym
+
+    if isinstance(space, gym.spaces.Dict):
+        return {key: list(sub.shape) for key, sub in space.spaces.items()}
+    return list(space.shape)

@@ -1,0 +1,67 @@
+"""What every algorithm here shares on its EnvRunners: our ALE env (registered with Ray by name), its
+env_config, and the common AlgorithmConfig settings (EnvRunners with the latent connector, learners, seed,
+no silent EnvRunner restarts).
+"""
+
+from __future__ import annotations
+
+import gymnasium as gym
+
+from envenc_ray.runtime import inside_ray_actor
+
+
+def env_creator(env_context) -> gym.Env:
+    """The env of every RLlib EnvRunner: an ALE v5 env with RGB frames (the connector does the rest).
+
+    Runs inside the EnvRunner before its RLModule is built, so it is also where a remote EnvRunner's torch
+    threads are pinned (the driver's, when it samples itself, are left alone).
+    """
+    from envenc_ray.envs.atari import make_env
+    from envenc_ray.runtime import set_torch_threads
+
+    if inside_ray_actor():
+        set_torch_threads(env_context.get("torch_threads"))
+    return make_env(
+        env_context["game"],
+        repeat_action_probability=env_context["repeat_action_probability"],
+        frameskip=env_context["frameskip"],
+        full_action_space=env_context["full_action_space"],
+        max_episode_steps=env_context["max_episode_steps"],
+    )
+
+
+ENV_NAME = "envenc-ale"
+
+
+def register_env() -> str:
+    """Register `env_creator` with Ray under ENV_NAME (RLlib takes a registered name, not a function)."""
+    from ray.tune.registry import register_env as ray_register_env
+
+    ray_register_env(ENV_NAME, env_creator)
+    return ENV_NAME
+
+
+def env_config(config) -> dict:
+    """`env_config` for `env_creator`: the env section plus the EnvRunner's torch threads."""
+    return config.env.model_dump(mode="json") | {"torch_threads": config.rl.torch_threads}
+
+
+def with_common_settings(algo_config, config, env_to_module, rollout_fragment_length):
+    """What every algorithm here shares: our ALE env, EnvRunners with the latent connector, learners and
+    GPUs from `config.rl`, the experiment seed, and no silent EnvRunner restarts (an encoder error, e.g.
+    a missing file or a Serve timeout after the client's retries, must reach the user)."""
+    rl = config.rl
+    return (
+        algo_config.framework("torch")
+        .environment(env=register_env(), env_config=env_config(config))
+        .env_runners(
+            num_env_runners=rl.num_env_runners,
+            num_envs_per_env_runner=rl.num_envs_per_env_runner,
+            num_cpus_per_env_runner=rl.cpus_per_env_runner,
+            rollout_fragment_length=rollout_fragment_length,
+            env_to_module_connector=env_to_module,
+        )
+        .learners(num_learners=rl.num_learners, num_gpus_per_learner=rl.num_gpus_per_learner)
+        .debugging(seed=config.experiment.seed)
+        .fault_tolerance(restart_failed_env_runners=False)
+    )
