@@ -84,6 +84,14 @@ class RunLayout:
         return self.run_dir / "experiments"
 
     @property
+    def artifacts(self) -> Path:  # `envenc experiment`: one run directory per distinct data key, shared by arms
+        return self.run_dir / "artifacts"
+
+    @property
+    def encoders(self) -> Path:  # in such an artifact run: one exported encoder per encoder section
+        return self.run_dir / "encoders"
+
+    @property
     def tune(self) -> Path:  # `envenc tune` trials, results and best.yaml
         return self.run_dir / "tune"
 

@@ -238,8 +238,8 @@ class PixelMeanVLM:
         self.hidden_size = hidden_size
         self.projection = torch.randn(3 * 8, hidden_size, generator=torch.Generator().manual_seed(0))
 
-    def embed(self, frames_uint8: np.ndarray) -> torch.Tensor:
-        frames = torch.from_numpy(frames_uint8).float() / 255
+    def embed_frames(self, frames_uint8: torch.Tensor) -> torch.Tensor:
+        frames = frames_uint8.float() / 255
         rows = frames.mean(2).reshape(len(frames), 8, -1, 3).mean(2)  # (N, 8 bands, 3 colours)
         return rows.flatten(1) @ self.projection
 

@@ -163,7 +163,7 @@ def test_tokens_with_the_wrong_encoder_kind_fails_early_and_says_what_to_set(tmp
     from envenc_ray.encoder.models import build_autoencoder
     from envenc_ray.encoder.train import train_encoder
     from envenc_ray.rl.encoder_source import encoder_source
-    from envenc_ray.serve.deployment import replica_spec
+    from envenc_ray.serve.replica import replica_spec
 
     # from the settings, before any frame is read (none were recorded here)
     with pytest.raises(ConfigError, match="set encoder.kind=tokens"):

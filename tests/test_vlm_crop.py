@@ -165,7 +165,7 @@ def test_replica_resizes_the_whole_frame_client_side(clip_style_dir, pong_frames
     from envenc_ray.config import EncoderConfig
     from envenc_ray.encoder.export import FORMAT, FORMAT_VERSION, save_encoder
     from envenc_ray.encoder.models import build_autoencoder
-    from envenc_ray.serve.deployment import EncoderCore, ReplicaSpec
+    from envenc_ray.serve.replica import EncoderCore, ReplicaSpec
 
     vlm_config = VLMConfig(layer=2, crop="none")
     settings = EncoderConfig(kind="mlp", latent_dim=4, hidden_dims=[16])

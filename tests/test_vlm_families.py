@@ -365,7 +365,7 @@ def test_replica_core_serves_each_family(references, pong_frames, family, tmp_pa
     from envenc_ray.encoder.export import FORMAT, FORMAT_VERSION, load_encoder, save_encoder
     from envenc_ray.encoder.models import build_autoencoder
     from envenc_ray.errors import InputError
-    from envenc_ray.serve.deployment import EncoderCore, ReplicaSpec
+    from envenc_ray.serve.replica import EncoderCore, ReplicaSpec
 
     model_dir = references[family][0]
     vlm = TruncatedVLM.from_pretrained(model_dir, layer=2)

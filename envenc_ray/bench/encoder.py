@@ -46,7 +46,7 @@ def bench_encoder(config: EnvEncConfig, json_out: str | None = None, callers: in
     """
     import torch
 
-    from envenc_ray.serve.deployment import replica_threads
+    from envenc_ray.serve.replica import replica_threads
 
     started = time.perf_counter()
     threads = replica_threads(config)

@@ -12,6 +12,7 @@ import torch
 
 from envenc_ray.encoder.models import WINDOWED_KINDS, Encoder, check_pooling
 from envenc_ray.errors import InputError, ModelError
+from envenc_ray.vlm.preprocess import as_frame_batch
 
 
 def vlm_hidden_shape(vlm) -> tuple[int, ...]:
@@ -22,8 +23,9 @@ def vlm_hidden_shape(vlm) -> tuple[int, ...]:
 
 
 class EnvironmentEncoder:
-    """`vlm` is a TruncatedVLM (anything with `.hidden_size` and `.embed(frames_uint8) -> (N, D) tensor`; with
-    `.pooling` 'tokens' also `.sequence_length` T and (N, T, D) states)."""
+    """`vlm` is a TruncatedVLM (anything with `.hidden_size` and `.embed_frames(frames) -> (N, D) tensor` of a
+    validated uint8 (N, H, W, 3) tensor; with `.pooling` 'tokens' also `.sequence_length` T and (N, T, D)
+    states)."""
 
     def __init__(self, vlm, encoder: Encoder):
         pooling = getattr(vlm, "pooling", "image_mean")  # stand-ins without the attribute pool
@@ -54,10 +56,11 @@ class EnvironmentEncoder:
         return self.encoder.hidden_shape
 
     def hidden(self, frames_uint8: np.ndarray) -> np.ndarray:
-        """Raw hidden states (N, *hidden_shape) float32 of a batch of frames (N, H, W, 3) uint8 (checked once,
-        by the VLM's `embed`: the in-process entry)."""
+        """Raw hidden states (N, *hidden_shape) float32 of a batch of frames (N, H, W, 3) uint8, checked here,
+        once: the in-process entry (the VLM's `embed_frames` takes the validated batch as it is)."""
+        frames = as_frame_batch(frames_uint8)
         with torch.no_grad():
-            return self.vlm.embed(frames_uint8).float().cpu().numpy()
+            return self.vlm.embed_frames(frames).float().cpu().numpy()
 
     def encode(self, frames_uint8: np.ndarray, windows: list[np.ndarray | None] | None = None
                ) -> tuple[np.ndarray, list[np.ndarray] | None]:

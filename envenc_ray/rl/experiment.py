@@ -48,6 +48,7 @@ from ray import tune as ray_tune  # noqa: E402
 from envenc_ray.config import EnvEncConfig, read_yaml_mapping  # noqa: E402
 from envenc_ray.errors import ConfigError, DataError, EnvEncError  # noqa: E402
 from envenc_ray.files import read_json, write_json_atomic  # noqa: E402
+from envenc_ray.layout import RunLayout  # noqa: E402
 from envenc_ray.rl.tune import (  # noqa: E402
     absolute_paths,
     check_resources,
@@ -175,11 +176,12 @@ def build_artifacts(arm_configs: dict[str, EnvEncConfig], artifacts_root: Path) 
             encoders[arm] = None
             continue
         located = artifact_config(config, artifacts_root)
-        target = located.run_dir / "encoders" / encoder_key(config)
+        layout = RunLayout.of(located)
+        target = layout.encoders / encoder_key(config)
         if (target / "model.safetensors").is_file():  # only ever created whole, by the rename below
             print(f"experiment: arm {arm} reuses the encoder {target}")
         else:
-            print(f"experiment: arm {arm}: building artifacts in {located.run_dir}")
+            print(f"experiment: arm {arm}: building artifacts in {layout.run_dir}")
             collect(located)
             if config.stage2.method == "finetuned":
                 from envenc_ray.data.advise import advise
@@ -190,7 +192,7 @@ def build_artifacts(arm_configs: dict[str, EnvEncConfig], artifacts_root: Path) 
             # train_encoder always exports to <run>/encoder; keeping each export under its own key lets the
             # next encoder section train beside it on the same hidden states.
             target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(located.run_dir / "encoder", target)
+            os.replace(layout.encoder, target)
         encoders[arm] = target
     return encoders
 
@@ -402,8 +404,8 @@ def experiment(config: EnvEncConfig, arms_path: str, seeds: int | None = None, s
     # A trial that can never be placed would make Tune wait forever: fail now, before building anything.
     largest, fit = check_resources(list(arm_configs.values()), {"CPU": 0.0, "GPU": 0.0}, ray.cluster_resources(),
                                    path)
-    artifacts_root = base.run_dir / "artifacts"
-    out_dir = base.run_dir / "experiments" / path.stem
+    artifacts_root = RunLayout.of(base).artifacts
+    out_dir = RunLayout.of(base).experiments / path.stem
     encoders = build_artifacts(arm_configs, artifacts_root)
     trials = plan_trials(arm_configs, encoders, seeds, steps, artifacts_root, out_dir)
     pending = [t for t in trials if not t.is_done()]

@@ -47,12 +47,12 @@ from ray import tune as ray_tune
 from envenc_ray.config import EnvEncConfig, explain_validation_error, read_yaml_mapping
 from envenc_ray.errors import ConfigError, EnvEncError
 from envenc_ray.files import write_text_atomic
+from envenc_ray.layout import RunLayout
 
 logger = logging.getLogger(__name__)
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 MAX_CHECKED_COMBINATIONS = 256  # beyond this, each key's candidate values are checked one at a time
-RESULTS_DIR = "tune"
 
 
 # ----------------------------------------------------------------------------- the sweep file
@@ -328,7 +328,7 @@ def tune(config: EnvEncConfig, sweep_path: str) -> dict:
 
     # Trials run in their own Ray actors, in Tune's trial folders: every path they read must be absolute.
     base = absolute_paths(config)
-    out_dir = base.run_dir / RESULTS_DIR
+    out_dir = RunLayout.of(base).tune
     out_dir.mkdir(parents=True, exist_ok=True)
     needs_latents = any(c.rl.obs_mode != "pixels" for c in candidates)
     deployed_here = False
@@ -416,7 +416,7 @@ def prepare_encoder(config: EnvEncConfig) -> bool:
     """Check the encoder once and build what trials share: the built-in VLM (so trials never race to build it)
     and, with rl.encoder_source=serve, the deployment. Returns whether this call deployed it (then the sweep
     shuts it down at the end; an app that was already running stays)."""
-    from envenc_ray.layout import RunLayout, resolve_model_path
+    from envenc_ray.layout import resolve_model_path
     from envenc_ray.rl.encoder_source import read_encoder_description
 
     resolve_model_path(config)
