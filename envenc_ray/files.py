@@ -27,3 +27,21 @@ def read_json(path: Path) -> dict | None:
         return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def weights_sha256(folder: Path) -> str | None:
+    """sha256 over a model folder's weight files (*.safetensors, else *.bin), in name order; None when the
+    folder holds none (a hub name, or nothing there yet). Reads every byte: seconds per GB."""
+    import hashlib
+
+    folder = Path(folder)
+    files = (sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))) if folder.is_dir() else []
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()

@@ -188,10 +188,9 @@ def batch_recorder():
 @pytest.mark.slow
 def test_ppo_latent_learner_sees_latents_one_encode_per_vector_step(ray_session, environment_encoder, tmp_path,
                                                                     tiny_vlm_dir):
+    from envenc_ray.rl.checkpoints import latents_identity, load_policy, save_checkpoint
     from envenc_ray.rl.encoder_source import encoder_source
-    from envenc_ray.rl.checkpoints import load_policy
     from envenc_ray.rl.ppo import build_ppo_config
-    from envenc_ray.rl.checkpoints import save_checkpoint
 
     _, encoder_dir = environment_encoder
     config = make_config(tmp_path, tiny_vlm_dir, encoder_dir, obs_mode="latent", num_env_runners=0, **PPO_TINY)
@@ -212,7 +211,7 @@ def test_ppo_latent_learner_sees_latents_one_encode_per_vector_step(ray_session,
         assert shape[-1:] == (LATENT_DIM,) and len(shape) == 2 and dtype == "torch.float32"
         assert algo.get_module().observation_space.shape == (LATENT_DIM,)
 
-        checkpoint = save_checkpoint(algo, config, tmp_path / "agent", 1)
+        checkpoint = save_checkpoint(algo, config, tmp_path / "agent", 1, latents_identity(config))
         weights = algo.learner_group.get_weights()["default_policy"]
     finally:
         algo.stop()
@@ -227,6 +226,23 @@ def test_ppo_latent_learner_sees_latents_one_encode_per_vector_step(ray_session,
     for name, value in weights.items():
         np.testing.assert_array_equal(np.asarray(restored_weights[name]), np.asarray(value))
         np.testing.assert_array_equal(module.state_dict()[name].numpy(), np.asarray(value))
+    # The same shapes and settings but other encoder weights: the policy would read other latents. Refused.
+    other = make_config(tmp_path, tiny_vlm_dir, other_encoder_weights(encoder_dir, tmp_path / "other"),
+                        obs_mode="latent", num_env_runners=0, **PPO_TINY)
+    with pytest.raises(DataError, match=r"trained on the encoder in .*sha256 .* but this config reads .*other"):
+        load_policy(other, checkpoint, module.observation_space, module.action_space)
+
+
+def other_encoder_weights(encoder_dir: Path, out: Path) -> Path:
+    """A copy of the exported encoder with every weight changed: same description, other latents."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(encoder_dir, out)
+    weights = load_file(str(out / "model.safetensors"))
+    save_file({name: tensor + 0.5 for name, tensor in weights.items()}, str(out / "model.safetensors"))
+    return out
 
 
 @pytest.mark.slow
@@ -269,6 +285,9 @@ def test_train_checkpoints_resumes_and_evaluates(ray_session, environment_encode
 
     with pytest.raises(DataError, match="different agent"):
         train(make_config(tmp_path, tiny_vlm_dir, encoder_dir, iterations=3, **(settings | {"obs_mode": "latent"})))
+    with pytest.raises(DataError, match="trained on the encoder in"):  # resuming on other encoder weights
+        train(make_config(tmp_path, tiny_vlm_dir, other_encoder_weights(encoder_dir, tmp_path / "other"),
+                          iterations=3, **settings))
 
     # 3 episodes on 2 sub-envs: the first sub-env to finish plays the third episode
     result = evaluate(make_config(tmp_path, tiny_vlm_dir, encoder_dir, iterations=2, **settings), episodes=3,
@@ -298,7 +317,9 @@ def test_dreamerv3_on_latents_trains_and_evaluates(ray_session, environment_enco
 @pytest.mark.slow
 @pytest.mark.parametrize("obs_mode", ["latent", "latent+pixels"])
 def test_ppo_through_serve(ray_session, environment_encoder, tmp_path, tiny_vlm_dir, obs_mode):
+    from envenc_ray.files import weights_sha256
     from envenc_ray.rl.algorithm import build_algorithm
+    from envenc_ray.rl.checkpoints import latents_identity
     from envenc_ray.rl.train import metrics_row
     from envenc_ray.serve.client import deploy_encoder, shutdown
 
@@ -307,6 +328,10 @@ def test_ppo_through_serve(ray_session, environment_encoder, tmp_path, tiny_vlm_
                          encoder_source="serve", serve_app="envenc-rl-test", **PPO_TINY)
     deploy_encoder(config, app_name="envenc-rl-test", encoder_dir=str(encoder_dir))
     try:
+        # what an agent records of the service: the weights the replica loaded
+        served = latents_identity(config)
+        assert served["encoder_sha256"] == weights_sha256(encoder_dir) and served["encoder_dir"] == str(encoder_dir)
+        assert served["vlm_sha256"] == weights_sha256(tiny_vlm_dir)
         algo = build_algorithm(config)
         try:
             row = metrics_row(algo.train())

@@ -5,7 +5,8 @@
     train.json                what the checkpoints were trained with (agent hash, algo, obs mode, summary)
 
 RLlib's files are pickles: restore (resume) only checkpoints you made yourself. `evaluate` loads
-policy.safetensors only, which unpickles nothing.
+policy.safetensors only, which unpickles nothing. Both record the sha256 of the encoder and VLM weights the
+agent was trained on; resuming or evaluating it against other weights is refused.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import numpy as np
 
 from envenc_ray.config import EnvEncConfig
 from envenc_ray.errors import DataError, InputError
+from envenc_ray.files import weights_sha256
+from envenc_ray.layout import RunLayout, resolve_model_path
 from envenc_ray.rl.algorithm import offline_algorithm_config
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d{6})$")
@@ -38,7 +41,7 @@ def latest_checkpoint(agent_dir: Path) -> tuple[int, Path] | None:
     return max(found) if found else None
 
 
-def save_checkpoint(algo, config: EnvEncConfig, agent_dir: Path, iteration: int) -> Path:
+def save_checkpoint(algo, config: EnvEncConfig, agent_dir: Path, iteration: int, latents: dict | None) -> Path:
     """algo.save_to_path into a temporary folder, rename it to checkpoint_<iteration>, prune old ones.
 
     RLlib's own files (pickles: optimizer and connector state, for resuming) sit next to policy.safetensors
@@ -49,7 +52,7 @@ def save_checkpoint(algo, config: EnvEncConfig, agent_dir: Path, iteration: int)
     tmp = agent_dir / f".checkpoint_{iteration:06d}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     algo.save_to_path(str(tmp.resolve()))
-    save_policy(algo, tmp, config)
+    save_policy(algo, tmp, config, latents)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -69,8 +72,9 @@ def read_meta(agent_dir: Path) -> dict | None:
         raise DataError(f"{path} is not valid JSON; delete {agent_dir} to train from scratch") from None
 
 
-def save_policy(algo, checkpoint: Path, config: EnvEncConfig) -> None:
-    """Weights-only copy of the trained module (safetensors) + what it is, next to RLlib's own files."""
+def save_policy(algo, checkpoint: Path, config: EnvEncConfig, latents: dict | None) -> None:
+    """Weights-only copy of the trained module (safetensors) + what it is (including `latents_identity`, the
+    encoder and VLM it was trained on), next to RLlib's own files."""
     import torch
     from ray.rllib.core import DEFAULT_MODULE_ID
     from safetensors.torch import save_file
@@ -80,7 +84,7 @@ def save_policy(algo, checkpoint: Path, config: EnvEncConfig) -> None:
     save_file(tensors, str(checkpoint / POLICY_WEIGHTS))
     description = {"algo": config.rl.algo, "obs_mode": config.rl.obs_mode,
                    "observation_shapes": space_shapes(algo.get_module().observation_space), "game": config.env.game,
-                   "frame_stack": config.rl.frame_stack, "pixel_size": config.rl.pixel_size}
+                   "frame_stack": config.rl.frame_stack, "pixel_size": config.rl.pixel_size, "latents": latents}
     (checkpoint / POLICY_CONFIG).write_text(json.dumps(description, indent=2))
 
 
@@ -103,6 +107,7 @@ def load_policy(config: EnvEncConfig, checkpoint: Path, obs_space, action_space)
         raise InputError(f"{checkpoint} was trained on observations of shape {description['observation_shapes']} "
                          f"but the encoder/config gives {space_shapes(obs_space)}; use the encoder and "
                          "frame settings it was trained with")
+    check_latents(description.get("latents"), latents_identity(config), str(checkpoint))
     algo_config = offline_algorithm_config(config)
     spec = algo_config.get_rl_module_spec(spaces={DEFAULT_MODULE_ID: (obs_space, action_space)}, inference_only=False)
     module = spec.build()
@@ -118,3 +123,31 @@ def space_shapes(space):
     if isinstance(space, gym.spaces.Dict):
         return {key: list(sub.shape) for key, sub in space.spaces.items()}
     return list(space.shape)
+
+
+def latents_identity(config: EnvEncConfig) -> dict | None:
+    """The encoder and VLM an agent on latents reads, by the sha256 of their weights (None for pixels): what
+    train.json and policy.json record, and what resuming and evaluating check. With rl.encoder_source 'serve'
+    it is what the running app loaded."""
+    if config.rl.obs_mode == "pixels":
+        return None
+    if config.rl.encoder_source == "serve":
+        from envenc_ray.serve.client import EncoderClient
+
+        info = EncoderClient.connect(app_name=config.rl.serve_app).info
+        return {key: info.get(key) for key in ("encoder_dir", "encoder_sha256", "model_path", "vlm_sha256")}
+    encoder, model = RunLayout.of(config).agent_encoder.resolve(), resolve_model_path(config)
+    return {"encoder_dir": str(encoder), "encoder_sha256": weights_sha256(encoder),
+            "model_path": model, "vlm_sha256": weights_sha256(Path(model))}
+
+
+def check_latents(recorded: dict | None, current: dict | None, agent: str) -> None:
+    """Refuse an agent whose encoder or VLM weights differ from the ones it was trained on (a checkpoint made
+    before identities were recorded, or a hub-name VLM without local weights, is not checked)."""
+    if not recorded or not current:
+        return
+    for name, folder, digest in (("encoder", "encoder_dir", "encoder_sha256"), ("VLM", "model_path", "vlm_sha256")):
+        if recorded.get(digest) and current.get(digest) and recorded[digest] != current[digest]:
+            raise DataError(f"{agent} was trained on the {name} in {recorded[folder]} (sha256 {recorded[digest][:12]}), "
+                            f"but this config reads {current[folder]} (sha256 {current[digest][:12]}); use the {name} "
+                            "it was trained with, or train a new agent (another experiment.name)")

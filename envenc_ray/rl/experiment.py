@@ -259,7 +259,7 @@ def plan_trials(arm_configs: dict[str, EnvEncConfig], encoders: dict[str, Path |
 def run_trial(params: dict, *, plans: dict[str, dict]) -> None:
     """One (arm, seed), inside its Tune actor: exactly `steps` env steps of training, then greedy evaluation."""
     from envenc_ray.rl.algorithm import build_algorithm, train_iteration
-    from envenc_ray.rl.checkpoints import save_policy
+    from envenc_ray.rl.checkpoints import latents_identity, save_policy
     from envenc_ray.rl.evaluate import evaluate
     from envenc_ray.rl.runner_errors import new_error_key
     from envenc_ray.rl.train import metrics_row
@@ -292,7 +292,7 @@ def run_trial(params: dict, *, plans: dict[str, dict]) -> None:
                                  "episode_return_mean": _nan_if_none(row["episode_return_mean"])})
         policy_dir = directory / "policy"
         policy_dir.mkdir(parents=True, exist_ok=True)
-        save_policy(algo, policy_dir, config)
+        save_policy(algo, policy_dir, config, latents_identity(config))
         iterations = algo.iteration
     finally:
         algo.stop()

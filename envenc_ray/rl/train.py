@@ -26,7 +26,8 @@ from envenc_ray.errors import DataError
 from envenc_ray.files import write_json_atomic
 from envenc_ray.layout import RunLayout
 from envenc_ray.rl.algorithm import build_algorithm, train_iteration
-from envenc_ray.rl.checkpoints import META_FILE, latest_checkpoint, read_meta, save_checkpoint
+from envenc_ray.rl.checkpoints import (META_FILE, check_latents, latents_identity, latest_checkpoint, read_meta,
+                                       save_checkpoint)
 from envenc_ray.rl.runner_errors import new_error_key
 
 logger = logging.getLogger(__name__)
@@ -57,13 +58,17 @@ def train(config: EnvEncConfig) -> dict:
         return (meta.get("summary") or {}) | {"iterations": latest[0], "checkpoint": str(latest[1]), "skipped": True}
 
     ensure_ray()
+    latents = latents_identity(config)
+    if latest is not None and meta is not None:  # resuming: the same encoder and VLM weights, or refuse
+        check_latents(meta.get("latents"), latents, str(agent_dir))
     error_key = new_error_key()
     algo = build_algorithm(config, error_key)
     try:
         agent_dir.mkdir(parents=True, exist_ok=True)
         for stale in agent_dir.glob(".checkpoint_*.tmp-*"):  # left by a process killed mid-save
             shutil.rmtree(stale, ignore_errors=True)
-        meta = {"agent_hash": agent_hash, "algo": rl.algo, "obs_mode": rl.obs_mode, "summary": None}
+        meta = {"agent_hash": agent_hash, "algo": rl.algo, "obs_mode": rl.obs_mode, "latents": latents,
+                "summary": None}
         write_json_atomic(agent_dir / META_FILE, meta)  # before the first checkpoint, so a resume can check it
         if latest is not None:
             algo.restore_from_path(str(latest[1].resolve()))
@@ -80,7 +85,7 @@ def train(config: EnvEncConfig) -> dict:
             logger.info("iteration %d: %s", row["iteration"], row)
             done = iteration + 1
             if done % rl.checkpoint_every == 0 or done == rl.iterations:
-                save_checkpoint(algo, config, agent_dir, done)
+                save_checkpoint(algo, config, agent_dir, done, latents)
         writer.close()
         checkpoint = latest_checkpoint(agent_dir)
         summary = {

@@ -20,6 +20,7 @@ import numpy as np
 
 from envenc_ray.config import EnvEncConfig, ServeConfig, VLMConfig
 from envenc_ray.errors import ConfigError, InputError, ModelError
+from envenc_ray.files import weights_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +140,7 @@ class EncoderCore:
         set_torch_threads(spec.num_threads)
         self.spec = spec
         self.encoder = load_environment_encoder(spec.vlm, spec.model_path, spec.encoder_dir, spec.game)
+        self.encoder_sha256, self.vlm_sha256 = weights_sha256(spec.encoder_dir), weights_sha256(spec.model_path)
         self.vlm = self.encoder.vlm
         # Frames resized client-side skip the resize (and crop); the rest of the preprocessing is unchanged.
         # Families preprocessed by their own HF processor (Idefics3's tiling) take raw frames only.
@@ -187,6 +189,8 @@ class EncoderCore:
             "dtype": self.spec.vlm.dtype,
             "model_path": self.spec.model_path,
             "encoder_dir": self.spec.encoder_dir,
+            "vlm_sha256": self.vlm_sha256,  # what agents record and check (rl/checkpoints.latents_identity)
+            "encoder_sha256": self.encoder_sha256,
             "num_threads": self.spec.num_threads,
             **self.settings,
         }
