@@ -101,7 +101,7 @@ def evaluate(config: EnvEncConfig, checkpoint: str | Path | None = None, episode
     if gif:
         write_gif(gif_frames, Path(gif))
     out = RunLayout.of(config).agent / EVAL_FILE
-    if out.parent.is_dir():
+    if checkpoint.resolve().parent == out.parent.resolve():  # the run's own agent (not an experiment trial's)
         write_json_atomic(out, result)
     print(f"evaluate: {episodes} episodes, return {result['return_mean']:.2f} +- {result['return_std']:.2f}")
     return result
