@@ -85,6 +85,47 @@ def test_tiny_experiment_has_equal_budgets_and_resumes_only_the_unfinished_trial
     assert resumed["arms"]["pixels"]["seeds"] == summary["arms"]["pixels"]["seeds"]
 
 
+@pytest.mark.slow
+def test_transfer_arms_start_from_the_source_policy_and_read_its_encoder(ray_session, debug_config, tmp_path):
+    """Generalisation: Pong's agent evaluated zero-shot on Breakout and finetuned there, on Pong's latents."""
+    from safetensors.numpy import load_file
+
+    from envenc_ray.rl.experiment import experiment
+
+    transfer = {"init_from": "source", "encoder_from": "source", "env.game": "breakout"}
+    arms = write_arms(tmp_path, {
+        "question": "Transfer (test)",
+        "common": {"rl.obs_mode": "latent", "stage2.method": "pretrained", "env.full_action_space": True},
+        "arms": {"zero-shot": {**transfer, "steps": 0}, "finetune": {**transfer, "steps": 64}, "source": {}},
+    })
+    config = debug_config(*TINY)
+    summary = experiment(config, str(arms), seeds=1, steps=128)
+
+    assert sorted(summary["trials_run"]) == ["finetune/0", "source/0", "zero-shot/0"]
+    records = {arm: record["seeds"]["0"] for arm, record in summary["arms"].items()}
+    assert records["source"]["env_steps"] == 128 and records["finetune"]["env_steps"] == 64
+    assert records["zero-shot"]["env_steps"] == 0 and records["zero-shot"]["curve"] == []
+    assert records["zero-shot"]["eval"]["lengths"] == [40] and records["finetune"]["eval"]["lengths"] == [40]
+    trials = config.run_dir / "experiments" / "tiny" / "trials"
+    weights = {arm: load_file(str(trials / arm / "seed-0" / "policy" / "policy.safetensors")) for arm in records}
+    source = weights["source"]
+    assert all((weights["zero-shot"][key] == source[key]).all() for key in source)  # Pong's policy, as trained
+    assert any((weights["finetune"][key] != source[key]).any() for key in source)  # then trained on Breakout
+    encoders = {arm: record["diagnostics"]["encoder"]["encoder_dir"] for arm, record in summary["arms"].items()}
+    assert len(set(encoders.values())) == 1  # one latent space: Pong's VLM and encoder for every arm
+    assert summary["arms"]["finetune"]["init_from"] == "source" and summary["arms"]["zero-shot"]["steps"] == 0
+
+
+def test_transfer_keys_name_another_plain_arm(debug_config, tmp_path):
+    from envenc_ray.rl.experiment import experiment
+
+    for arm, message in (({"init_from": "nowhere"}, "init_from: 'nowhere'"), ({"steps": 0}, "0 only with init_from"),
+                         ({"encoder_from": "b"}, "encoder_from: 'b'")):
+        arms = write_arms(tmp_path, {"question": "q", "arms": {"a": arm, "b": {"init_from": "a"}}})
+        with pytest.raises(ConfigError, match=message):
+            experiment(debug_config(), str(arms), seeds=1, steps=64)
+
+
 def test_arms_that_set_what_the_experiment_owns_fail_before_anything_runs(debug_config, tmp_path):
     from envenc_ray.rl.experiment import experiment
 

@@ -74,6 +74,14 @@ SET_BY_EXPERIMENT = {
 }
 
 
+# Keys of an arm that are not config overrides (config keys always hold a dot): for transfer between games.
+ARM_KEYS = {
+    "steps": "the arm's own env-step budget instead of --steps (0: evaluate the init_from policy only)",
+    "init_from": "an arm whose final policy of the same seed the trial starts from (that arm runs first)",
+    "encoder_from": "an arm whose VLM and encoder the trial reads, so that both games share one latent space",
+}
+
+
 # ----------------------------------------------------------------------------- the arms file
 
 
@@ -84,7 +92,16 @@ class ArmsSpec(BaseModel):
     steps: int | None = Field(None, ge=1, description="Env steps per trial when --steps is not given.")
     seeds: int | None = Field(None, ge=1, description="Seeds per arm (0 .. seeds-1) when --seeds is not given.")
     common: dict[str, Any] = Field({}, description="Dotted overrides of every arm, applied before the arm's own.")
-    arms: dict[str, dict[str, Any]] = Field(..., min_length=1, description="Arm name -> dotted config overrides.")
+    arms: dict[str, dict[str, Any]] = Field(..., min_length=1, description="Arm name -> dotted config overrides "
+                                            "(and optionally the ARM_KEYS steps, init_from, encoder_from).")
+
+    def overrides(self, arm: str) -> dict[str, Any]:
+        """The arm's config overrides on top of `common`."""
+        return {**self.common, **{k: v for k, v in self.arms[arm].items() if k not in ARM_KEYS}}
+
+    def source(self, arm: str, key: str) -> str:
+        """The arm named by `key` (init_from / encoder_from), or the arm itself."""
+        return self.arms[arm].get(key) or arm
 
 
 def load_arms(path: Path) -> ArmsSpec:
@@ -100,7 +117,17 @@ def load_arms(path: Path) -> ArmsSpec:
         if not ARM_NAME.match(name):
             raise ConfigError(f"arms file {path}: arm name {name!r} must be letters, digits and _ . + - "
                               "(it names a folder)")
-        for key in [*spec.common, *overrides]:
+        for key in ("init_from", "encoder_from"):
+            source = overrides.get(key)
+            if source is not None and (source not in spec.arms or source == name
+                                       or {"init_from", "encoder_from"} & set(spec.arms[source])):
+                raise ConfigError(f"arms file {path}: arm {name!r} has {key}: {source!r}, which must name another "
+                                  f"arm that itself has neither init_from nor encoder_from (arms: {', '.join(spec.arms)})")
+        budget = overrides.get("steps")
+        if budget is not None and (not isinstance(budget, int) or budget < 0 or (budget == 0 and "init_from" not in overrides)):
+            raise ConfigError(f"arms file {path}: arm {name!r} has steps: {budget!r}; give a whole number of env steps "
+                              "(0 only with init_from: evaluate that policy as it is)")
+        for key in [*spec.common, *spec.overrides(name)]:
             for prefix, why in SET_BY_EXPERIMENT.items():
                 if key == prefix or key.startswith(prefix + "."):
                     raise ConfigError(f"arms file {path}: arm {name!r} sets '{key}', which the experiment sets "
@@ -164,17 +191,20 @@ def artifact_config(config: EnvEncConfig, artifacts_root: Path) -> EnvEncConfig:
     return located
 
 
-def build_artifacts(arm_configs: dict[str, EnvEncConfig], artifacts_root: Path) -> dict[str, Path | None]:
+def build_artifacts(arm_configs: dict[str, EnvEncConfig], artifacts_root: Path,
+                    latents_of: dict[str, str] | None = None) -> dict[str, Path | None]:
     """collect -> [advise] -> embed -> train-encoder for every arm that sees latents; arm -> its encoder folder
     (None for pixels). The stages skip themselves when their output is current, so arms that share a data key
-    share frames, VLM and hidden states; each distinct encoder section is trained once and kept under its key."""
+    share frames, VLM and hidden states; each distinct encoder section is trained once and kept under its key.
+    An arm whose `latents_of` is another arm (encoder_from) builds nothing and reads that arm's encoder."""
+    latents_of = latents_of or {}
     from envenc_ray.data.collect import collect
     from envenc_ray.data.embed import embed
     from envenc_ray.encoder.train import train_encoder
 
     encoders: dict[str, Path | None] = {}
     for arm, config in arm_configs.items():
-        if config.rl.obs_mode == "pixels":
+        if config.rl.obs_mode == "pixels" or latents_of.get(arm, arm) != arm:
             encoders[arm] = None
             continue
         located = artifact_config(config, artifacts_root)
@@ -196,6 +226,9 @@ def build_artifacts(arm_configs: dict[str, EnvEncConfig], artifacts_root: Path) 
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(layout.encoder, target)
         encoders[arm] = target
+    for arm, source in latents_of.items():
+        if source != arm and arm_configs[arm].rl.obs_mode != "pixels":
+            encoders[arm] = encoders[source]
     return encoders
 
 
@@ -224,7 +257,9 @@ class Trial:
     seed: int
     config: EnvEncConfig  # what this trial trains and evaluates
     directory: Path  # its result.json and policy/
-    fingerprint: str  # config + budget: a result.json with another fingerprint is stale
+    fingerprint: str  # config + budget (+ the init_from trial's): a result.json with another fingerprint is stale
+    steps: int  # its env-step budget
+    init_from: Trial | None = None  # the trial whose final policy it starts from
 
     @property
     def key(self) -> str:
@@ -234,27 +269,35 @@ class Trial:
         return (read_json(self.directory / RESULT_FILE) or {}).get("fingerprint") == self.fingerprint
 
 
-def plan_trials(arm_configs: dict[str, EnvEncConfig], encoders: dict[str, Path | None], seeds: int, steps: int,
-                artifacts_root: Path, out_dir: Path) -> list[Trial]:
+def plan_trials(spec: ArmsSpec, arm_configs: dict[str, EnvEncConfig], encoders: dict[str, Path | None], seeds: int,
+                steps: int, artifacts_root: Path, out_dir: Path) -> list[Trial]:
     from envenc_ray.layout import resolve_model_path
 
     trials = []
     # Seed-major: every arm's seed 0 runs before any arm's seed 1, so an experiment stopped early still
-    # compares all arms.
+    # compares all arms. Within a seed, arms that start from another arm's policy come after the plain ones.
     for seed in range(seeds):
-        for arm, arm_config in arm_configs.items():
-            config = arm_config.model_copy(deep=True)
+        planned: dict[str, Trial] = {}
+        for arm in sorted(arm_configs, key=lambda name: "init_from" in spec.arms[name]):
+            config = arm_configs[arm].model_copy(deep=True)
             if encoders[arm] is not None:
                 # The VLM that embed read (the built-in tiny one, or the finetuned one its advise.json names),
                 # given by path: the trial loads it as is, so nothing about it depends on the trial seed.
-                config.vlm.model = resolve_model_path(artifact_config(arm_config, artifacts_root))
+                latents = arm_configs[spec.source(arm, "encoder_from")]
+                config.vlm.model = resolve_model_path(artifact_config(latents, artifacts_root))
                 config.stage2.method = "pretrained"
                 config.rl.encoder_dir = str(encoders[arm])
             config.experiment.seed = seed
             config.rl.encoder_source = "in_process"
             config.rl.eval_max_steps = None
-            fingerprint = _hash({"config": config.model_dump(mode="json"), "steps": steps})
-            trials.append(Trial(arm, seed, config, out_dir / "trials" / arm / f"seed-{seed}", fingerprint))
+            budget = spec.arms[arm].get("steps", steps)
+            source = planned[spec.arms[arm]["init_from"]] if "init_from" in spec.arms[arm] else None
+            identity = {"config": config.model_dump(mode="json"), "steps": budget}
+            if source is not None:
+                identity["init_from"] = source.fingerprint
+            planned[arm] = Trial(arm, seed, config, out_dir / "trials" / arm / f"seed-{seed}", _hash(identity),
+                                 budget, source)
+        trials += [planned[arm] for arm in arm_configs]
     return trials
 
 
@@ -275,6 +318,8 @@ def run_trial(params: dict, *, plans: dict[str, dict]) -> None:
     started = time.perf_counter()
     error_key = new_error_key()
     algo = build_algorithm(config, error_key)
+    if plan["init_policy"]:
+        start_from_policy(algo, Path(plan["init_policy"]))
     # At most CURVE_POINTS points (and Tune reports): DreamerV3 samples one round of a few env steps per iteration.
     report_every = max(1, budget // CURVE_POINTS)
     curve, steps, loop_s, encode_s, sampling_s = [], 0, 0.0, 0.0, 0.0
@@ -293,6 +338,8 @@ def run_trial(params: dict, *, plans: dict[str, dict]) -> None:
                 curve.append([steps, row["episode_return_mean"]])
                 ray_tune.report({"env_steps": steps, "env_steps_per_s": row["env_steps_per_s"] or math.nan,
                                  "episode_return_mean": _nan_if_none(row["episode_return_mean"])})
+        if budget == 0:  # evaluation only (zero-shot): one report, so Tune records the trial
+            ray_tune.report({"env_steps": 0, "env_steps_per_s": math.nan, "episode_return_mean": math.nan})
         policy_dir = directory / "policy"
         policy_dir.mkdir(parents=True, exist_ok=True)
         save_policy(algo, policy_dir, config, latents_identity(config))
@@ -319,9 +366,23 @@ def run_trial(params: dict, *, plans: dict[str, dict]) -> None:
         "eval": {key: evaluation[key] for key in ("episodes", "return_mean", "return_std", "returns", "lengths")},
         "wall_s": time.perf_counter() - started,
         "train_s": train_s,
-        "env_steps_per_s": steps / loop_s,  # sampling and learning, without building the algorithm
+        "env_steps_per_s": steps / loop_s if loop_s else None,  # sampling and learning, without building the algorithm
         "encoder_share_of_sampling": encode_s / (runners * sampling_s) if encode_s and sampling_s else None,
     })
+
+
+def start_from_policy(algo, policy_dir: Path) -> None:
+    """Load another trial's final policy (policy.safetensors) into the learner and every EnvRunner, so that
+    training (or the zero-shot evaluation) starts from it; the optimizer starts fresh."""
+    from ray.rllib.core import DEFAULT_MODULE_ID
+    from safetensors.numpy import load_file
+
+    from envenc_ray.rl.checkpoints import POLICY_WEIGHTS
+
+    weights = load_file(str(policy_dir / POLICY_WEIGHTS))
+    algo.learner_group.set_weights({DEFAULT_MODULE_ID: weights})
+    # EnvRunners hold inference-only modules: give them the learner's own inference-only view of the weights.
+    algo.env_runner_group.sync_weights(from_worker_or_learner_group=algo.learner_group, inference_only=True)
 
 
 def _nan_if_none(value: float | None) -> float:
@@ -335,13 +396,13 @@ def _trial_dirname(trial) -> str:
 class TrialLines(ray_tune.Callback):
     """One line per trial iteration and per failed trial, instead of Tune's periodic status tables."""
 
-    def __init__(self, budget: int):
-        self.budget = budget
+    def __init__(self, budgets: dict[str, int]):
+        self.budgets = budgets
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         episode_return, speed = result.get("episode_return_mean"), result.get("env_steps_per_s")
         print(f"experiment: {trial.config['trial']} iteration {result.get('training_iteration')}: "
-              f"{int(result.get('env_steps', 0))}/{self.budget} env steps, return "
+              f"{int(result.get('env_steps', 0))}/{self.budgets[trial.config['trial']]} env steps, return "
               f"{'-' if math.isnan(episode_return) else f'{episode_return:.2f}'}, "
               f"{'-' if math.isnan(speed) else f'{speed:.0f}'} env steps/s", flush=True)
 
@@ -349,11 +410,12 @@ class TrialLines(ray_tune.Callback):
         print(f"experiment: {trial.config['trial']} failed; see {trial.path}", flush=True)
 
 
-def run_trials(trials: list[Trial], steps: int, concurrent: int, out_dir: Path) -> None:
+def run_trials(trials: list[Trial], concurrent: int, out_dir: Path) -> None:
     from ray.tune import PlacementGroupFactory
 
-    plans = {t.key: {"arm": t.arm, "config": t.config.model_dump(mode="json"), "steps": steps,
-                     "directory": str(t.directory), "fingerprint": t.fingerprint} for t in trials}
+    plans = {t.key: {"arm": t.arm, "config": t.config.model_dump(mode="json"), "steps": t.steps,
+                     "directory": str(t.directory), "fingerprint": t.fingerprint,
+                     "init_policy": str(t.init_from.directory / "policy") if t.init_from else None} for t in trials}
     bundles = {t.key: trial_bundles(t.config) for t in trials}
     trainable = ray_tune.with_resources(
         ray_tune.with_parameters(run_trial, plans=plans),
@@ -365,7 +427,7 @@ def run_trials(trials: list[Trial], steps: int, concurrent: int, out_dir: Path) 
         run_config=ray_tune.RunConfig(name=f"run-{time.strftime('%Y%m%d-%H%M%S')}",
                                       storage_path=str((out_dir / "tune").resolve()), verbose=0,
                                       failure_config=ray_tune.FailureConfig(max_failures=0),
-                                      callbacks=[TrialLines(steps)]),
+                                      callbacks=[TrialLines({t.key: t.steps for t in trials})]),
     )
     grid = tuner.fit()
     failed = [result for result in grid if result.error is not None]
@@ -397,12 +459,13 @@ def experiment(config: EnvEncConfig, arms_path: str, seeds: int | None = None, s
     base = absolute_paths(config)  # trials run in Tune's folders: every path they read must be absolute
     base_dump = base.model_dump(mode="json")
     arm_configs = {}
-    for arm, overrides in spec.arms.items():
+    for arm in spec.arms:
         origin = f"arms file {path}, arm {arm!r}"
-        overrides = {**spec.common, **overrides}
+        overrides = spec.overrides(arm)
         arm_config = trial_config(base_dump, overrides, origin)
         check_rllib_settings(arm_config, overrides, origin)
-        check_budget(arm_config, steps, origin)
+        if spec.arms[arm].get("steps", steps):  # 0: a zero-shot evaluation, no training
+            check_budget(arm_config, spec.arms[arm].get("steps", steps), origin)
         arm_configs[arm] = arm_config
 
     ensure_ray()
@@ -411,15 +474,17 @@ def experiment(config: EnvEncConfig, arms_path: str, seeds: int | None = None, s
                                    path)
     artifacts_root = RunLayout.of(base).artifacts
     out_dir = RunLayout.of(base).experiments / path.stem
-    encoders = build_artifacts(arm_configs, artifacts_root)
-    trials = plan_trials(arm_configs, encoders, seeds, steps, artifacts_root, out_dir)
+    encoders = build_artifacts(arm_configs, artifacts_root, {arm: spec.source(arm, "encoder_from") for arm in spec.arms})
+    trials = plan_trials(spec, arm_configs, encoders, seeds, steps, artifacts_root, out_dir)
     pending = [t for t in trials if not t.is_done()]
     concurrent = concurrent or fit
     print(f"experiment: {path}: {len(spec.arms)} arms x {seeds} seeds x {steps} env steps; "
           f"{len(trials) - len(pending)} trials already done, {len(pending)} to run, {concurrent} at once "
           f"({sum(b['CPU'] for b in largest):g} CPUs each)", flush=True)
-    if pending:
-        run_trials(pending, steps, concurrent, out_dir)
+    # Trials that start from another trial's policy run after every other trial has saved its own.
+    for phase in ([t for t in pending if t.init_from is None], [t for t in pending if t.init_from is not None]):
+        if phase:
+            run_trials(phase, concurrent, out_dir)
 
     summary = {
         "arms_file": str(path),
@@ -454,7 +519,9 @@ def summarize_arms(spec: ArmsSpec, arm_configs: dict[str, EnvEncConfig], encoder
         shares = [r["encoder_share_of_sampling"] for r in seeds.values() if r["encoder_share_of_sampling"]]
         low, high = bootstrap_ci(returns, rng) if seeds else (None, None)
         arms[arm] = {
-            "overrides": {**spec.common, **spec.arms[arm]},
+            "overrides": spec.overrides(arm),
+            "steps": next(t.steps for t in trials if t.arm == arm),
+            **{key: spec.arms[arm][key] for key in ("init_from", "encoder_from") if key in spec.arms[arm]},
             "algo": arm_config.rl.algo,
             "obs_mode": arm_config.rl.obs_mode,
             "seeds": seeds,
@@ -497,13 +564,13 @@ def plot_curves(summary: dict, path: Path) -> None:
     rng = np.random.default_rng(0)
     figure, axis = plt.subplots(figsize=(7.5, 4.5))
     for arm, record in summary["arms"].items():
-        if not record["seeds"]:
+        if not any(seed["curve"] for seed in record["seeds"].values()):  # none yet, or a zero-shot arm
             continue
         steps, mean, low, high = mean_curve([seed["curve"] for seed in record["seeds"].values()], rng)
         line, = axis.plot(steps, mean, label=f"{arm} ({len(record['seeds'])} seeds)")
         axis.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
-    axis.set(title=summary["question"], xlabel="env steps",
-             ylabel="mean training episode return", xlim=(0, summary["steps"]))
+    axis.set(title=summary["question"], xlabel="env steps (of each arm's own training)",
+             ylabel="mean training episode return", xlim=(0, max(record["steps"] for record in summary["arms"].values())))
     axis.legend(title="shaded: 95% bootstrap CI over seeds", fontsize="small", title_fontsize="small")
     axis.grid(alpha=0.3)
     figure.tight_layout()
@@ -539,7 +606,7 @@ def print_table(summary: dict, out_dir: Path) -> None:
     header = ["arm", "seeds", "eval return", "95% CI", "env steps/s", "probe R2", "encoder share"]
     lines = []
     for arm, record in summary["arms"].items():
-        speeds = [seed["env_steps_per_s"] for seed in record["seeds"].values()]
+        speeds = [seed["env_steps_per_s"] for seed in record["seeds"].values() if seed["env_steps_per_s"]]
         encoder = record["diagnostics"]["encoder"] or {}
         share = record["diagnostics"]["encoder_share_of_sampling"]
         ci = record["eval_return_ci95"]

@@ -52,13 +52,13 @@ def main() -> None:
     spec = load_arms(ARMS)
     base = absolute_paths(load_config([ROOT / "configs/pong-tiny.yaml"], [f"experiment.run_root={ROOT / 'runs'}"]))
     dump = base.model_dump(mode="json")
-    arm_configs = {arm: trial_config(dump, {**spec.common, **overrides}, str(ARMS)) for arm, overrides in spec.arms.items()}
+    arm_configs = {arm: trial_config(dump, spec.overrides(arm), str(ARMS)) for arm in spec.arms}
     ensure_ray()
     artifacts_root = RunLayout.of(base).artifacts
     out_dir = RunLayout.of(base).experiments / ARMS.stem
     encoders = build_artifacts(arm_configs, artifacts_root)  # all current: nothing is rebuilt
     set_torch_threads(2)
-    for trial in plan_trials(arm_configs, encoders, spec.seeds, spec.steps, artifacts_root, out_dir):
+    for trial in plan_trials(spec, arm_configs, encoders, spec.seeds, spec.steps, artifacts_root, out_dir):
         policy = trial.directory / "policy"
         rows = tune_curve(out_dir, trial.arm, trial.seed, spec.steps)
         if trial.is_done() or rows is None or not (policy / "policy.safetensors").is_file():
