@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import textwrap
 import math
 import os
 import re
@@ -492,7 +493,7 @@ def experiment(config: EnvEncConfig, arms_path: str, seeds: int | None = None, s
         "command": command,
         "steps": steps,
         "seeds": list(range(seeds)),
-        "evaluation": {"episodes": base.rl.eval_episodes, "max_steps": None, "policy": "greedy"},
+        "evaluation": {"episodes": eval_episodes(arm_configs), "max_steps": None, "policy": "greedy"},
         "curve": "(env steps, RLlib's mean return of the recent training episodes) after each iteration",
         "trials_run": [t.key for t in pending],
         "arms": summarize_arms(spec, arm_configs, encoders, trials),
@@ -506,6 +507,12 @@ def experiment(config: EnvEncConfig, arms_path: str, seeds: int | None = None, s
 
 
 # ----------------------------------------------------------------------------- results
+
+
+def eval_episodes(arm_configs: dict[str, EnvEncConfig]) -> int | list[int]:
+    """Greedy episodes per trial: the arms' rl.eval_episodes (one number when they agree)."""
+    counts = sorted({config.rl.eval_episodes for config in arm_configs.values()})
+    return counts[0] if len(counts) == 1 else counts
 
 
 def summarize_arms(spec: ArmsSpec, arm_configs: dict[str, EnvEncConfig], encoders: dict[str, Path | None],
@@ -569,7 +576,8 @@ def plot_curves(summary: dict, path: Path) -> None:
         steps, mean, low, high = mean_curve([seed["curve"] for seed in record["seeds"].values()], rng)
         line, = axis.plot(steps, mean, label=f"{arm} ({len(record['seeds'])} seeds)")
         axis.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
-    axis.set(title=summary["question"], xlabel="env steps (of each arm's own training)",
+    axis.set_title(textwrap.fill(summary["question"], 80), fontsize=10)
+    axis.set(xlabel="env steps (of each arm's own training)",
              ylabel="mean training episode return", xlim=(0, max(record["steps"] for record in summary["arms"].values())))
     axis.legend(title="shaded: 95% bootstrap CI over seeds", fontsize="small", title_fontsize="small")
     axis.grid(alpha=0.3)

@@ -3,13 +3,15 @@
 Why this exists: in that run every trial trained its 100 iterations (100,409 env steps: RLlib adds a few
 steps per iteration where episodes end) and saved its policy, then failed the experiment's old exact-budget
 check (`steps != budget`, since relaxed to "the iteration that reaches the budget"), so no trial wrote its
-result.json. Rather than spend another 90 minutes retraining, this script, for each such trial, takes the
+result.json (every trial trained 100 iterations, 100,317 to 100,458 env steps). Rather than spend another 90 minutes retraining, this script, for each such trial, takes the
 learning curve Ray Tune recorded for it (tune/run-*/trial_<arm>_seed<s>/result.json, the latest run that
 reached the budget), plays the same greedy full-length evaluation `run_trial` would have played with
 `envenc_ray.rl.evaluate.evaluate` on the saved policy, and writes the trial's result.json exactly as
-`run_trial` does (same fingerprint). Afterwards `envenc experiment` (the command in README.md) finds every
-trial done and writes results.json and the plots. The one field it cannot recover is the encoder's share of
-the sampling time (Tune's reports do not hold it): null.
+`run_trial` does (same fingerprint), then results.json and the plots with the experiment's own summary
+functions (what `envenc experiment` writes once every trial is done; rerunning the command in README.md now
+gives the same files). The one field it cannot recover is the encoder's share of the sampling time (Tune's
+reports do not hold it): null. Nothing here needs Ray: the artifacts are current and evaluation runs in
+process.
 
     python benchmarks/results/atari100k-pong/evaluate_saved_trials.py
 """
@@ -29,9 +31,12 @@ from envenc_ray.config import load_config  # noqa: E402
 from envenc_ray.files import write_json_atomic  # noqa: E402
 from envenc_ray.layout import RunLayout  # noqa: E402
 from envenc_ray.rl.evaluate import evaluate  # noqa: E402
-from envenc_ray.rl.experiment import (RESULT_FILE, absolute_paths, build_artifacts, load_arms,  # noqa: E402
-                                      plan_trials, trial_config)
-from envenc_ray.runtime import ensure_ray, set_torch_threads  # noqa: E402
+from envenc_ray.rl.experiment import (RESULT_FILE, absolute_paths, build_artifacts, eval_episodes,  # noqa: E402
+                                      load_arms, plan_trials, plot_curves, plot_eval_returns, print_table,
+                                      summarize_arms, trial_config)
+from envenc_ray.runtime import set_torch_threads  # noqa: E402
+
+COMMAND = "envenc experiment configs/pong-tiny.yaml --arms configs/experiments/atari100k-pong.yaml"
 
 ARMS = ROOT / "configs/experiments/atari100k-pong.yaml"
 
@@ -53,12 +58,13 @@ def main() -> None:
     base = absolute_paths(load_config([ROOT / "configs/pong-tiny.yaml"], [f"experiment.run_root={ROOT / 'runs'}"]))
     dump = base.model_dump(mode="json")
     arm_configs = {arm: trial_config(dump, spec.overrides(arm), str(ARMS)) for arm in spec.arms}
-    ensure_ray()
     artifacts_root = RunLayout.of(base).artifacts
     out_dir = RunLayout.of(base).experiments / ARMS.stem
     encoders = build_artifacts(arm_configs, artifacts_root)  # all current: nothing is rebuilt
     set_torch_threads(2)
-    for trial in plan_trials(spec, arm_configs, encoders, spec.seeds, spec.steps, artifacts_root, out_dir):
+    trials = plan_trials(spec, arm_configs, encoders, spec.seeds, spec.steps, artifacts_root, out_dir)
+    recovered = []
+    for trial in trials:
         policy = trial.directory / "policy"
         rows = tune_curve(out_dir, trial.arm, trial.seed, spec.steps)
         if trial.is_done() or rows is None or not (policy / "policy.safetensors").is_file():
@@ -84,7 +90,25 @@ def main() -> None:
             "encoder_share_of_sampling": None,
             "recovered_by": "benchmarks/results/atari100k-pong/evaluate_saved_trials.py",
         })
-        print(f"{trial.key}: evaluated, return {evaluation['return_mean']:.2f}")
+        recovered.append(trial.key)
+        print(f"{trial.key}: evaluated, return {evaluation['return_mean']:.2f}", flush=True)
+
+    summary = {
+        "arms_file": str(ARMS.relative_to(ROOT)),
+        "question": spec.question,
+        "command": COMMAND,
+        "steps": spec.steps,
+        "seeds": list(range(spec.seeds)),
+        "evaluation": {"episodes": eval_episodes(arm_configs), "max_steps": None, "policy": "greedy"},
+        "curve": "(env steps, RLlib's mean return of the recent training episodes) after each iteration",
+        "trials_run": [],
+        "trials_evaluated_by": {"benchmarks/results/atari100k-pong/evaluate_saved_trials.py": recovered},
+        "arms": summarize_arms(spec, arm_configs, encoders, trials),
+    }
+    write_json_atomic(out_dir / "results.json", summary)
+    plot_curves(summary, out_dir / "curves.png")
+    plot_eval_returns(summary, out_dir / "eval_returns.png")
+    print_table(summary, out_dir)
 
 
 if __name__ == "__main__":
