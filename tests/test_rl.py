@@ -296,6 +296,18 @@ def test_train_checkpoints_resumes_and_evaluates(ray_session, environment_encode
     assert (tmp_path / "eval.gif").stat().st_size > 0
 
 
+def test_dreamer_import_raises_no_gymnasium_observation_warning():
+    """RLlib's dreamerv3 package warns at import about its own float64 debug CartPole; our import is silent.
+    A fresh interpreter turns every UserWarning into an error, so any such warning fails the import."""
+    import subprocess
+    import sys
+
+    probe = "import envenc_ray.rl.dreamer, ray.rllib.algorithms.dreamerv3"
+    done = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", probe], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_dreamerv3_on_latents_trains_and_evaluates(ray_session, environment_encoder, tmp_path, tiny_vlm_dir):
     from envenc_ray.rl.evaluate import evaluate

@@ -6,7 +6,14 @@ dozen floats instead of a CNN autoencoder over frames, which is what makes it af
 
 from __future__ import annotations
 
-from ray.rllib.algorithms.dreamerv3 import DreamerV3Config
+import warnings
+
+with warnings.catch_warnings():
+    # RLlib's dreamerv3 package builds a debug CartPole at import time (utils/debugging.py) whose Box bounds and
+    # reset observations are float64, and gymnasium warns about that env; ours are float32 Boxes (latents).
+    warnings.filterwarnings("ignore", category=UserWarning,
+                            message=r".*(precision lowered by casting to float32|obs returned by the `reset\(\)`)")
+    from ray.rllib.algorithms.dreamerv3 import DreamerV3Config
 
 from envenc_ray.config import EnvEncConfig
 from envenc_ray.errors import ConfigError
