@@ -1,0 +1,123 @@
+"""`ray job submit` against a real head started with `ray start --head`: how a cluster runs every stage.
+
+The head runs on free ports, in a private temp dir, with Ray's token authentication on (as deploy/'s
+manifests set it): a submission without the token is refused, one with it runs `envenc collect` from an
+uploaded working directory and its shards appear. Only the processes of this head are stopped (`ray stop`
+would end every Ray on the machine).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the `ray` and `envenc` of this environment
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def processes_of(temp_dir: str) -> list:
+    """The processes of the head whose temp dir is `temp_dir` (every Ray process names its session dir)."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if any(temp_dir in part for part in process.info["cmdline"] or ()):
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def stop_head(temp_dir: str) -> list:
+    """Terminate this head's processes, then kill what is left after 15 s; returns the survivors (none)."""
+    import psutil
+
+    processes = processes_of(temp_dir)
+    for process in processes:
+        try:
+            process.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(processes, timeout=15)
+    for process in alive:
+        process.kill()
+    psutil.wait_procs(alive, timeout=5)
+    return [p for p in processes_of(temp_dir) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.fixture
+def token_head():
+    """A head on free ports in a private temp dir with token auth; yields (dashboard address, env with token)."""
+    temp_dir = tempfile.mkdtemp(prefix="envenc-job-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    token = secrets.token_hex(32)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # never join another cluster
+    env |= {"PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+            "HF_HUB_OFFLINE": "1"}
+    gcs, dashboard, client, node_manager, object_manager, agent_grpc, agent_http, runtime_env, metrics = free_ports(9)
+    start = [str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=2", f"--temp-dir={temp_dir}",
+             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+             f"--ray-client-server-port={client}", f"--node-manager-port={node_manager}",
+             f"--object-manager-port={object_manager}", f"--dashboard-agent-grpc-port={agent_grpc}",
+             f"--dashboard-agent-listen-port={agent_http}", f"--runtime-env-agent-port={runtime_env}",
+             f"--metrics-export-port={metrics}", "--disable-usage-stats"]
+    try:
+        started = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
+        assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
+        yield f"http://127.0.0.1:{dashboard}", env
+    finally:
+        survivors = stop_head(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        assert survivors == [], "processes of the test's head survived"
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_a_stage_and_refuses_a_submitter_without_the_token(token_head, tmp_path):
+    address, env = token_head
+    submit = [str(BIN / "ray"), "job", "submit", f"--address={address}"]
+    # wait for the job API (the dashboard comes up after `ray start` returns)
+    deadline = time.monotonic() + 120
+    while True:
+        listed = subprocess.run([str(BIN / "ray"), "job", "list", f"--address={address}"], env=env,
+                                capture_output=True, text=True, timeout=60)
+        if listed.returncode == 0 or time.monotonic() > deadline:
+            assert listed.returncode == 0, listed.stderr[-2000:]
+            break
+        time.sleep(2)
+
+    no_token = {k: v for k, v in env.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}
+    refused = subprocess.run([*submit, "--", "echo", "should not run"], env=no_token, capture_output=True,
+                             text=True, timeout=120)
+    assert refused.returncode != 0 and "should not run" not in refused.stdout
+    assert "token" in (refused.stdout + refused.stderr).lower()
+
+    run_root = tmp_path / "runs"
+    done = subprocess.run(
+        [*submit, f"--working-dir={ROOT}", "--",
+         "envenc", "collect", "configs/pong-tiny.yaml", "configs/debug.yaml", "--set",
+         f"experiment.run_root={run_root}"],
+        env=env, capture_output=True, text=True, timeout=420)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "succeeded" in done.stdout.lower()
+    shards = sorted(run_root.glob("*/frames/episode-*.parquet"))
+    assert shards, f"no frames under {run_root}: {done.stdout[-2000:]}"
+    assert (shards[0].parent / "_collect.json").is_file()
