@@ -34,25 +34,25 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def processes_of(temp_dir: str) -> list:
-    """The processes of the head whose temp dir is `temp_dir` (every Ray process names its session dir)."""
+def processes_of(temp_dir: str, gcs_port: int) -> list:
+    """The processes of the head: they name its temp dir, or (the Ray client server) its GCS address."""
     import psutil
 
     found = []
     for process in psutil.process_iter(["cmdline"]):
         try:
-            if any(temp_dir in part for part in process.info["cmdline"] or ()):
+            if any(temp_dir in part or part.endswith(f":{gcs_port}") for part in process.info["cmdline"] or ()):
                 found.append(process)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return found
 
 
-def stop_head(temp_dir: str) -> list:
+def stop_head(temp_dir: str, gcs_port: int) -> list:
     """Terminate this head's processes, then kill what is left after 15 s; returns the survivors (none)."""
     import psutil
 
-    processes = processes_of(temp_dir)
+    processes = processes_of(temp_dir, gcs_port)
     for process in processes:
         try:
             process.terminate()
@@ -62,7 +62,7 @@ def stop_head(temp_dir: str) -> list:
     for process in alive:
         process.kill()
     psutil.wait_procs(alive, timeout=5)
-    return [p for p in processes_of(temp_dir) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    return [p for p in processes_of(temp_dir, gcs_port) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
 @pytest.fixture
@@ -85,7 +85,7 @@ def token_head():
         assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
         yield f"http://127.0.0.1:{dashboard}", env
     finally:
-        survivors = stop_head(temp_dir)
+        survivors = stop_head(temp_dir, gcs)
         shutil.rmtree(temp_dir, ignore_errors=True)
         assert survivors == [], "processes of the test's head survived"
 
