@@ -208,6 +208,16 @@ class ServeConfig(Section):
         16, ge=1, description="Calls a replica accepts at once; must be >= max_batch_calls or batches stay small."
     )
     max_frames_per_call: int = Field(512, ge=1, description="Larger calls are refused: split them client-side.")
+    max_frame_pixels: int = Field(
+        1_000_000, ge=1, description="Largest frame accepted (height x width); bigger ones are refused, not resized."
+    )
+    max_queued_requests: int = Field(
+        64, ge=-1, description="Calls waiting for a replica beyond max_ongoing_requests; more are rejected at once "
+        "with a back-pressure error (HTTP 503). -1: no bound."
+    )
+    max_body_bytes: int = Field(
+        64 * 2**20, ge=1, description="Largest HTTP body (and decompressed .npz content) accepted; bigger: HTTP 413."
+    )
     cache_size: int = Field(
         4096, ge=0, description="Content-hash cache of hidden states for identical frames (entries; 0: off)."
     )
@@ -285,6 +295,10 @@ class RLConfig(Section):
         10, ge=1, description="Checkpoint into <run>/agent/ every N iterations (and after the last)."
     )
     keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept on disk; older ones are deleted.")
+    env_runner_restarts: int = Field(
+        3, ge=0, description="Times RLlib recreates an EnvRunner that died (killed, out of memory, node lost); an "
+        "encoder error in one is raised at once instead."
+    )
     dreamer_model_size: Literal["nano", "micro", "mini", "XXS", "XS", "S"] = Field(
         "XS", description="DreamerV3 model size (RLlib's names; XS is the paper's smallest)."
     )
@@ -368,7 +382,7 @@ def load_config(paths: list[str | Path] = (), overrides: list[str] = ()) -> EnvE
         _merge(merged, data, sources, origin=str(path))
     for override in overrides:
         key, value = _parse_override(override)
-        _merge(merged, _nest(key, value), sources, origin=f"--set {override}")
+        _merge(merged, _nest(key, value), sources, origin=f"--set {override!r}")
     try:
         return EnvEncConfig.model_validate(merged)
     except ValidationError as error:

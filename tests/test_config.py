@@ -50,7 +50,7 @@ def test_unknown_key_names_key_file_and_alternatives(tmp_path):
 
 
 def test_unknown_section_and_override_typo():
-    with pytest.raises(ConfigError, match=r"unknown key 'encodr'.*--set encodr.kind=mlp"):
+    with pytest.raises(ConfigError, match=r"unknown key 'encodr'.*--set 'encodr.kind=mlp'"):
         load_config([], ["encodr.kind=mlp"])
 
 
@@ -59,7 +59,7 @@ def test_wrong_type_names_key_origin_and_value(tmp_path):
     bad.write_text("collect:\n  episodes: many\n")
     with pytest.raises(ConfigError, match=r"collect.episodes.*bad.yaml.*'many'"):
         load_config([bad])
-    with pytest.raises(ConfigError, match=r"vlm.pooling.*--set vlm.pooling=max"):
+    with pytest.raises(ConfigError, match=r"vlm.pooling.*--set 'vlm.pooling=max'"):
         load_config([], ["vlm.pooling=max"])
 
 

@@ -171,7 +171,7 @@ class EncoderClient:
     def _call(self, method: str, *args: Any) -> Any:
         """One handle call with a timeout; service errors are retried with exponential backoff."""
         from ray.exceptions import RayError, RayTaskError
-        from ray.serve.exceptions import RayServeException
+        from ray.serve.exceptions import BackPressureError, RayServeException
 
         last_error: BaseException | None = None
         for attempt in range(self.retries + 1):
@@ -184,11 +184,20 @@ class EncoderClient:
                 if isinstance(error.cause, EnvEncError):
                     raise error.cause from None  # the call's own fault: the same error, no retry
                 last_error = error
+            except BackPressureError as error:  # rejected before it was queued: nothing to cancel
+                last_error = error
             except (TimeoutError, RayServeException, RayError) as error:  # no answer: replica, router, network
                 response.cancel()
                 last_error = error
             logger.warning("encoder service: %s failed (attempt %d of %d): %s", method, attempt + 1,
                            self.retries + 1, _first_line(last_error))
+        if isinstance(last_error, BackPressureError):
+            raise EncoderServiceError(
+                f"the encoder service (Serve app {self.app_name!r}) is overloaded: {method} was rejected "
+                f"{self.retries + 1} times with back-pressure ({last_error}) over "
+                f"{self.backoff_s * (2 ** self.retries - 1):.2f} s of backoff; allow more replicas "
+                "(serve.max_replicas), fewer callers (rl.num_env_runners), or a longer queue (serve.max_queued_requests)"
+            ) from None
         raise EncoderServiceError(
             f"the encoder service (Serve app {self.app_name!r}) did not answer {method} after {self.retries + 1} "
             f"attempts ({self.timeout_s:g} s timeout each): {type(last_error).__name__}: {_first_line(last_error)}. "

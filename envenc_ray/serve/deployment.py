@@ -42,7 +42,7 @@ from ray import serve as ray_serve
 
 from envenc_ray.config import EnvEncConfig, ServeConfig, load_config
 from envenc_ray.errors import ConfigError, EnvEncError, InputError, ModelError
-from envenc_ray.serve.http import jsonable, npy_bytes, npz_bytes, read_http_batch
+from envenc_ray.serve.http import BodyTooLargeError, jsonable, npy_bytes, npz_bytes, read_body, read_http_batch
 from envenc_ray.serve.replica import EncodeRequest, EncoderCore, ReplicaSpec, replica_spec, runtime_settings
 
 logger = logging.getLogger(__name__)
@@ -65,6 +65,9 @@ def deployment_options(serve_config: ServeConfig) -> dict[str, Any]:
         # ServeConfig validates max_ongoing_requests >= max_batch_calls: Serve would otherwise never let
         # enough calls into a replica to fill a batch (it silently caps at max_ongoing_requests).
         "max_ongoing_requests": serve_config.max_ongoing_requests,
+        # bounded queue per caller's router: the excess is rejected at once (BackPressureError / HTTP 503)
+        # rather than waiting without end while memory grows
+        "max_queued_requests": serve_config.max_queued_requests,
         "user_config": runtime_settings(serve_config),
         # one log line per request costs ~0.1 ms of a busy replica's event loop; errors are still logged
         "logging_config": {"enable_access_log": False},
@@ -161,13 +164,18 @@ class EnvironmentEncoderDeployment:
             return JSONResponse({"error": "use POST /encode or POST /hidden with a .npy batch of uint8 frames "
                                           "(N, H, W, 3), or GET /info, /stats"}, status_code=404)
         try:
-            frames, windows, as_npz = read_http_batch(await request.body())
+            limit = int(self.core.settings["max_body_bytes"])
+            frames, windows, as_npz = read_http_batch(await read_body(request, limit), limit)
             if route == "hidden":
                 result = await self.hidden(frames)
                 return Response(npy_bytes(result), media_type="application/octet-stream")
             latents, new_windows = await self.encode(frames, windows)
         except EnvEncError as error:
-            status = 400 if isinstance(error, InputError) else 500
+            if isinstance(error, BodyTooLargeError):
+                self.core.count_error("BodyTooLargeError")
+                status = 413
+            else:
+                status = 400 if isinstance(error, InputError) else 500
             return JSONResponse({"error": f"{type(error).__name__}: {error}"}, status_code=status)
         if not as_npz:
             return Response(npy_bytes(latents), media_type="application/octet-stream")
@@ -257,7 +265,6 @@ def serve(config: EnvEncConfig, http: bool = False) -> None:
             status = ray_serve.status().applications.get(APP_NAME)
             if status is not None and status.status not in ("RUNNING", "DEPLOYING"):
                 logger.warning("serve: app %s is %s: %s", APP_NAME, status.status, status.message)
-    except KeyboardInterrupt:
+    finally:  # Ctrl-C or SIGTERM (runtime.Stopped) goes on to the CLI: exit 130 / 143
         print("serve: stopping")
-    finally:
         shutdown_app(APP_NAME)

@@ -47,6 +47,8 @@ def runtime_settings(serve_config: ServeConfig) -> dict[str, Any]:
         "batch_wait_timeout_s": serve_config.batch_wait_timeout_s,
         "cache_size": serve_config.cache_size,
         "max_frames_per_call": serve_config.max_frames_per_call,
+        "max_frame_pixels": serve_config.max_frame_pixels,
+        "max_body_bytes": serve_config.max_body_bytes,
     }
 
 
@@ -203,7 +205,8 @@ class EncoderCore:
 
         if want not in ("latents", "hidden"):
             raise InputError(f"unknown output {want!r}: ask for 'latents' or 'hidden'")
-        frames = as_frame_batch(frames_uint8).numpy()
+        # the pixel bound is checked before anything is copied (a zero-strided view can describe terabytes)
+        frames = as_frame_batch(frames_uint8, int(self.settings["max_frame_pixels"])).numpy()
         limit = int(self.settings["max_frames_per_call"])
         if len(frames) > limit:
             raise InputError(f"{len(frames)} frames in one call, more than serve.max_frames_per_call={limit}: "

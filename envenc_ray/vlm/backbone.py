@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from envenc_ray.errors import ConfigError, ModelError
@@ -336,12 +337,18 @@ class TruncatedVLM:
                 f"{source} is a {config.model_type!r} image-text-to-text model, which TruncatedVLM has no adapter "
                 f"for yet; supported model types: {', '.join(sorted(FAMILIES))}"
             )
+        local = Path(source)
+        if local.is_dir() and not any(local.glob("*.safetensors")) and any(local.glob("*.bin")):
+            raise ModelError(f"{source} holds its weights only as .bin (a pickle, which can run code when loaded): "
+                             "envenc loads safetensors only; convert it once where you trust it, e.g. "
+                             "model.save_pretrained(dir, safe_serialization=True)")
         try:
+            # safetensors only: a pytorch_model.bin is a pickle, and loading a pickle can run its code
             model = AutoModelForImageTextToText.from_pretrained(
-                source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+                source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True
             )
             processor = family.load_processor(source, config, trust_remote_code)
-        except (OSError, ValueError, KeyError, TypeError, ImportError) as error:
+        except (OSError, ValueError, KeyError, TypeError, ImportError, SafetensorError) as error:
             raise ModelError(f"could not load the model or processor from {source}: {_one_line(error)}") from None
         if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
             raise ModelError(f"{source} has no image processor + tokenizer (got {type(processor).__name__})")

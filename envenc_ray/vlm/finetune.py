@@ -82,7 +82,7 @@ def load_trainable(base: str, *, method: str, lora_rank: int = 8, lora_alpha: fl
 
     try:
         with quiet_progress_bars():
-            model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32,
+            model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32, use_safetensors=True,
                                                                 trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError, ImportError) as error:
         raise ModelError(f"could not load the model from {base}: {_one_line(error)}") from None

@@ -29,19 +29,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from envenc_ray.config import ServeConfig
 from envenc_ray.errors import ConfigError, InputError, ModelError
 
 # PIL resample codes (transformers.image_utils.PILImageResampling) -> torch interpolate modes.
 _RESAMPLE_MODES = {0: "nearest-exact", 2: "bilinear", 3: "bicubic"}
 _RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 CROPS = ("model", "none")  # vlm.crop: the processor's own center crop, or the whole frame (see `with_crop`)
+# Largest frame (height x width) accepted in process; one home for the number: serve.max_frame_pixels's default.
+MAX_FRAME_PIXELS = ServeConfig.model_fields["max_frame_pixels"].default
 
 
-def as_frame_batch(frames_uint8: Any) -> torch.Tensor:
-    """Validate a batch of RGB frames and return it as a uint8 torch tensor (N, H, W, 3), sharing memory.
+def as_frame_batch(frames_uint8: Any, max_frame_pixels: int = MAX_FRAME_PIXELS) -> torch.Tensor:
+    """Validate a batch of RGB frames and return it as a uint8 torch tensor (N, H, W, 3), row-major: the
+    input's own memory when it already is (frames from ALE, Parquet and HTTP are), else one copy.
 
     Raises InputError saying what is wrong and how to fix it: not an array, wrong rank, not 3 channels,
-    not uint8, or no frames.
+    not uint8, no frames, or frames of more than `max_frame_pixels` (height x width) pixels.
     """
     if isinstance(frames_uint8, np.ndarray):
         kind = "array"
@@ -73,11 +77,17 @@ def as_frame_batch(frames_uint8: Any) -> torch.Tensor:
         raise InputError("frames is an empty batch (0 frames); pass at least one frame")
     if shape[1] == 0 or shape[2] == 0:
         raise InputError(f"frames have no pixels: shape {shape}")
+    if shape[1] * shape[2] > max_frame_pixels:
+        # refused before anything is copied or resized: a zero-strided view can describe terabytes
+        raise InputError(f"frames of {shape[1]}x{shape[2]} pixels, more than serve.max_frame_pixels="
+                         f"{max_frame_pixels}: send frames at their native size (ALE: 210x160) or raise the limit")
     if kind == "array":
         if not frames_uint8.flags.writeable or any(stride < 0 for stride in frames_uint8.strides):
-            frames_uint8 = np.array(frames_uint8)  # torch cannot wrap read-only or reversed arrays; copy once
-        return torch.from_numpy(frames_uint8)
-    return frames_uint8
+            frames_uint8 = np.array(frames_uint8, order="C")  # torch cannot wrap read-only or reversed arrays
+        frames_uint8 = torch.from_numpy(frames_uint8)
+    # Copy any other layout once, to NHWC row-major (what frames from ALE, Parquet and HTTP already are): torch
+    # 2.13's uint8 antialiased CPU resize returns wrong pixels for some strided inputs (found by tests/test_fuzz.py).
+    return frames_uint8 if frames_uint8.is_contiguous() else frames_uint8.contiguous()
 
 
 @dataclass(frozen=True)
