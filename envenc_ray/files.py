@@ -4,17 +4,44 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a hidden temporary name beside `path`, then rename over it (atomic on one filesystem)."""
+@contextmanager
+def replaced_atomically(path: Path) -> Iterator[Path]:
+    """Yield a hidden temporary path beside `path` to write a file or a folder into; when the block ends it is
+    renamed over `path` (atomic on one filesystem), when it raises (an error, Ctrl-C, SIGTERM) it is removed.
+
+    Every artifact is written this way: a reader sees the old one or the new one, never half of one, and an
+    interrupted stage leaves nothing half-written behind (a SIGKILLed one can leave a dot-file, which no reader
+    lists).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    _remove(tmp)
+    try:
+        yield tmp
+        if tmp.is_dir() and path.is_dir():
+            shutil.rmtree(path)  # a folder cannot be renamed over a non-empty one
+        os.replace(tmp, path)
+    finally:
+        _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with replaced_atomically(path) as tmp:
+        tmp.write_text(text)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -28,17 +28,18 @@ MLP = EncoderConfig(kind="mlp", latent_dim=6, hidden_dims=[32])
 MAX_FRAMES = 16  # serve.max_frames_per_call of the test app: small, so "too many frames" is cheap
 
 
-def save_untrained_encoder(settings: EncoderConfig, encoder_dir: Path) -> Path:
+def save_untrained_encoder(settings: EncoderConfig, encoder_dir: Path, hidden_size: int = HIDDEN_SIZE) -> Path:
+    """An exported encoder with seeded random weights, as `envenc train-encoder` writes one."""
     import torch
 
     from envenc_ray.encoder.export import FORMAT, FORMAT_VERSION, save_encoder
     from envenc_ray.encoder.models import build_autoencoder
 
     torch.manual_seed(0)
-    encoder = build_autoencoder(settings, HIDDEN_SIZE).encoder_module()
+    encoder = build_autoencoder(settings, hidden_size).encoder_module()
     description = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": settings.kind,
-                   "hidden_size": HIDDEN_SIZE, "latent_dim": settings.latent_dim, "window": encoder.window,
-                   "encoder": settings.model_dump(mode="json")}
+                   "hidden_size": hidden_size, "hidden_shape": [hidden_size], "latent_dim": settings.latent_dim,
+                   "window": encoder.window, "encoder": settings.model_dump(mode="json")}
     save_encoder(encoder, encoder_dir, description, metrics={})
     return encoder_dir
 

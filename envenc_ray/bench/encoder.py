@@ -27,6 +27,7 @@ import numpy as np
 from envenc_ray.bench.common import bench_encoder_pair, machine_facts, model_and_encoder, phase, write_json
 from envenc_ray.config import EnvEncConfig
 from envenc_ray.envs.atari import random_rollout_frames
+from envenc_ray.files import replaced_atomically
 from envenc_ray.layout import RunLayout
 
 logger = logging.getLogger(__name__)
@@ -442,11 +443,9 @@ def plot_sweep(results: dict[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with replaced_atomically(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def print_table(results: dict[str, Any], json_path: Path, png_path: Path) -> None:

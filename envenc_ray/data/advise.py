@@ -21,7 +21,6 @@ import io
 import json
 import logging
 import math
-import os
 import shutil
 import time
 import uuid
@@ -38,7 +37,7 @@ from envenc_ray.encoder.train import split_by_episode
 from envenc_ray.envs.annotate import ANNOTATED_GAMES, advised_phrase, answer_text
 from envenc_ray.envs.atari import game_name
 from envenc_ray.errors import ConfigError, DataError
-from envenc_ray.files import read_json, write_json_atomic
+from envenc_ray.files import read_json, replaced_atomically, write_json_atomic
 from envenc_ray.layout import RunLayout, base_model_path, shared_dir
 from envenc_ray.runtime import agreed_by_rank0, note_epoch, report_epoch, tell_user, train_report_poll
 
@@ -95,32 +94,29 @@ def advise(config: EnvEncConfig) -> dict:
     timings["train_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    staging = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    _export(config, base, best, staging / "vlm")
-    timings["export_s"] = time.perf_counter() - started
-    started = time.perf_counter()
-    accuracy = advice_accuracy(staging / "vlm", config, data, val_rows)
-    timings["accuracy_s"] = time.perf_counter() - started
-    metrics = {
-        "advise_hash": key,
-        "base_model": base,
-        "method": config.advise.method,
-        "text": config.advise.text,
-        "source": data.source,
-        "pairs": {"train": int(len(train_rows)), "val": int(len(val_rows))},
-        "epochs": state["history"],
-        "best_epoch": state["best_epoch"],
-        "stopped_early": state["epochs_since_best"] >= config.advise.patience,
-        "resumed_from_epoch": state["resumed_from_epoch"],
-        "val_loss_before": state["val_loss_before"],
-        "val_loss_best": state["best_val_loss"],
-        **accuracy,
-        "timings": timings,
-    }
-    write_json_atomic(staging / "metrics.json", json_safe(metrics))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    staging.rename(out_dir)
+    with replaced_atomically(out_dir) as staging:
+        _export(config, base, best, staging / "vlm")
+        timings["export_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        accuracy = advice_accuracy(staging / "vlm", config, data, val_rows)
+        timings["accuracy_s"] = time.perf_counter() - started
+        metrics = {
+            "advise_hash": key,
+            "base_model": base,
+            "method": config.advise.method,
+            "text": config.advise.text,
+            "source": data.source,
+            "pairs": {"train": int(len(train_rows)), "val": int(len(val_rows))},
+            "epochs": state["history"],
+            "best_epoch": state["best_epoch"],
+            "stopped_early": state["epochs_since_best"] >= config.advise.patience,
+            "resumed_from_epoch": state["resumed_from_epoch"],
+            "val_loss_before": state["val_loss_before"],
+            "val_loss_best": state["best_val_loss"],
+            **accuracy,
+            "timings": timings,
+        }
+        write_json_atomic(staging / "metrics.json", json_safe(metrics))
     shutil.rmtree(_train_dir(out_dir), ignore_errors=True)  # checkpoints were for resuming; the export is kept
     _write_pointer(config, out_dir)
     acc = metrics["action_accuracy_heldout"]

@@ -23,7 +23,7 @@ from envenc_ray.data.schema import FRAMES_SCHEMA, write_parquet_atomic
 from envenc_ray.envs.annotate import get_annotator
 from envenc_ray.envs.atari import game_name, make_env_from_config
 from envenc_ray.errors import DataError, UnsupportedGameError
-from envenc_ray.files import read_json
+from envenc_ray.files import read_json, write_text_atomic
 from envenc_ray.layout import RunLayout
 
 logger = logging.getLogger(__name__)
@@ -179,9 +179,7 @@ def _check_or_write_meta(frames_dir: Path, config_hash: str, config: EnvEncConfi
     frames_dir.mkdir(parents=True, exist_ok=True)
     meta = {"config_hash": config_hash, "game": RunLayout.of(config).game, "frame_shape": frame_shape,
             "env": config.env.model_dump(), "collect": config.collect.model_dump(), "seed": config.experiment.seed}
-    tmp = meta_path.with_name(meta_path.name + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    tmp.replace(meta_path)
+    write_text_atomic(meta_path, json.dumps(meta, indent=2))
     return frame_shape
 
 

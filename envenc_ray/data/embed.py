@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 
@@ -20,7 +19,7 @@ import pyarrow.dataset as pads
 from envenc_ray.config import EnvEncConfig, VLMConfig
 from envenc_ray.data.collect import read_frame_shape
 from envenc_ray.data.schema import frames_to_array, hidden_column, hidden_schema, hidden_shape_of, list_shards
-from envenc_ray.files import read_json
+from envenc_ray.files import read_json, replaced_atomically
 from envenc_ray.layout import RunLayout, resolve_model_path
 from envenc_ray.runtime import set_torch_threads
 
@@ -116,21 +115,17 @@ def embed(config: EnvEncConfig) -> EmbedSummary:
         num_cpus=config.embed.num_cpus,
         num_gpus=config.embed.num_gpus,
     )
-    tmp_dir = hidden_dir.with_name(hidden_dir.name + ".tmp")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    hidden.write_parquet(str(tmp_dir), compression="zstd")
-    seconds = time.perf_counter() - started
-
-    written = pads.dataset(str(tmp_dir), format="parquet")
-    frames = written.count_rows()
-    hidden_shape = hidden_shape_of(written.schema.field("hidden").type)
-    hidden_size = hidden_shape[-1]
-    (tmp_dir / META_FILE).write_text(
-        json.dumps({"config_hash": config_hash, "frames": frames, "hidden_size": hidden_size,
-                    "hidden_shape": list(hidden_shape), "model": model_path, "seconds": seconds}, indent=2)
-    )
-    shutil.rmtree(hidden_dir, ignore_errors=True)
-    tmp_dir.rename(hidden_dir)
+    with replaced_atomically(hidden_dir) as tmp_dir:
+        hidden.write_parquet(str(tmp_dir), compression="zstd")
+        seconds = time.perf_counter() - started
+        written = pads.dataset(str(tmp_dir), format="parquet")
+        frames = written.count_rows()
+        hidden_shape = hidden_shape_of(written.schema.field("hidden").type)
+        hidden_size = hidden_shape[-1]
+        (tmp_dir / META_FILE).write_text(
+            json.dumps({"config_hash": config_hash, "frames": frames, "hidden_size": hidden_size,
+                        "hidden_shape": list(hidden_shape), "model": model_path, "seconds": seconds}, indent=2)
+        )
     summary = EmbedSummary(frames, hidden_size, seconds, skipped=False, hidden_shape=hidden_shape)
     print(
         f"embed: {frames} frames -> {hidden_dir} (hidden state shape {hidden_shape}) in {seconds:.1f} s, "

@@ -13,7 +13,6 @@ hidden/*.parquet  one row per frame: the pooled VLM hidden state as a fixed-size
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from envenc_ray.errors import DataError, InputError
+from envenc_ray.files import replaced_atomically
 
 FRAMES_SCHEMA = pa.schema(
     [
@@ -52,6 +52,17 @@ def hidden_schema(hidden_shape: int | tuple[int, ...], dtype: str = "float32") -
             ("objects", pa.string()),
         ]
     )
+
+
+# The type of every column envenc writes, by name; hidden/'s `hidden` is checked by its shape (hidden_shape_of).
+_COLUMN_TYPES = {field.name: field.type for field in (*FRAMES_SCHEMA, *hidden_schema(1)) if field.name != "hidden"}
+
+
+def wrong_column_types(schema: pa.Schema, names: tuple[str, ...]) -> str | None:
+    """'episode_id is string, expected int64; ...' for those of `names` whose type is not what envenc writes."""
+    wrong = [f"{name} is {schema.field(name).type}, expected {_COLUMN_TYPES[name]}" for name in names
+             if name in _COLUMN_TYPES and schema.field(name).type != _COLUMN_TYPES[name]]
+    return "; ".join(wrong) or None
 
 
 def hidden_shape_of(hidden_type: pa.DataType) -> tuple[int, ...] | None:
@@ -109,9 +120,8 @@ def write_parquet_atomic(table: pa.Table, path: Path, metadata: dict[str, str] |
     path.parent.mkdir(parents=True, exist_ok=True)
     if metadata:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+    with replaced_atomically(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
 
 
 def list_shards(directory: Path, what: str) -> list[Path]:
@@ -134,6 +144,9 @@ def read_table(directory: Path, what: str, required: tuple[str, ...]) -> pa.Tabl
         missing = [name for name in required if name not in table.column_names]
         if missing:
             raise DataError(f"{shard} lacks column(s) {', '.join(missing)}; it was not written by envenc's {what} stage")
+        wrong = wrong_column_types(table.schema, required)
+        if wrong:
+            raise DataError(f"{shard}: column {wrong}; it was not written by envenc's {what} stage")
         tables.append(table)
     table = pa.concat_tables(tables, promote_options="default")
     if table.num_rows == 0:

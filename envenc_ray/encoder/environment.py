@@ -85,7 +85,12 @@ class EnvironmentEncoder:
             with torch.no_grad():
                 return self.encoder(torch.from_numpy(hidden_states)).numpy(), None
         k = self.encoder.window
-        windows = [None] * n if windows is None else list(windows)
+        if windows is None:
+            windows = [None] * n
+        elif isinstance(windows, (str, bytes)) or not hasattr(windows, "__len__"):
+            raise InputError(f"window states must be a list of one state (or None) per frame, got "
+                             f"{type(windows).__name__}")
+        windows = list(windows)
         if len(windows) != n:
             raise InputError(f"got {n} frames but {len(windows)} window states; pass one per frame (None for a "
                              "fresh episode)")
@@ -94,10 +99,17 @@ class EnvironmentEncoder:
             if previous is None:
                 stacked[i, :-1] = hidden_states[i]  # fresh episode: the first frame fills the window
             else:
-                previous = np.asarray(previous, dtype=np.float32)
+                try:
+                    previous = np.asarray(previous, dtype=np.float32)
+                except (TypeError, ValueError) as error:
+                    raise InputError(f"window state {i} is not an array of numbers ({error}); pass the state "
+                                     "that encode returned, or None for a fresh episode") from None
                 if previous.shape != (k - 1, *shape):
                     raise InputError(f"window state {i} has shape {previous.shape}, expected "
                                      f"{(k - 1, *shape)}: the previous k-1 hidden states")
+                if not np.isfinite(previous).all():
+                    raise InputError(f"window state {i} holds NaN or infinite values; pass the state that encode "
+                                     "returned, or None for a fresh episode")
                 stacked[i, :-1] = previous
             stacked[i, -1] = hidden_states[i]
         with torch.no_grad():

@@ -7,14 +7,13 @@ safetensors file holds the encoder's weights and its input-normalisation buffers
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 from envenc_ray.config import EncoderConfig, EnvEncConfig
 from envenc_ray.encoder.metrics import json_safe
 from envenc_ray.encoder.models import Encoder, build_autoencoder
-from envenc_ray.errors import ModelError
+from envenc_ray.errors import ConfigError, ModelError
+from envenc_ray.files import replaced_atomically
 
 FORMAT = "envenc-encoder"
 FORMAT_VERSION = 1
@@ -49,26 +48,14 @@ def export_encoder(checkpoint, encoder_dir: Path, config: EnvEncConfig, hidden_s
 
 
 def save_encoder(encoder: Encoder, encoder_dir: Path, description: dict, metrics: dict) -> None:
-    """Fill a temporary folder, then swap it in: readers see the old export or the new one, never half."""
+    """Fill a temporary folder, then swap it in (files.replaced_atomically)."""
     from safetensors.torch import save_file
 
-    encoder_dir = Path(encoder_dir)
-    encoder_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = encoder_dir.with_name(f".{encoder_dir.name}.tmp-{os.getpid()}")
-    old = encoder_dir.with_name(f".{encoder_dir.name}.old-{os.getpid()}")
-    for stale in encoder_dir.parent.glob(f".{encoder_dir.name}.*-*"):  # left by a process killed mid-swap
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with replaced_atomically(Path(encoder_dir)) as tmp:
+        tmp.mkdir()
         save_file({k: v.detach().contiguous() for k, v in encoder.state_dict().items()}, str(tmp / "model.safetensors"))
         (tmp / "config.json").write_text(json.dumps(description, indent=2))
         (tmp / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2))
-        if encoder_dir.exists():
-            os.replace(encoder_dir, old)
-        os.replace(tmp, encoder_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_encoder(encoder_dir: str | Path) -> Encoder:
@@ -83,14 +70,19 @@ def load_encoder(encoder_dir: str | Path) -> Encoder:
                          "run `envenc train-encoder` first")
     try:
         description = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
+    except ValueError as error:  # not JSON, or not UTF-8 text
         raise ModelError(f"{config_path} is not valid JSON ({error}); rerun `envenc train-encoder`") from None
-    if description.get("format") != FORMAT or description.get("format_version") != FORMAT_VERSION:
+    if (not isinstance(description, dict) or description.get("format") != FORMAT
+            or description.get("format_version") != FORMAT_VERSION):
         raise ModelError(f"{config_path} is not a {FORMAT} v{FORMAT_VERSION} config; rerun `envenc train-encoder`")
-    settings = EncoderConfig.model_validate(description["encoder"])
-    # exports from before the tokens encoder name only hidden_size: (D,)
-    hidden_shape = tuple(int(n) for n in description.get("hidden_shape", [description["hidden_size"]]))
-    encoder = build_autoencoder(settings, hidden_shape).encoder_module()
+    try:
+        settings = EncoderConfig.model_validate(description["encoder"])
+        # exports from before the tokens encoder name only hidden_size: (D,)
+        hidden_shape = tuple(int(n) for n in description.get("hidden_shape", [description["hidden_size"]]))
+        encoder = build_autoencoder(settings, hidden_shape).encoder_module()
+    except (KeyError, TypeError, ValueError, ConfigError) as error:  # a hand edit or another tool's file
+        raise ModelError(f"{config_path} does not describe an encoder envenc can build "
+                         f"({str(error).splitlines()[0]}); rerun `envenc train-encoder`") from None
     try:
         weights = load_file(str(weights_path))
         encoder.load_state_dict(weights)

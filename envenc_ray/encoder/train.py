@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from envenc_ray.config import EncoderConfig, EnvEncConfig
-from envenc_ray.data.schema import hidden_shape_of, hidden_to_array, list_shards, objects_to_table
+from envenc_ray.data.schema import (hidden_shape_of, hidden_to_array, list_shards, objects_to_table,
+                                    wrong_column_types)
 from envenc_ray.encoder.metrics import (
     consecutive_pairs,
     json_safe,
@@ -231,6 +232,9 @@ def check_shards(hidden_dir: Path) -> tuple[list[Path], tuple[int, ...], str]:
         missing = [name for name in REQUIRED_COLUMNS if name not in schema.names]
         if missing:
             raise DataError(f"{shard} lacks column(s) {', '.join(missing)}; it was not written by `envenc embed`")
+        wrong = wrong_column_types(schema, REQUIRED_COLUMNS)
+        if wrong:
+            raise DataError(f"{shard}: column {wrong}; it was not written by `envenc embed`")
         hidden_type = schema.field("hidden").type
         hidden_shape = hidden_shape_of(hidden_type)
         if hidden_shape is None or len(hidden_shape) > 2:

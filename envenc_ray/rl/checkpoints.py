@@ -12,7 +12,6 @@ agent was trained on; resuming or evaluating it against other weights is refused
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 
 from envenc_ray.config import EnvEncConfig
 from envenc_ray.errors import DataError, InputError
-from envenc_ray.files import weights_sha256
+from envenc_ray.files import replaced_atomically, weights_sha256
 from envenc_ray.layout import RunLayout, resolve_model_path
 from envenc_ray.rl.algorithm import offline_algorithm_config
 
@@ -49,13 +48,9 @@ def save_checkpoint(algo, config: EnvEncConfig, agent_dir: Path, iteration: int,
     """
     keep = config.rl.keep_checkpoints
     final = agent_dir / f"checkpoint_{iteration:06d}"
-    tmp = agent_dir / f".checkpoint_{iteration:06d}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    algo.save_to_path(str(tmp.resolve()))
-    save_policy(algo, tmp, config, latents)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with replaced_atomically(final) as tmp:
+        algo.save_to_path(str(tmp.resolve()))
+        save_policy(algo, tmp, config, latents)
     checkpoints = sorted(p for p in agent_dir.iterdir() if CHECKPOINT_PATTERN.match(p.name))
     for old in checkpoints[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -91,13 +86,20 @@ def save_policy(algo, checkpoint: Path, config: EnvEncConfig, latents: dict | No
 def load_policy(config: EnvEncConfig, checkpoint: Path, obs_space, action_space):
     """The trained RLModule from checkpoint/policy.safetensors, built from the spec training used."""
     from ray.rllib.core import DEFAULT_MODULE_ID
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     weights_path, description_path = checkpoint / POLICY_WEIGHTS, checkpoint / POLICY_CONFIG
     if not weights_path.is_file() or not description_path.is_file():
         raise DataError(f"{checkpoint} is not an agent checkpoint (needs {POLICY_WEIGHTS} and {POLICY_CONFIG}); "
                         "pass a checkpoint_<iteration> folder from <run>/agent/")
-    description = json.loads(description_path.read_text())
+    try:
+        description = json.loads(description_path.read_text())
+    except ValueError as error:  # not JSON, or not UTF-8 text
+        raise DataError(f"{description_path} is not valid JSON ({error}); it is not a checkpoint envenc wrote") from None
+    if not isinstance(description, dict) or not {"algo", "obs_mode", "observation_shapes"} <= description.keys():
+        raise DataError(f"{description_path} lacks algo, obs_mode or observation_shapes; it is not a checkpoint "
+                        "envenc wrote")
     rl = config.rl
     if (description["algo"], description["obs_mode"]) != (rl.algo, rl.obs_mode):
         raise InputError(f"{checkpoint} holds a {description['algo']} agent on {description['obs_mode']} "
@@ -107,11 +109,19 @@ def load_policy(config: EnvEncConfig, checkpoint: Path, obs_space, action_space)
         raise InputError(f"{checkpoint} was trained on observations of shape {description['observation_shapes']} "
                          f"but the encoder/config gives {space_shapes(obs_space)}; use the encoder and "
                          "frame settings it was trained with")
-    check_latents(description.get("latents"), latents_identity(config), str(checkpoint))
+    recorded = description.get("latents")
+    if recorded is not None and not isinstance(recorded, dict):
+        raise DataError(f"{description_path}: 'latents' is {type(recorded).__name__}, expected the encoder and VLM "
+                        "identity envenc records; it is not a checkpoint envenc wrote")
+    check_latents(recorded, latents_identity(config), str(checkpoint))
     algo_config = offline_algorithm_config(config)
     spec = algo_config.get_rl_module_spec(spaces={DEFAULT_MODULE_ID: (obs_space, action_space)}, inference_only=False)
     module = spec.build()
-    module.load_state_dict(load_file(str(weights_path)))
+    try:
+        module.load_state_dict(load_file(str(weights_path)))
+    except (SafetensorError, RuntimeError, OSError) as error:
+        raise DataError(f"{weights_path} does not hold this agent's weights ({str(error).splitlines()[0]}); "
+                        "it is damaged or from another agent") from None
     module.eval()
     return module
 

@@ -9,7 +9,6 @@ step for all N episodes. No Ray cluster is needed (unless the encoder is the Ser
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import numpy as np
 
 from envenc_ray.config import EnvEncConfig
 from envenc_ray.errors import DataError, InputError
-from envenc_ray.files import read_json, write_json_atomic
+from envenc_ray.files import read_json, replaced_atomically, write_json_atomic
 from envenc_ray.layout import RunLayout
 from envenc_ray.rl.checkpoints import latest_checkpoint, load_policy
 
@@ -127,11 +126,9 @@ def greedy_actions(module, observations, state, is_first, torch, Columns):
 def write_gif(frames: list[np.ndarray], path: Path, fps: int = 15) -> None:
     from PIL import Image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     images = [Image.fromarray(frame) for frame in frames]
-    images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
-    os.replace(tmp, path)
+    with replaced_atomically(path) as tmp:
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
 
 
 def _initial_state(module, n: int):

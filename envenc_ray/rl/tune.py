@@ -35,7 +35,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -46,7 +45,7 @@ from ray import tune as ray_tune
 
 from envenc_ray.config import EnvEncConfig, explain_validation_error, read_yaml_mapping
 from envenc_ray.errors import ConfigError, EnvEncError
-from envenc_ray.files import write_text_atomic
+from envenc_ray.files import replaced_atomically, write_text_atomic
 from envenc_ray.layout import RunLayout
 
 logger = logging.getLogger(__name__)
@@ -584,13 +583,11 @@ def write_results(summary: dict, out_dir: Path) -> None:
     keys = list(summary["params"])
     columns = ["trial", "status", *keys, "metric", "metric_best", "iterations", "env_steps_per_s",
                "encoder_call_ms", "seconds", "error", "path"]
-    tmp = out_dir / ".results.csv.tmp"
-    with tmp.open("w", newline="") as f:
+    with replaced_atomically(out_dir / "results.csv") as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in summary["trials"]:
             writer.writerow({**{k: v for k, v in row.items() if k != "params"}, **row["params"]})
-    os.replace(tmp, out_dir / "results.csv")
     write_text_atomic(out_dir / "results.json", json.dumps(summary, indent=2, default=str))
 
 
