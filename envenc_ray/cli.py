@@ -2,6 +2,7 @@
 experiment, bench, model and config.
 
 Every `EnvEncError` becomes one line on stderr and exit code 2; a stage that a later issue fills in exits 3.
+Ctrl-C (SIGINT) and SIGTERM stop any command cleanly (runtime.stop_on_signals): exit code 130 / 143.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from envenc_ray.pipeline import STAGES, Stage  # noqa: E402
 from envenc_ray.pipeline import run as run_pipeline  # noqa: E402
 from envenc_ray.rl.experiment import experiment  # noqa: E402
 from envenc_ray.rl.tune import tune as tune_sweep  # noqa: E402
-from envenc_ray.runtime import configure_console  # noqa: E402
+from envenc_ray.runtime import configure_console, received_signal, shutdown_ray, stop_on_signals  # noqa: E402
 from envenc_ray.vlm.tiny import build_tiny_vlm  # noqa: E402
 
 # Stages that exist in the design but not yet in code: name -> what will provide them.
@@ -43,7 +45,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        args.handler(args)
+        with stop_on_signals():
+            args.handler(args)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (runtime.Stopped): the stage's `finally`s have run
+        signum = received_signal() or signal.SIGINT
+        print(f"envenc: stopped by {signal.Signals(signum).name}", file=sys.stderr)
+        shutdown_ray()
+        return 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
     except NotImplementedStageError as error:
         print(f"envenc: {error}", file=sys.stderr)
         return 3

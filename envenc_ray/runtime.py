@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -23,6 +24,7 @@ logger = logging.getLogger(__name__)
 USER_LINE = "[envenc] "  # marks a worker's line for the driver's console
 LIBRARY_LOGGERS = ("ray", "ray.serve", "ray.data", "ray.tune", "ray.train", "ray.rllib", "transformers")
 _console: dict = {"verbose": True, "logs": None}  # what configure_console decided (unset: show everything)
+_signals: dict = {"handler": None, "received": None}  # stop_on_signals' handler while it is on, its last signal
 
 
 def tell_user(text: str) -> None:
@@ -68,6 +70,56 @@ def configure_console(logs_dir: Path, verbose: bool) -> None:
         context.print_on_execution_start = False
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) or SIGTERM, raised in the main thread like Ctrl-C, so that every `finally` runs: temporary
+    files are removed, the Serve app is deleted and Ray is shut down (see `stop_on_signals`)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def stop_on_signals():
+    """Inside the block, SIGINT and SIGTERM raise `Stopped` in the main thread; the handlers before it come back
+    after it (`envenc.cli.main` also runs inside tests).
+
+    Without this, SIGTERM kills the driver at once and leaves the Ray processes it started (raylet, agents,
+    workers) running, and a command started in the background by a shell ignores SIGINT (the shell sets it to
+    SIG_IGN, and Python keeps an inherited SIG_IGN). A second signal ends the process at once.
+    """
+    names = (signal.SIGINT, signal.SIGTERM)
+    previous = {name: signal.getsignal(name) for name in names}
+
+    def stop(signum: int, frame) -> None:
+        for name in names:
+            signal.signal(name, signal.SIG_DFL)
+        _signals["received"] = signum
+        raise Stopped(signum)
+
+    for name in names:
+        signal.signal(name, stop)
+    _signals.update(handler=stop, received=None)
+    try:
+        yield
+    finally:
+        _signals["handler"] = None
+        for name, handler in previous.items():
+            signal.signal(name, handler)
+
+
+def received_signal() -> int | None:
+    """The signal that stopped the last `stop_on_signals` block (libraries may turn `Stopped` into a plain
+    KeyboardInterrupt on its way up), or None."""
+    return _signals["received"]
+
+
+def shutdown_ray() -> None:
+    """Disconnect from Ray; a local Ray that this process started stops with all its processes."""
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()
+
+
 def ensure_ray() -> None:
     """Join the Ray cluster that RAY_ADDRESS names, or start a local one, unless already connected.
 
@@ -81,6 +133,8 @@ def ensure_ray() -> None:
         ray.init(configure_logging=False)
     else:
         ray.init(include_dashboard=False, configure_logging=False)
+    if _signals["handler"] is not None:
+        signal.signal(signal.SIGTERM, _signals["handler"])  # ray.init sets its own (a bare sys.exit): ours again
     if _console["logs"] is not None:
         _route_worker_lines(_console["logs"], _console["verbose"])
     logger.info("Ray resources: %s", ray.cluster_resources())

@@ -377,6 +377,9 @@ def test_train_encoder_trains_exports_and_then_skips(ray_session, tmp_path):
     assert again["skipped"] and again["best_epoch"] == metrics["best_epoch"]
 
 
+RESUME_TOLERANCE = 0.10  # relative difference of the best val_mse, resumed vs uninterrupted (docs/reliability.md)
+
+
 @pytest.mark.slow
 def test_train_encoder_killed_after_a_checkpoint_resumes_from_it(ray_session, tmp_path):
     """The first run is a separate driver process, SIGKILLed once Ray Train has registered a checkpoint;
@@ -419,6 +422,16 @@ def test_train_encoder_killed_after_a_checkpoint_resumes_from_it(ray_session, tm
     assert best["val_mse"] < 0.8 * history[0]["val_mse"]
     assert best["codebook_usage"] > 0 and best["codebook_perplexity"] >= 2  # more than one code in use
     assert not list(config.run_dir.glob(".encoder*"))  # no temporary export left behind
+
+    # the same training without the kill ends within the stated tolerance (RESUME_TOLERANCE) of the resumed one
+    straight_config = make_config(tmp_path / "straight", kind="vq", epochs=epochs, patience=epochs)
+    write_hidden(straight_config.run_dir, dtype="float16")
+    train_encoder(straight_config)
+    straight = json.loads((straight_config.run_dir / "encoder" / "metrics.json").read_text())
+    straight_best = straight["epochs"][straight["best_epoch"] - 1]["val_mse"]
+    print(f"train-encoder: best val_mse {best['val_mse']:.4f} resumed after epoch {restored_epoch}, "
+          f"{straight_best:.4f} uninterrupted")
+    assert abs(best["val_mse"] - straight_best) <= RESUME_TOLERANCE * straight_best
 
 
 @pytest.mark.slow

@@ -38,11 +38,16 @@ def build_algorithm(config: EnvEncConfig, error_key: str | None = None):
 
 
 def train_iteration(algo, error_key: str) -> dict:
-    """algo.train(), except that an EnvRunner killed by an encoder error raises that error, not "actor died"."""
-    from ray.exceptions import RayActorError
+    """algo.train(), except that an EnvRunner's encoder error raises that error.
 
+    RLlib would report it as "actor died", or recreate the EnvRunner (rl.env_runner_restarts) straight into
+    the same error; the connector stored it under `error_key` (runner_errors), so it is raised here whether
+    the iteration failed or RLlib carried on. An EnvRunner that died for another reason is recreated.
+    """
     try:
-        return algo.train()
-    except RayActorError:
+        result = algo.train()
+    except Exception:
         raise_runner_error(error_key)
         raise
+    raise_runner_error(error_key)
+    return result

@@ -48,8 +48,9 @@ def env_config(config) -> dict:
 
 def with_common_settings(algo_config, config, env_to_module, rollout_fragment_length):
     """What every algorithm here shares: our ALE env, EnvRunners with the latent connector, learners and
-    GPUs from `config.rl`, the experiment seed, and no silent EnvRunner restarts (an encoder error, e.g.
-    a missing file or a Serve timeout after the client's retries, must reach the user)."""
+    GPUs from `config.rl`, the experiment seed, and EnvRunners that RLlib recreates when they die
+    (`rl.env_runner_restarts`); an encoder error in one (a missing file, a Serve timeout after the client's
+    retries) still reaches the user: `algorithm.train_iteration` raises it."""
     rl = config.rl
     return (
         algo_config.framework("torch")
@@ -63,5 +64,6 @@ def with_common_settings(algo_config, config, env_to_module, rollout_fragment_le
         )
         .learners(num_learners=rl.num_learners, num_gpus_per_learner=rl.num_gpus_per_learner)
         .debugging(seed=config.experiment.seed)
-        .fault_tolerance(restart_failed_env_runners=False)
+        .fault_tolerance(restart_failed_env_runners=rl.env_runner_restarts > 0,
+                         max_num_env_runner_restarts=rl.env_runner_restarts)
     )

@@ -1,0 +1,159 @@
+"""Clean shutdown (issue #14): Ctrl-C (SIGINT) and SIGTERM stop `envenc serve`, `envenc run` and `envenc train`
+within seconds, each started as a new process with a fresh local Ray of its own. Afterwards no process of its
+tree (Ray's GCS, raylet, agents, workers, replicas) is left, and the run directory holds no half-written file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from envenc_ray.files import replaced_atomically
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = [str(ROOT / "configs" / "pong-tiny.yaml"), str(ROOT / "configs" / "debug.yaml")]
+STOP_WITHIN_S = 30  # from the signal to the exit of the command and of every process it started
+HALF_WRITTEN = re.compile(r"\.tmp($|-\d+$)")  # what files.replaced_atomically stages under
+
+
+def test_replaced_atomically_swaps_in_on_success_and_leaves_nothing_on_an_interrupt(tmp_path):
+    target = tmp_path / "artifact"
+    with replaced_atomically(target) as staging:
+        staging.mkdir()
+        (staging / "a").write_text("old")
+    assert (target / "a").read_text() == "old"
+    with pytest.raises(KeyboardInterrupt):
+        with replaced_atomically(target) as staging:
+            staging.mkdir()
+            (staging / "a").write_text("half")
+            raise KeyboardInterrupt
+    assert (target / "a").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["artifact"]
+    with replaced_atomically(target) as staging:  # a folder replaces a folder whole
+        staging.mkdir()
+        (staging / "b").write_text("new")
+    assert sorted(p.name for p in target.iterdir()) == ["b"]
+    with replaced_atomically(tmp_path / "file.txt") as staging:
+        staging.write_text("text")
+    assert (tmp_path / "file.txt").read_text() == "text" and len(list(tmp_path.iterdir())) == 2
+
+
+class Command:
+    """`envenc ARGS` in a new session, its output collected by a thread, its process tree observable."""
+
+    def __init__(self, args: list[str], cwd: Path):
+        env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}  # a fresh Ray
+        self.lines: list[str] = []
+        self.process = subprocess.Popen([sys.executable, "-m", "envenc_ray.cli", *args], cwd=cwd, env=env,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        start_new_session=True)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def printed(self, pattern: str):
+        return lambda: any(re.search(pattern, line) for line in self.lines)
+
+    def wait_for(self, ready, what: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if ready():
+                return
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.2)
+        self.kill()
+        raise AssertionError(f"not {what} within {timeout_s} s; output:\n" + "\n".join(self.lines))
+
+    def tree(self) -> list[psutil.Process]:
+        root = psutil.Process(self.process.pid)
+        return [root, *root.children(recursive=True)]
+
+    def kill(self) -> None:
+        """Last resort of a failed test: SIGKILL the whole session, so that nothing outlives it."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def stop(self, signum: int) -> tuple[int, float, list[str]]:
+        """Send `signum`; return the exit code, the seconds until the command and all of its tree were gone,
+        and the processes of the tree still alive after STOP_WITHIN_S."""
+        tree = self.tree()
+        assert len(tree) > 3, "expected the command's own Ray processes to be running"
+        started = time.monotonic()
+        self.process.send_signal(signum)
+        try:
+            code = self.process.wait(timeout=STOP_WITHIN_S)
+        except subprocess.TimeoutExpired:
+            code = None
+        _, alive = psutil.wait_procs(tree, timeout=max(0.0, STOP_WITHIN_S - (time.monotonic() - started)))
+        seconds = time.monotonic() - started
+        left = [f"{p.pid} {p.name()}" for p in alive if p.is_running()]
+        self.kill()
+        return code, seconds, left
+
+
+def half_written(run_root: Path) -> list[str]:
+    return [str(p) for p in run_root.rglob("*") if HALF_WRITTEN.search(p.name)]
+
+
+@pytest.fixture
+def serve_command(tmp_path, tiny_vlm_dir):
+    from envenc_ray.config import EncoderConfig
+    from tests.test_serve import save_untrained_encoder
+
+    encoder_dir = save_untrained_encoder(EncoderConfig(kind="mlp", latent_dim=8, hidden_dims=[16]),
+                                         tmp_path / "encoder")
+    return ["serve", *PRESETS, "--set", f"experiment.run_root={tmp_path / 'runs'}", "--set",
+            f"vlm.model={tiny_vlm_dir}", "--set", f"rl.encoder_dir={encoder_dir}", "--set", "serve.num_cpus=0.5"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_serve_stops_on_a_signal_and_leaves_no_ray_process(tmp_path, serve_command, signum):
+    command = Command(serve_command, tmp_path)
+    command.wait_for(command.printed("serve: Ctrl-C stops"), "serving", timeout_s=240)
+    code, seconds, left = command.stop(signum)
+    assert code == 128 + signum, "\n".join(command.lines)
+    assert not left, f"still running {seconds:.0f} s after {signum.name}: {left}"
+    assert any("serve: stopping" in line for line in command.lines) or any(
+        f"stopped by {signum.name}" in line for line in command.lines), command.lines
+
+
+@pytest.mark.slow
+def test_run_stops_on_sigint_mid_collect_and_leaves_no_half_written_shard(tmp_path):
+    runs = tmp_path / "runs"
+    command = Command(["run", *PRESETS, "--set", f"experiment.run_root={runs}", "--set", "collect.episodes=8",
+                       "--set", "collect.max_steps_per_episode=400"], tmp_path)
+    command.wait_for(command.printed(r"\] collect"), "collecting", timeout_s=240)
+    time.sleep(3)  # inside the collect tasks
+    code, seconds, left = command.stop(signal.SIGINT)
+    assert code == 130, "\n".join(command.lines)
+    assert not left, f"still running {seconds:.0f} s after SIGINT: {left}"
+    assert not half_written(runs)
+
+
+@pytest.mark.slow
+def test_train_stops_on_sigterm_mid_iteration_and_leaves_no_half_written_checkpoint(tmp_path):
+    runs = tmp_path / "runs"
+    command = Command(["train", *PRESETS, "--set", f"experiment.run_root={runs}", "--set", "rl.obs_mode=pixels",
+                       "--set", "rl.iterations=200"], tmp_path)
+    command.wait_for(lambda: any(runs.rglob("checkpoint_000001")), "past iteration 1", timeout_s=300)
+    code, seconds, left = command.stop(signal.SIGTERM)
+    assert code == 143, "\n".join(command.lines)
+    assert not left, f"still running {seconds:.0f} s after SIGTERM: {left}"
+    assert not half_written(runs)
+    agent = next(runs.rglob("agent"))
+    for checkpoint in agent.glob("checkpoint_*"):
+        assert (checkpoint / "policy.safetensors").is_file() and (checkpoint / "policy.json").is_file()
