@@ -166,6 +166,9 @@ def test_text_too_long_and_tokenizer_without_image_token_are_one_line_errors(tmp
     _one_line(error)
 
 
+RESUME_TOLERANCE = 0.10  # relative difference of the best held-out loss, resumed vs uninterrupted
+
+
 @pytest.mark.slow
 def test_killed_advise_job_resumes_from_its_last_epoch(tmp_path):
     """Kill `envenc advise` (its whole process group, Ray included) after its first epoch's checkpoint."""
@@ -198,3 +201,16 @@ def test_killed_advise_job_resumes_from_its_last_epoch(tmp_path):
     sessions = {e["session"] for e in metrics["epochs"]}
     assert len(sessions) == 2 and [e["epoch"] for e in metrics["epochs"]] == list(range(1, len(metrics["epochs"]) + 1))
     assert np.isfinite(metrics["val_loss_best"])
+
+    # the same job without the kill ends within RESUME_TOLERANCE of the resumed one
+    straight = tmp_path / "straight"
+    straight_args = [f"experiment.run_root={straight}" if arg == f"experiment.run_root={tmp_path}" else arg
+                     for arg in args]
+    for command in (["collect", *straight_args[4:]], straight_args[3:]):
+        subprocess.run([sys.executable, "-m", "envenc_ray.cli", *command], check=True, env=env,
+                       capture_output=True, timeout=400)
+    uninterrupted = json.loads(next(straight.glob("_shared/advise-*/metrics.json")).read_text())
+    print(f"advise: best held-out loss {metrics['val_loss_best']:.4f} resumed after epoch "
+          f"{metrics['resumed_from_epoch']}, {uninterrupted['val_loss_best']:.4f} uninterrupted")
+    assert abs(metrics["val_loss_best"] - uninterrupted["val_loss_best"]) <= (
+        RESUME_TOLERANCE * uninterrupted["val_loss_best"])

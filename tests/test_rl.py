@@ -331,7 +331,7 @@ def test_dreamerv3_on_latents_trains_and_evaluates(ray_session, environment_enco
 def test_ppo_through_serve(ray_session, environment_encoder, tmp_path, tiny_vlm_dir, obs_mode):
     from envenc_ray.files import weights_sha256
     from envenc_ray.rl.algorithm import build_algorithm
-    from envenc_ray.rl.checkpoints import latents_identity
+    from envenc_ray.rl.checkpoints import check_latents, latents_identity
     from envenc_ray.rl.train import metrics_row
     from envenc_ray.serve.client import deploy_encoder, shutdown
 
@@ -349,6 +349,11 @@ def test_ppo_through_serve(ray_session, environment_encoder, tmp_path, tiny_vlm_
             row = metrics_row(algo.train())
         finally:
             algo.stop()
+        if obs_mode == "latent":  # the app redeployed with other encoder weights: an agent of the old is refused
+            other = other_encoder_weights(encoder_dir, tmp_path / "other")
+            deploy_encoder(config, app_name="envenc-rl-test", encoder_dir=str(other))
+            with pytest.raises(DataError, match=r"trained on the encoder in .*sha256 .* but this config reads .*other"):
+                check_latents(served, latents_identity(config), "the agent")
     finally:
         shutdown("envenc-rl-test")
     assert row["encoder_calls"] == row["env_steps"] / NUM_ENVS + 1 and row["encoder_frames_per_call"] == NUM_ENVS

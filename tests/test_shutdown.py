@@ -22,6 +22,7 @@ from envenc_ray.files import replaced_atomically
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = [str(ROOT / "configs" / "pong-tiny.yaml"), str(ROOT / "configs" / "debug.yaml")]
 STOP_WITHIN_S = 30  # from the signal to the exit of the command and of every process it started
+EPISODES = 12  # collected by the interrupted run: more than 2 tasks finish in the seconds before the signal
 HALF_WRITTEN = re.compile(r"\.tmp($|-\d+$)")  # what files.replaced_atomically stages under
 
 
@@ -125,6 +126,7 @@ def test_serve_stops_on_a_signal_and_leaves_no_ray_process(tmp_path, serve_comma
     command = Command(serve_command, tmp_path)
     command.wait_for(command.printed("serve: Ctrl-C stops"), "serving", timeout_s=240)
     code, seconds, left = command.stop(signum)
+    print(f"serve: stopped {seconds:.1f} s after {signum.name}")
     assert code == 128 + signum, "\n".join(command.lines)
     assert not left, f"still running {seconds:.0f} s after {signum.name}: {left}"
     assert any("serve: stopping" in line for line in command.lines) or any(
@@ -134,14 +136,26 @@ def test_serve_stops_on_a_signal_and_leaves_no_ray_process(tmp_path, serve_comma
 @pytest.mark.slow
 def test_run_stops_on_sigint_mid_collect_and_leaves_no_half_written_shard(tmp_path):
     runs = tmp_path / "runs"
-    command = Command(["run", *PRESETS, "--set", f"experiment.run_root={runs}", "--set", "collect.episodes=8",
-                       "--set", "collect.max_steps_per_episode=400"], tmp_path)
-    command.wait_for(command.printed(r"\] collect"), "collecting", timeout_s=240)
-    time.sleep(3)  # inside the collect tasks
+    collect = ["--set", f"experiment.run_root={runs}", "--set", f"collect.episodes={EPISODES}", "--set",
+               "collect.max_steps_per_episode=2000"]
+    command = Command(["run", *PRESETS, *collect], tmp_path)
+    command.wait_for(lambda: any(runs.rglob("frames/*.parquet")), "past the first shard", timeout_s=240)
     code, seconds, left = command.stop(signal.SIGINT)
     assert code == 130, "\n".join(command.lines)
     assert not left, f"still running {seconds:.0f} s after SIGINT: {left}"
     assert not half_written(runs)
+    frames = next(runs.rglob("frames"))
+    kept = len(list(frames.glob("*.parquet")))
+    assert kept < EPISODES, "collect finished before the signal: nothing was interrupted"
+    # the rerun plays only the episodes whose shard is missing, and then all of them are there
+    rerun = subprocess.run([sys.executable, "-m", "envenc_ray.cli", "collect", *PRESETS, *collect], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300,
+                           env={k: v for k, v in os.environ.items() if not k.startswith("RAY_")})
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert len(list(frames.glob("*.parquet"))) == EPISODES, rerun.stdout
+    assert f"{EPISODES - kept} episodes played" in rerun.stdout, rerun.stdout
+    print(f"run: stopped {seconds:.1f} s after SIGINT with {kept} of {EPISODES} shards; the rerun played "
+          f"{EPISODES - kept}")
 
 
 @pytest.mark.slow
@@ -151,6 +165,7 @@ def test_train_stops_on_sigterm_mid_iteration_and_leaves_no_half_written_checkpo
                        "--set", "rl.iterations=200"], tmp_path)
     command.wait_for(lambda: any(runs.rglob("checkpoint_000001")), "past iteration 1", timeout_s=300)
     code, seconds, left = command.stop(signal.SIGTERM)
+    print(f"train: stopped {seconds:.1f} s after SIGTERM")
     assert code == 143, "\n".join(command.lines)
     assert not left, f"still running {seconds:.0f} s after SIGTERM: {left}"
     assert not half_written(runs)
