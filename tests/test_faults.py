@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.test_rl import PPO_TINY, environment_encoder, make_config  # noqa: F401 - environment_encoder is a fixture
+from test_rl import PPO_TINY, environment_encoder, make_config  # noqa: F401 - environment_encoder is a fixture
 
 
 @pytest.mark.slow

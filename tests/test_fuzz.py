@@ -28,7 +28,7 @@ from envenc_ray.encoder.export import load_encoder
 from envenc_ray.encoder.train import REQUIRED_COLUMNS, check_shards
 from envenc_ray.errors import ConfigError, DataError, InputError, ModelError
 from envenc_ray.vlm.preprocess import MAX_FRAME_PIXELS, as_frame_batch
-from tests.test_serve import save_untrained_encoder
+from test_serve import save_untrained_encoder
 
 HIDDEN_SIZE = 128  # the tiny VLM's decoder width
 TEMPORAL = EncoderConfig(kind="temporal", latent_dim=8, hidden_dims=[16], window=3)

@@ -230,7 +230,12 @@ def request(port: int, body_parts: list[bytes], headers: dict[str, str]) -> tupl
             pass  # the server answered and closed early: exactly what a refused body should get
         response = connection.getresponse()
         body = response.read()
-        return response.status, (body if response.status == 200 else json.loads(body))
+        if response.status == 200:
+            return response.status, body
+        try:
+            return response.status, json.loads(body)  # our route's errors
+        except ValueError:
+            return response.status, {"error": body.decode(errors="replace")}  # Serve's proxy's own (503)
     finally:
         connection.close()
 
@@ -274,3 +279,30 @@ def test_the_proxy_binds_loopback_by_default(guarded_app):
         pytest.fail(f"this machine's node address {node_ip} is loopback: the check below could not fail")
     with pytest.raises(OSError):  # nothing listens on the machine's own address
         socket.create_connection((node_ip, guarded_app.serve.http_port), timeout=5).close()
+
+
+@pytest.mark.slow
+def test_an_overloaded_route_answers_503_at_once(guarded_app):
+    """The same app with a queue of 2 (4 calls running per replica): a burst of 48 concurrent POSTs gets 200s
+    and back-pressure 503s from Serve's proxy, nothing else; the app answers again afterwards."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from envenc_ray.serve.deployment import run_app
+
+    serve_section = guarded_app.serve.model_dump() | {"max_queued_requests": 2, "max_ongoing_requests": 4}
+    config = guarded_app.model_validate(guarded_app.model_dump() | {"serve": serve_section})
+    run_app(config, http=True)
+    try:
+        body = npy(np.zeros((8, 210, 160, 3), np.uint8))
+
+        def post(_) -> int:
+            return request(config.serve.http_port, [body], {"Content-Length": str(len(body))})[0]
+
+        with ThreadPoolExecutor(max_workers=48) as pool:
+            statuses = list(pool.map(post, range(48)))
+        counts = {status: statuses.count(status) for status in set(statuses)}
+        print(f"http burst of 48: {counts}")
+        assert set(counts) == {200, 503}, counts
+        assert post(0) == 200
+    finally:
+        run_app(guarded_app, http=True)  # the module's app as it was

@@ -93,7 +93,7 @@ def test_four_times_capacity_is_queued_to_a_bound_and_the_rest_rejected_fast(ray
                                                                              pong_frames):
     from envenc_ray.serve.client import deploy_encoder, shutdown
     from envenc_ray.serve.deployment import deployment_details
-    from tests.test_serve import save_untrained_encoder
+    from test_serve import save_untrained_encoder
 
     config = overload_config(tmp_path, tiny_vlm_dir)
     save_untrained_encoder(EncoderConfig.model_validate(config.encoder.model_dump()), config.run_dir / "encoder")

@@ -112,7 +112,7 @@ def half_written(run_root: Path) -> list[str]:
 @pytest.fixture
 def serve_command(tmp_path, tiny_vlm_dir):
     from envenc_ray.config import EncoderConfig
-    from tests.test_serve import save_untrained_encoder
+    from test_serve import save_untrained_encoder
 
     encoder_dir = save_untrained_encoder(EncoderConfig(kind="mlp", latent_dim=8, hidden_dims=[16]),
                                          tmp_path / "encoder")
@@ -172,3 +172,27 @@ def test_train_stops_on_sigterm_mid_iteration_and_leaves_no_half_written_checkpo
     agent = next(runs.rglob("agent"))
     for checkpoint in agent.glob("checkpoint_*"):
         assert (checkpoint / "policy.safetensors").is_file() and (checkpoint / "policy.json").is_file()
+
+
+@pytest.mark.slow
+def test_embed_stops_on_sigint_mid_write_and_its_rerun_embeds_every_frame(tmp_path):
+    import pyarrow.dataset as pads
+
+    runs = tmp_path / "runs"
+    settings = ["--set", f"experiment.run_root={runs}", "--set", "collect.episodes=4", "--set",
+                "collect.max_steps_per_episode=400"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    subprocess.run([sys.executable, "-m", "envenc_ray.cli", "collect", *PRESETS, *settings], cwd=tmp_path,
+                   check=True, capture_output=True, timeout=300, env=env)
+    command = Command(["embed", *PRESETS, *settings], tmp_path)
+    command.wait_for(lambda: any(runs.rglob(".hidden.tmp-*/*.parquet")), "writing hidden states", timeout_s=240)
+    code, seconds, left = command.stop(signal.SIGINT)
+    assert code == 130, "\n".join(command.lines)
+    assert not left, f"still running {seconds:.0f} s after SIGINT: {left}"
+    assert not half_written(runs) and not any(runs.rglob("hidden")), "a half-written hidden/ was left"
+    rerun = subprocess.run([sys.executable, "-m", "envenc_ray.cli", "embed", *PRESETS, *settings], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300, env=env)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    frames = pads.dataset(str(next(runs.rglob("frames"))), format="parquet").count_rows()
+    assert pads.dataset(str(next(runs.rglob("hidden"))), format="parquet").count_rows() == frames
+    print(f"embed: stopped {seconds:.1f} s after SIGINT mid-write; the rerun embedded all {frames} frames")
