@@ -76,7 +76,6 @@ class Stopped(KeyboardInterrupt):
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
-        self.signum = signum
 
 
 @contextmanager

@@ -9,6 +9,7 @@ encoder call per vector step), shapes and dtypes (the learner sees latents, not 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import gymnasium as gym
@@ -352,6 +353,10 @@ def test_ppo_through_serve(ray_session, environment_encoder, tmp_path, tiny_vlm_
         if obs_mode == "latent":  # the app redeployed with other encoder weights: an agent of the old is refused
             other = other_encoder_weights(encoder_dir, tmp_path / "other")
             deploy_encoder(config, app_name="envenc-rl-test", encoder_dir=str(other))
+            # serve.run returns once the new replica runs; the old one may still answer while it drains
+            deadline = time.monotonic() + 60
+            while latents_identity(config)["encoder_sha256"] != weights_sha256(other) and time.monotonic() < deadline:
+                time.sleep(1)
             with pytest.raises(DataError, match=r"trained on the encoder in .*sha256 .* but this config reads .*other"):
                 check_latents(served, latents_identity(config), "the agent")
     finally:
