@@ -9,7 +9,6 @@ encoder call per vector step), shapes and dtypes (the learner sees latents, not 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import gymnasium as gym
@@ -350,15 +349,16 @@ def test_ppo_through_serve(ray_session, environment_encoder, tmp_path, tiny_vlm_
             row = metrics_row(algo.train())
         finally:
             algo.stop()
-        if obs_mode == "latent":  # the app redeployed with other encoder weights: an agent of the old is refused
+        if obs_mode == "latent":  # an app serving other encoder weights: an agent of this one is refused there
             other = other_encoder_weights(encoder_dir, tmp_path / "other")
-            deploy_encoder(config, app_name="envenc-rl-test", encoder_dir=str(other))
-            # serve.run returns once the new replica runs; the old one may still answer while it drains
-            deadline = time.monotonic() + 60
-            while latents_identity(config)["encoder_sha256"] != weights_sha256(other) and time.monotonic() < deadline:
-                time.sleep(1)
-            with pytest.raises(DataError, match=r"trained on the encoder in .*sha256 .* but this config reads .*other"):
-                check_latents(served, latents_identity(config), "the agent")
+            other_config = config.model_copy(update={"rl": config.rl.model_copy(update={
+                "encoder_dir": str(other), "serve_app": "envenc-rl-test-other"})})
+            deploy_encoder(other_config, app_name="envenc-rl-test-other", encoder_dir=str(other))
+            try:
+                with pytest.raises(DataError, match=r"trained on the encoder in .*sha256 .* but this config reads .*other"):
+                    check_latents(served, latents_identity(other_config), "the agent")
+            finally:
+                shutdown("envenc-rl-test-other")
     finally:
         shutdown("envenc-rl-test")
     assert row["encoder_calls"] == row["env_steps"] / NUM_ENVS + 1 and row["encoder_frames_per_call"] == NUM_ENVS
