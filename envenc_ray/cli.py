@@ -19,6 +19,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import yaml  # noqa: E402
 
+from envenc_ray.bench.backends import bench_backends  # noqa: E402  (imports vLLM only when it runs)
 from envenc_ray.bench.encoder import bench_encoder  # noqa: E402
 from envenc_ray.bench.rollout import bench_rollout  # noqa: E402
 from envenc_ray.config import load_config  # noqa: E402
@@ -133,6 +134,9 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", metavar="OUT", help="write the results to this JSON file (plot next to it)")
     bench.add_argument("--callers", type=int, default=2, help="encoder: concurrent Serve callers C (default 2)")
     bench.add_argument("--frames-per-call", type=int, default=16, help="encoder: frames per call N (default 16)")
+    bench.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
+                       help="encoder: 'vllm' times the transformers and vLLM backends side by side in one run "
+                       "(needs envenc-ray[vllm]; JSON default <run>/bench/encoder-vllm.json)")
     bench.add_argument("--seconds", type=float, default=4.0, help="encoder: measuring time of each phase (default 4)")
     bench.add_argument("--iterations", type=int, default=3, help="rollout: measured rounds per mode (default 3)")
     _add_config_arguments(bench)
@@ -217,6 +221,9 @@ def _bench(args: argparse.Namespace) -> None:
     command = "envenc " + " ".join(sys.argv[1:])
     if args.target == "rollout":
         bench_rollout(_load(args), args.json, iterations=args.iterations, command=command)
+        return
+    if args.backend == "vllm":
+        bench_backends(_load(args), args.json, seconds=args.seconds, command=command)
         return
     bench_encoder(_load(args), args.json, callers=args.callers, frames_per_call=args.frames_per_call,
                   seconds=args.seconds, command=command)

@@ -64,6 +64,11 @@ class VLMConfig(Section):
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="Compute dtype of the VLM; bfloat16 halves memory and is faster on AMX/GPUs."
     )
+    final_norm: bool = Field(
+        False,
+        description="Also apply the decoder's final norm when vlm.layer is not the last (HF applies it only after "
+        "the last layer; vLLM's pooler always does, so serve.backend 'vllm' with a truncated decoder needs true).",
+    )
     device: str = Field("cpu", description="torch device: 'cpu', 'cuda', 'cuda:1', ...")
     num_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads (None: leave torch's default). Set 1 in Ray actors."
@@ -193,6 +198,11 @@ class EncoderConfig(Section):
 class ServeConfig(Section):
     """The EnvironmentEncoder Ray Serve deployment (truncated VLM + encoder)."""
 
+    backend: Literal["transformers", "vllm"] = Field(
+        "transformers",
+        description="What runs the truncated VLM in a replica: 'transformers' (TruncatedVLM), or 'vllm' (vLLM's "
+        "pooling runner; needs the envenc-ray[vllm] extra, Llava-family models, vlm.dtype and vlm.pooling as set).",
+    )
     num_cpus: float = Field(0.5, gt=0, description="CPUs per replica; fractions leave room for EnvRunners here.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (1 on a GPU cluster).")
     min_replicas: int = Field(1, ge=0, description="Autoscaling lower bound.")

@@ -201,6 +201,13 @@ def test_truncated_hidden_states_equal_the_full_model(tiny_vlm_dir, hf_reference
     cosine = torch.nn.functional.cosine_similarity(from_frames.flatten(1), reference.flatten(1))
     assert cosine.min().item() > 0.999
 
+    # final_norm=True: the decoder's own final norm on layer k's output (what vLLM's pooler reads).
+    normed = TruncatedVLM.from_pretrained(tiny_vlm_dir, layer=layer, pooling="tokens", final_norm=True)
+    expected = reference if kept == total else model.model.language_model.norm(reference)
+    torch.testing.assert_close(normed.embed_vision_inputs({"pixel_values": inputs["pixel_values"]}), expected,
+                               atol=1e-5, rtol=1e-4)
+    assert kept == total or not torch.allclose(expected, reference, atol=1e-2)
+
 
 def test_vision_layers_above_the_projector_input_are_dropped(tiny_vlm_dir, pong_frames, tmp_path):
     # Llava's usual vision_feature_layer=-2 reads the second-to-last vision layer: the last one is dead weight.

@@ -117,11 +117,19 @@ class EnvironmentEncoder:
         return latents, [stacked[i, 1:].copy() for i in range(n)]
 
 
-def load_environment_encoder(vlm_config, model_path: str, encoder_dir, game: str) -> EnvironmentEncoder:
+def load_environment_encoder(vlm_config, model_path: str, encoder_dir, game: str,
+                             vllm_checkpoint: str | None = None) -> EnvironmentEncoder:
     """The truncated VLM of `model_path` (read out as `vlm_config` says) + the exported encoder of `encoder_dir`:
-    the one pair that Serve replicas, in-process EnvRunners and the encoder benchmark all run."""
+    the one pair that Serve replicas, in-process EnvRunners and the encoder benchmark all run. With
+    `vllm_checkpoint` (serve.backend 'vllm') vLLM computes the VLM's states from that checkpoint."""
     from envenc_ray.encoder.export import load_encoder
-    from envenc_ray.vlm.backbone import TruncatedVLM
 
-    vlm = TruncatedVLM.from_config(vlm_config, model_path=model_path, game=game)
+    if vllm_checkpoint is not None:
+        from envenc_ray.vlm.vllm_backend import VLLMBackend
+
+        vlm = VLLMBackend.from_config(vlm_config, model_path, vllm_checkpoint, game=game)
+    else:
+        from envenc_ray.vlm.backbone import TruncatedVLM
+
+        vlm = TruncatedVLM.from_config(vlm_config, model_path=model_path, game=game)
     return EnvironmentEncoder(vlm, load_encoder(encoder_dir))

@@ -38,6 +38,7 @@ class ReplicaSpec:
     vlm: VLMConfig
     game: str
     num_threads: int  # torch intra-op threads per replica
+    vllm_checkpoint: str | None = None  # serve.backend 'vllm': the checkpoint vLLM loads (vlm/vllm_backend.py)
 
 
 def runtime_settings(serve_config: ServeConfig) -> dict[str, Any]:
@@ -65,7 +66,7 @@ def replica_spec(config: EnvEncConfig, model_path: str | Path | None = None,
     """
     from envenc_ray.encoder.models import check_pooling
     from envenc_ray.files import read_json
-    from envenc_ray.layout import RunLayout, resolve_model_path
+    from envenc_ray.layout import RunLayout, resolve_model_path, shared_dir
 
     layout = RunLayout.of(config)
     model = str(model_path) if model_path is not None else resolve_model_path(config)
@@ -81,8 +82,13 @@ def replica_spec(config: EnvEncConfig, model_path: str | Path | None = None,
     if config.vlm.device.startswith("cuda") and config.serve.num_gpus == 0:
         raise ConfigError(f"vlm.device={config.vlm.device!r} but serve.num_gpus=0: replicas would see no GPU; "
                           "set serve.num_gpus=1 (or vlm.device=cpu)")
+    checkpoint = None
+    if config.serve.backend == "vllm":  # made here, once, so replicas never race to write it
+        from envenc_ray.vlm.vllm_backend import vllm_checkpoint
+
+        checkpoint = str(vllm_checkpoint(config.vlm, model, shared_dir(config) / "vllm"))
     return ReplicaSpec(model_path=model, encoder_dir=str(encoder.resolve()), vlm=config.vlm,
-                       game=layout.game, num_threads=replica_threads(config))
+                       game=layout.game, num_threads=replica_threads(config), vllm_checkpoint=checkpoint)
 
 
 @dataclass
@@ -141,7 +147,8 @@ class EncoderCore:
 
         set_torch_threads(spec.num_threads)
         self.spec = spec
-        self.encoder = load_environment_encoder(spec.vlm, spec.model_path, spec.encoder_dir, spec.game)
+        self.encoder = load_environment_encoder(spec.vlm, spec.model_path, spec.encoder_dir, spec.game,
+                                                vllm_checkpoint=spec.vllm_checkpoint)
         self.encoder_sha256, self.vlm_sha256 = weights_sha256(spec.encoder_dir), weights_sha256(spec.model_path)
         self.vlm = self.encoder.vlm
         # Frames resized client-side skip the resize (and crop); the rest of the preprocessing is unchanged.

@@ -7,7 +7,8 @@ What `layer` means: the index into HF's `output_hidden_states` tuple, which has 
 0 is the decoder input (token embeddings with the projected image features scattered in), k (1..L) is the
 output of decoder layer k, and the last entry (L, or -1) is the last layer's output AFTER the final norm
 (HF applies the norm before returning it). So for k < L the kept layers are 1..k and the final norm is
-skipped; for k == L all layers and the norm are kept. Layers above k and the LM head are deleted from the
+skipped (unless `final_norm=True`: then it is applied to layer k's output too, as vLLM's pooler does); for
+k == L all layers and the norm are kept. Layers above k and the LM head are deleted from the
 module tree (no compute, and their memory is freed), and vision-tower layers above the one the projector
 reads (Llava's `vision_feature_layer`) are deleted too.
 
@@ -308,12 +309,14 @@ class TruncatedVLM:
         num_threads: int | None = None,
         trust_remote_code: bool = False,
         crop: str = "model",
+        final_norm: bool = False,
     ) -> TruncatedVLM:
         """Load an image-text-to-text model (local directory or hub name) and truncate it after `layer`.
 
         `layer` indexes HF's hidden_states tuple (see the module docstring); -1 keeps every layer and the
         final norm. `num_threads` sets torch's intra-op threads for the whole process (1 in Ray actors).
         `crop="none"` resizes the whole frame instead of the processor's center crop (`preprocess.with_crop`).
+        `final_norm=True` applies the decoder's final norm below the top layer too (what vLLM's pooler reads).
         """
         from transformers import AutoModelForImageTextToText
 
@@ -358,8 +361,8 @@ class TruncatedVLM:
         del model
         decoder = _get(backbone, family.decoder)
         total_layers = len(_get(decoder, family.layers))
-        keep = _resolve_layer(layer, total_layers)
-        _truncate_decoder(decoder, family, keep, total_layers)
+        keep = resolve_layer(layer, total_layers)
+        _truncate_decoder(decoder, family, keep, total_layers, final_norm)
         family.prune_vision(backbone)
         torch_device = torch.device(device)
         backbone.to(torch_device).eval().requires_grad_(False)
@@ -402,6 +405,7 @@ class TruncatedVLM:
             num_threads=vlm_config.num_threads,
             trust_remote_code=vlm_config.trust_remote_code,
             crop=vlm_config.crop,
+            final_norm=vlm_config.final_norm,
         )
 
     # ---------------------------------------------------------------- properties
@@ -474,31 +478,14 @@ class TruncatedVLM:
         inputs_embeds[:, image_mask] = image_features.to(inputs_embeds.dtype)
         position_ids = self.family.position_ids(self.backbone, input_ids.expand(batch, -1), vision_inputs)
         hidden = self.decoder(inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=False).last_hidden_state
-        return self._pool(hidden, image_mask)
-
-    def _pool(self, hidden: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
-        if self.pooling == "last":
-            pooled = hidden[:, -1]
-        elif self.pooling == "mean":
-            pooled = hidden.float().mean(dim=1)
-        elif self.pooling == "image_mean":
-            pooled = hidden[:, image_mask].float().mean(dim=1)
-        else:  # tokens
-            pooled = hidden
-        return pooled.float().contiguous()
+        return pool(hidden, image_mask, self.pooling)
 
     def _prompt_for(self, frame_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(1, T) ids and (T,) image-token mask for frames of this size: the model's own processor, run once per
-        size on a blank frame, expands the image placeholder."""
         frame_size = (int(frame_size[0]), int(frame_size[1]))
         if frame_size not in self._prompts:
-            blank = np.zeros((*frame_size, 3), dtype=np.uint8)
-            text = self.family.prompt_text(self.processor, self.prompt)
-            input_ids = self.family.prompt_ids(self.processor, text, blank).to(self.device)
-            image_mask = input_ids[0] == self.family.image_token_id(self.backbone.config)
-            if not image_mask.any():
-                raise ModelError(f"the processor of {self.source} put no image tokens into the prompt {text!r}")
-            self._prompts[frame_size] = (input_ids, image_mask)
+            input_ids, image_mask = static_prompt(self.family, self.processor, self.prompt, frame_size,
+                                                  self.backbone.config, self.source)
+            self._prompts[frame_size] = (input_ids.to(self.device), image_mask.to(self.device))
         return self._prompts[frame_size]
 
     def __repr__(self) -> str:
@@ -510,6 +497,32 @@ class TruncatedVLM:
 
 
 # -------------------------------------------------------------------- helpers
+
+
+def pool(hidden: torch.Tensor, image_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """(N, T, D) token states -> float32 (N, D) ('last', 'mean', 'image_mean') or (N, T, D) ('tokens')."""
+    if pooling == "last":
+        pooled = hidden[:, -1]
+    elif pooling == "mean":
+        pooled = hidden.float().mean(dim=1)
+    elif pooling == "image_mean":
+        pooled = hidden[:, image_mask].float().mean(dim=1)
+    else:  # tokens
+        pooled = hidden
+    return pooled.float().contiguous()
+
+
+def static_prompt(family: Family, processor: Any, prompt: str, frame_size: tuple[int, int], model_config: Any,
+                  source: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, T) ids and (T,) image-token mask of the prompt for frames of this size: the model's own processor,
+    run on a blank frame, expands the image placeholder (the prompt is the same for every frame)."""
+    blank = np.zeros((*frame_size, 3), dtype=np.uint8)
+    text = family.prompt_text(processor, prompt)
+    input_ids = family.prompt_ids(processor, text, blank)
+    image_mask = input_ids[0] == family.image_token_id(model_config)
+    if not image_mask.any():
+        raise ModelError(f"the processor of {source} put no image tokens into the prompt {text!r}")
+    return input_ids, image_mask
 
 
 def _load_config(source: str, trust_remote_code: bool):
@@ -546,7 +559,7 @@ def _load_config(source: str, trust_remote_code: bool):
     return config
 
 
-def _resolve_layer(layer: int, total_layers: int) -> int:
+def resolve_layer(layer: int, total_layers: int) -> int:
     """HF hidden_states index (0..L, negatives from the end) -> number of decoder layers to keep."""
     if not -(total_layers + 1) <= layer <= total_layers:
         raise ConfigError(
@@ -556,12 +569,14 @@ def _resolve_layer(layer: int, total_layers: int) -> int:
     return layer % (total_layers + 1)
 
 
-def _truncate_decoder(decoder: nn.Module, family: Family, keep: int, total_layers: int) -> None:
-    """Delete decoder layers above `keep`; below the top layer, also the final norm (HF applies it only there)."""
+def _truncate_decoder(decoder: nn.Module, family: Family, keep: int, total_layers: int, final_norm: bool) -> None:
+    """Delete decoder layers above `keep`; below the top layer, also the final norm (HF applies it only there)
+    unless `final_norm` keeps it."""
     if keep == total_layers:
         return
     setattr(decoder, family.layers, _get(decoder, family.layers)[:keep])
-    setattr(decoder, family.norm, nn.Identity())
+    if not final_norm:
+        setattr(decoder, family.norm, nn.Identity())
     decoder.config.num_hidden_layers = keep
     layer_types = getattr(decoder.config, "layer_types", None)
     if isinstance(layer_types, list):
