@@ -15,9 +15,8 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
-
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 

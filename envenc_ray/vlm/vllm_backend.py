@@ -101,21 +101,25 @@ def vllm_checkpoint(vlm_config: Any, model_path: str | Path, cache_dir: str | Pa
                 with safe_open(source, framework="pt") as weights:
                     kept = {}
                     for name in weights.keys():
-                        match = DECODER_LAYER.search(name)
-                        if match and int(match.group(1)) >= keep:
+                        if _above(name, keep):
                             dropped.add(name)
                         else:
                             kept[name] = weights.get_tensor(name)
                     save_file(kept, tmp / source.name, metadata=weights.metadata())
             elif source.name == "model.safetensors.index.json":
                 index = json.loads(source.read_text())
-                index["weight_map"] = {k: v for k, v in index["weight_map"].items() if not (
-                    (m := DECODER_LAYER.search(k)) and int(m.group(1)) >= keep)}
+                index["weight_map"] = {k: v for k, v in index["weight_map"].items() if not _above(k, keep)}
                 (tmp / source.name).write_text(json.dumps(index, indent=2))
             elif source.is_file():
                 shutil.copy2(source, tmp / source.name)  # config.json unchanged: hf_overrides truncates
     log.info("vLLM checkpoint %s: %d decoder layers of %d, %d tensors dropped", target, keep, total, len(dropped))
     return target
+
+
+def _above(name: str, keep: int) -> bool:
+    """Whether checkpoint weight `name` belongs to a decoder layer above the `keep` kept ones."""
+    match = DECODER_LAYER.search(name)
+    return bool(match) and int(match.group(1)) >= keep
 
 
 def kv_cache_bytes(text_config: Any, layers: int, sequence_length: int, sequences: int, dtype: str) -> int:
@@ -133,7 +137,7 @@ class VLLMBackend:
     """TruncatedVLM's reading of a VLM (layer, pooling, prompt), computed by a vLLM pooling engine."""
 
     def __init__(self, llm: Any, processor: Any, family: Any, model_config: Any, *, layer: int, total_layers: int,
-                 pooling: str, prompt: str, source: str, dtype: str):
+                 pooling: str, prompt: str, source: str, dtype: str, image_mask: torch.Tensor):
         self.llm = llm
         self.processor = processor
         self.family = family
@@ -147,8 +151,8 @@ class VLLMBackend:
         self.device = torch.device("cpu")  # states come back as CPU tensors whatever device vLLM runs on
         self.preprocessor = None  # vLLM preprocesses raw frames itself: clients must not resize
         self.text = family.prompt_text(processor, prompt)
-        self._masks: dict[tuple[int, int], torch.Tensor] = {}
-        self.image_mask = self._mask_for(ATARI_FRAME_SIZE)
+        self.image_mask = image_mask  # of the prompt for 210x160 frames; other sizes get theirs on first use
+        self._masks: dict[tuple[int, int], torch.Tensor] = {ATARI_FRAME_SIZE: image_mask}
         # what the vision tower sees of a 210x160 frame, for the service's info (vLLM does the resizing)
         self.image_size = family.preprocessor(processor.image_processor).output_size_for(*ATARI_FRAME_SIZE)
 
@@ -173,8 +177,8 @@ class VLLMBackend:
         family = FAMILIES[config.model_type]
         processor = family.load_processor(str(model_path), config, vlm_config.trust_remote_code)
         prompt = vlm_config.prompt.format(game=game)
-        sequence_length = int(static_prompt(family, processor, prompt, ATARI_FRAME_SIZE, config, str(model_path))[0]
-                              .shape[1])
+        image_mask = static_prompt(family, processor, prompt, ATARI_FRAME_SIZE, config, str(model_path))[1]
+        sequence_length = int(image_mask.shape[0])
         llm = LLM(
             model=str(checkpoint),
             runner="pooling",
@@ -193,7 +197,7 @@ class VLLMBackend:
             seed=0,
         )
         backend = cls(llm, processor, family, config, layer=keep, total_layers=total, pooling=vlm_config.pooling,
-                      prompt=prompt, source=str(model_path), dtype=vlm_config.dtype)
+                      prompt=prompt, source=str(model_path), dtype=vlm_config.dtype, image_mask=image_mask)
         log.info("loaded %s in vLLM (%s): %d of %d decoder layers, %s pooling, %d tokens per 210x160 frame",
                  checkpoint, current_platform.device_type, keep, total, vlm_config.pooling, sequence_length)
         return backend
