@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -29,6 +27,7 @@ import numpy as np
 import torch
 
 from envenc_ray.errors import ModelError
+from envenc_ray.files import replaced_atomically
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +69,8 @@ def build_tiny_vlm(out_dir: str | Path, seed: int = 0, *, measure: bool = True, 
     out = Path(out_dir)
     _check_replaceable(out)
     spec = TinySpec()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    with quiet_progress_bars():
-        info = _build_into(staging, out, spec, seed, measure)
+    with quiet_progress_bars(), replaced_atomically(out) as staging:
+        info = _build_into(staging, spec, seed, measure)
     summary = (
         f"built tiny VLM (seed {seed}) at {out}: {info['parameters'] / 1e6:.2f}M parameters, "
         f"{spec.image_size}x{spec.image_size} input -> {spec.image_tokens} image tokens, vocab {info['vocab_size']}"
@@ -88,27 +84,23 @@ def build_tiny_vlm(out_dir: str | Path, seed: int = 0, *, measure: bool = True, 
     return out
 
 
-def _build_into(staging: Path, out: Path, spec: TinySpec, seed: int, measure: bool) -> dict:
-    """Write the model into `staging`, then swap it in as `out`; returns what envenc_tiny.json records."""
-    try:
-        tokenizer = _train_tokenizer(seed)
-        model = _build_model(spec, tokenizer, seed)
-        processor = _build_processor(spec, tokenizer)
-        model.save_pretrained(staging)
-        processor.save_pretrained(staging)
-        info = {
-            "seed": seed,
-            "spec": asdict(spec),
-            "image_tokens": spec.image_tokens,
-            "vocab_size": len(tokenizer),
-            "parameters": sum(p.numel() for p in model.parameters()),
-        }
-        if measure:
-            info["forward_ms_per_frame"] = _measure_forward(staging)
-        (staging / MARKER_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        _replace_dir(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+def _build_into(staging: Path, spec: TinySpec, seed: int, measure: bool) -> dict:
+    """Write the model into `staging`; returns what envenc_tiny.json records."""
+    tokenizer = _train_tokenizer(seed)
+    model = _build_model(spec, tokenizer, seed)
+    processor = _build_processor(spec, tokenizer)
+    model.save_pretrained(staging)
+    processor.save_pretrained(staging)
+    info = {
+        "seed": seed,
+        "spec": asdict(spec),
+        "image_tokens": spec.image_tokens,
+        "vocab_size": len(tokenizer),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    if measure:
+        info["forward_ms_per_frame"] = _measure_forward(staging)
+    (staging / MARKER_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return info
 
 
@@ -134,16 +126,6 @@ def _check_replaceable(out: Path) -> None:
             f"{out} exists, is not empty and is not a built-in tiny VLM; refusing to overwrite it. "
             "Choose another --out or delete the directory."
         )
-
-
-def _replace_dir(staging: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-    staging.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _train_tokenizer(seed: int):
