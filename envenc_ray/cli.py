@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 # gRPC (inside Ray) logs INFO lines about fork() to the console unless told otherwise before it loads.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
@@ -22,14 +23,15 @@ import yaml  # noqa: E402
 from envenc_ray.bench.backends import bench_backends  # noqa: E402  (imports vLLM only when it runs)
 from envenc_ray.bench.encoder import bench_encoder  # noqa: E402
 from envenc_ray.bench.rollout import bench_rollout  # noqa: E402
-from envenc_ray.config import load_config  # noqa: E402
+from envenc_ray.config import EnvEncConfig, load_config  # noqa: E402
 from envenc_ray.errors import ConfigError, EnvEncError, NotImplementedStageError  # noqa: E402
-from envenc_ray.layout import RunLayout  # noqa: E402
+from envenc_ray.layout import RunLayout, synced_run  # noqa: E402
 from envenc_ray.pipeline import STAGES, Stage  # noqa: E402
 from envenc_ray.pipeline import run as run_pipeline  # noqa: E402
 from envenc_ray.rl.experiment import experiment  # noqa: E402
 from envenc_ray.rl.tune import tune as tune_sweep  # noqa: E402
 from envenc_ray.runtime import configure_console, received_signal, shutdown_ray, stop_on_signals  # noqa: E402
+from envenc_ray.storage import is_uri, local_root, pull  # noqa: E402
 from envenc_ray.vlm.tiny import build_tiny_vlm  # noqa: E402
 
 # Stages that exist in the design but not yet in code: name -> what will provide them.
@@ -88,7 +90,7 @@ def _build_parser() -> argparse.ArgumentParser:
                               "whose output already matches the config and its inputs is skipped and says why. "
                               "Writes <run>/manifest.json (what each stage did and how long it took).")
     _add_config_arguments(run)
-    run.set_defaults(handler=lambda args: run_pipeline(_load(args)))
+    run.set_defaults(handler=_on_config(lambda config, args: run_pipeline(config)))
     tune = commands.add_parser("tune", help="run a Ray Tune sweep over config keys",
                                description="Ray Tune sweep over dotted config keys (grid/choice/uniform/...), "
                                "optionally with ASHA; writes <run>/tune/ and best.yaml.")
@@ -98,7 +100,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="sweep file: metric, mode, num_samples, scheduler and params (dotted keys -> grid/choice/uniform/...); "
         "see configs/sweeps/ppo-lr.yaml",
     )
-    tune.set_defaults(handler=lambda args: tune_sweep(_load(args), sweep_path=args.sweep))
+    tune.set_defaults(handler=_on_config(lambda config, args: tune_sweep(config, sweep_path=args.sweep)))
     for name, what in PLANNED.items():
         planned = commands.add_parser(name, help=f"not implemented yet: {what}")
         _add_config_arguments(planned)
@@ -123,7 +125,7 @@ def _build_parser() -> argparse.ArgumentParser:
                             help="env steps per trial, a whole number of iterations (default: the arms file's steps)")
     experiment.add_argument("--concurrent", type=int,
                             help="trials at once (default: as many as fit the Ray cluster)")
-    experiment.set_defaults(handler=_experiment)
+    experiment.set_defaults(handler=_on_config(_experiment))
     bench = commands.add_parser(
         "bench",
         help="benchmarks, results as JSON (encoder, rollout)",
@@ -140,7 +142,7 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seconds", type=float, default=4.0, help="encoder: measuring time of each phase (default 4)")
     bench.add_argument("--iterations", type=int, default=3, help="rollout: measured rounds per mode (default 3)")
     _add_config_arguments(bench)
-    bench.set_defaults(handler=_bench)
+    bench.set_defaults(handler=_on_config(_bench))
 
     model = commands.add_parser("model", help="manage VLMs (build the built-in tiny VLM)")
     model_commands = model.add_subparsers(title="model commands", metavar="ACTION", required=True)
@@ -176,24 +178,35 @@ def _add_config_arguments(parser: argparse.ArgumentParser, required: bool = True
     )
 
 
-def _load(args: argparse.Namespace):
-    """The resolved config, with the console routed to its run's logs/ (see runtime.configure_console)."""
-    config = _resolve_config(args)
-    configure_console(RunLayout.of(config).logs, verbose=args.verbose)
-    return config
+def _on_config(command: Callable[[EnvEncConfig, argparse.Namespace], Any]) -> Callable[[argparse.Namespace], Any]:
+    """The handler that runs command(config, args) on the resolved config, with the console
+    routed to its run's logs/ (runtime.configure_console) and a run on a URI run root synced around it."""
+
+    def handler(args: argparse.Namespace) -> Any:
+        config = _resolve_config(args)
+        with synced_run(config):
+            configure_console(RunLayout.of(config).logs, verbose=args.verbose)
+            return command(config, args)
+
+    return handler
 
 
 def _resolve_config(args: argparse.Namespace):
-    """A single run directory argument stands for the config its run recorded."""
-    if len(args.configs) == 1 and Path(args.configs[0]).is_dir():
-        recorded = Path(args.configs[0]) / "config.yaml"
-        if not recorded.is_file():
-            raise ConfigError(f"{args.configs[0]} is a folder without config.yaml: pass a run directory made by "
-                              "`envenc run`, or the YAML config files of the run")
-        run_dir = Path(args.configs[0]).resolve()  # wherever the folder is now, not where it was made
-        located = [f"experiment.run_root={run_dir.parent}", f"experiment.name={run_dir.name}"]
-        return load_config([recorded], located + args.overrides)
-    return load_config(args.configs, args.overrides)
+    """A single run directory argument (a folder, or a URI such as s3://bucket/runs/pong-tiny) stands for the
+    config its run recorded."""
+    argument = args.configs[0] if len(args.configs) == 1 else ""
+    if is_uri(argument) and not argument.endswith((".yaml", ".yml")):
+        run_root, name = argument.rstrip("/").rsplit("/", 1)
+        recorded = pull(local_root(run_root) / name / "config.yaml")
+    elif argument and Path(argument).is_dir():
+        run_dir = Path(argument).resolve()  # wherever the folder is now, not where it was made
+        run_root, name, recorded = str(run_dir.parent), run_dir.name, run_dir / "config.yaml"
+    else:
+        return load_config(args.configs, args.overrides)
+    if not recorded.is_file():
+        raise ConfigError(f"{argument} holds no config.yaml: pass a run directory made by `envenc run`, or the YAML "
+                          "config files of the run")
+    return load_config([recorded], [f"experiment.run_root={run_root}", f"experiment.name={name}", *args.overrides])
 
 
 def _config_show(args: argparse.Namespace) -> None:
@@ -206,26 +219,23 @@ def _init_tiny(args: argparse.Namespace) -> None:
 
 
 def _stage_handler(stage: Stage):
-    def handler(args: argparse.Namespace) -> None:
-        stage.run(_load(args), **stage.options(args))
-
-    return handler
+    return _on_config(lambda config, args: stage.run(config, **stage.options(args)))
 
 
-def _experiment(args: argparse.Namespace) -> None:
-    experiment(_load(args), args.arms, seeds=args.seeds, steps=args.steps, concurrent=args.concurrent,
+def _experiment(config: EnvEncConfig, args: argparse.Namespace) -> None:
+    experiment(config, args.arms, seeds=args.seeds, steps=args.steps, concurrent=args.concurrent,
                command="envenc " + " ".join(sys.argv[1:]))
 
 
-def _bench(args: argparse.Namespace) -> None:
+def _bench(config: EnvEncConfig, args: argparse.Namespace) -> None:
     command = "envenc " + " ".join(sys.argv[1:])
     if args.target == "rollout":
-        bench_rollout(_load(args), args.json, iterations=args.iterations, command=command)
+        bench_rollout(config, args.json, iterations=args.iterations, command=command)
         return
     if args.backend == "vllm":
-        bench_backends(_load(args), args.json, seconds=args.seconds, command=command)
+        bench_backends(config, args.json, seconds=args.seconds, command=command)
         return
-    bench_encoder(_load(args), args.json, callers=args.callers, frames_per_call=args.frames_per_call,
+    bench_encoder(config, args.json, callers=args.callers, frames_per_call=args.frames_per_call,
                   seconds=args.seconds, command=command)
 
 

@@ -27,7 +27,9 @@ class Section(BaseModel):
 
 class ExperimentConfig(Section):
     name: str = Field("pong-tiny", description="Run name; artifacts go to <run_root>/<name>/.")
-    run_root: str = Field("runs", description="Folder that holds one run directory per experiment name.")
+    run_root: str = Field("runs", description="Folder that holds one run directory per experiment name, or a "
+                          "filesystem URI (s3://bucket/runs, gs://..., file:///mnt/runs) that every node reaches; "
+                          "each process then works in a local copy (see docs/architecture.md, run storage).")
     seed: int = Field(0, description="Seed of every random choice (envs, model init, data splits).")
 
 
@@ -350,7 +352,11 @@ class EnvEncConfig(Section):
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.experiment.run_root) / self.experiment.name
+        """Where this process reads and writes the run: <run_root>/<name>, or its local copy for a URI run root
+        (storage.local_root)."""
+        from envenc_ray.storage import local_root
+
+        return local_root(self.experiment.run_root) / self.experiment.name
 
     def section_hash(self, *sections: str) -> str:
         """A short stable hash of the named sections: a stage's output matches its config when equal."""

@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from envenc_ray.storage import publish
+
 
 @contextmanager
 def replaced_atomically(path: Path) -> Iterator[Path]:
@@ -28,6 +30,7 @@ def replaced_atomically(path: Path) -> Iterator[Path]:
         if tmp.is_dir() and path.is_dir():
             shutil.rmtree(path)  # a folder cannot be renamed over a non-empty one
         os.replace(tmp, path)
+        publish(path)  # under a URI run root: up to the URI, from whichever node wrote it (see storage.py)
     finally:
         _remove(tmp)
 

@@ -6,6 +6,7 @@
     resolve_model_path(config)  the VLM every later stage reads: the base model, or with
                                 stage2.method 'finetuned' the one <run>/advise.json points at
     shared_dir(config)          <run_root>/_shared: artifacts that runs and experiment arms share
+    synced_run(config)          around a stage on the driver: a run on a URI run root down, then up (storage.py)
 
 Computed here once, so collect, embed, Serve, the RL connector, evaluation, the report and the benchmarks all
 read and write the same places; no other module spells a run folder's name.
@@ -20,6 +21,7 @@ from envenc_ray.config import EnvEncConfig
 from envenc_ray.envs.atari import game_name
 from envenc_ray.errors import ModelError
 from envenc_ray.files import read_json
+from envenc_ray.storage import local_root, synced
 
 BUILTIN_TINY = "builtin:tiny"
 SHARED = "_shared"
@@ -105,7 +107,12 @@ class RunLayout:
 
 
 def shared_dir(config: EnvEncConfig) -> Path:
-    return Path(config.experiment.run_root) / SHARED
+    return local_root(config.experiment.run_root) / SHARED
+
+
+def synced_run(config: EnvEncConfig):
+    """Around a stage on the driver: the run (on a URI run root) down before, what it wrote up after."""
+    return synced(config.run_dir, shared_dir(config))
 
 
 def base_model_path(config: EnvEncConfig) -> str:

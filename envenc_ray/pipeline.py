@@ -39,7 +39,7 @@ from envenc_ray.encoder.train import encoder_current, train_encoder
 from envenc_ray.encoder.train import output_hash as encoder_hash
 from envenc_ray.errors import ConfigError, DataError, ModelError
 from envenc_ray.files import read_json, write_text_atomic
-from envenc_ray.layout import BUILTIN_TINY, RunLayout
+from envenc_ray.layout import BUILTIN_TINY, RunLayout, synced_run
 from envenc_ray.report import report, report_current
 from envenc_ray.rl.evaluate import evaluate, evaluation_current, reference_returns
 from envenc_ray.rl.train import agent_config_hash, train, training_current
@@ -154,7 +154,8 @@ def run_stage(stage: Stage, config: EnvEncConfig) -> StageResult:
     if reason:
         print(f"{stage.name}: skipped, {reason}")
         return StageResult(stage.name, True, round(time.perf_counter() - started, 2), {})
-    output = (stage.run_in_pipeline or stage.run)(config)
+    with synced_run(config):
+        output = (stage.run_in_pipeline or stage.run)(config)
     summary = dataclasses.asdict(output) if dataclasses.is_dataclass(output) else output
     summary = summary if isinstance(summary, dict) else {"output": str(summary)}
     return StageResult(stage.name, bool(summary.get("skipped")), round(time.perf_counter() - started, 2), summary)

@@ -126,12 +126,16 @@ def ensure_ray() -> None:
     """
     import ray
 
+    from envenc_ray.storage import ray_env_vars
+
     if ray.is_initialized():
         return
+    # Workers on every node map local paths of a URI run root as the driver does (merged into a job's env vars).
+    runtime_env = {"env_vars": ray_env_vars()} if ray_env_vars() else None
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(configure_logging=False)
+        ray.init(configure_logging=False, runtime_env=runtime_env)
     else:
-        ray.init(include_dashboard=False, configure_logging=False)
+        ray.init(include_dashboard=False, configure_logging=False, runtime_env=runtime_env)
     if _signals["handler"] is not None:
         signal.signal(signal.SIGTERM, _signals["handler"])  # ray.init sets its own (a bare sys.exit): ours again
     if _console["logs"] is not None:

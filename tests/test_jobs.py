@@ -8,6 +8,7 @@ would end every Ray on the machine).
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -65,9 +66,10 @@ def stop_head(temp_dir: str, gcs_port: int) -> list:
     return [p for p in processes_of(temp_dir, gcs_port) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def token_head():
-    """A head on free ports in a private temp dir with token auth; yields (dashboard address, env with token)."""
+    """A head on free ports in a private temp dir with token auth, for this module's jobs; yields (dashboard
+    address, env with token), once the job API answers."""
     temp_dir = tempfile.mkdtemp(prefix="envenc-job-", dir="/tmp")  # short: Ray's socket paths have a length limit
     token = secrets.token_hex(32)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # never join another cluster
@@ -83,7 +85,16 @@ def token_head():
     try:
         started = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
         assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
-        yield f"http://127.0.0.1:{dashboard}", env
+        address = f"http://127.0.0.1:{dashboard}"
+        deadline = time.monotonic() + 120  # the dashboard's job API comes up after `ray start` returns
+        while True:
+            listed = subprocess.run([str(BIN / "ray"), "job", "list", f"--address={address}"], env=env,
+                                    capture_output=True, text=True, timeout=60)
+            if listed.returncode == 0 or time.monotonic() > deadline:
+                assert listed.returncode == 0, listed.stderr[-2000:]
+                break
+            time.sleep(2)
+        yield address, env
     finally:
         survivors = stop_head(temp_dir, gcs)
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -94,16 +105,6 @@ def token_head():
 def test_ray_job_submit_runs_a_stage_and_refuses_a_submitter_without_the_token(token_head, tmp_path):
     address, env = token_head
     submit = [str(BIN / "ray"), "job", "submit", f"--address={address}"]
-    # wait for the job API (the dashboard comes up after `ray start` returns)
-    deadline = time.monotonic() + 120
-    while True:
-        listed = subprocess.run([str(BIN / "ray"), "job", "list", f"--address={address}"], env=env,
-                                capture_output=True, text=True, timeout=60)
-        if listed.returncode == 0 or time.monotonic() > deadline:
-            assert listed.returncode == 0, listed.stderr[-2000:]
-            break
-        time.sleep(2)
-
     no_token = {k: v for k, v in env.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}
     refused = subprocess.run([*submit, "--", "echo", "should not run"], env=no_token, capture_output=True,
                              text=True, timeout=120)
@@ -121,3 +122,45 @@ def test_ray_job_submit_runs_a_stage_and_refuses_a_submitter_without_the_token(t
     shards = sorted(run_root.glob("*/frames/episode-*.parquet"))
     assert shards, f"no frames under {run_root}: {done.stdout[-2000:]}"
     assert (shards[0].parent / "_collect.json").is_file()
+
+
+@pytest.mark.slow
+def test_every_stage_on_a_file_uri_run_root_reads_only_what_the_uri_holds(token_head, tmp_path):
+    """The pipeline as a job on a file:// run root (pyarrow's filesystem, the code path of s3:// and gs://): the
+    local copy is deleted between stages, so each stage can only find its inputs on the URI, and `envenc run`
+    then skips the three stages done and runs the rest. Every artifact must be on the URI afterwards."""
+    address, env = token_head
+    behind, local = tmp_path / "bucket" / "runs", tmp_path / "local-copy"
+    behind.mkdir(parents=True)
+    args = f"configs/pong-tiny.yaml configs/debug.yaml --set experiment.run_root={behind.as_uri()}"
+    wipe = f"rm -rf {local}"
+    # a Ray task started by a stage's session finds the URI mapping: ensure_ray merged it into the job's runtime_env
+    probe = tmp_path / "worker_mapping.py"
+    probe.write_text(
+        "import os, sys, ray\n"
+        "from envenc_ray.config import load_config\n"
+        "from envenc_ray.runtime import ensure_ray\n"
+        "load_config([], [f'experiment.run_root={sys.argv[1]}']).run_dir\n"
+        "ensure_ray()\n"
+        "print('worker mapping:', ray.get(ray.remote(lambda: os.environ.get('ENVENC_STORAGE')).remote()))\n")
+    chain = " && ".join([f"envenc collect {args}", wipe, f"envenc embed {args}", wipe, f"envenc train-encoder {args}",
+                         wipe, f"envenc run {args}", f"python {probe} {behind.as_uri()}"])
+    done = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", f"--address={address}", f"--working-dir={ROOT}",
+         "--runtime-env-json", json.dumps({"env_vars": {"ENVENC_LOCAL_RUNS": str(local)}}), "--", "bash", "-c", chain],
+        env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    for stage in ("collect", "embed", "train-encoder"):
+        assert f"{stage}: skipped" in done.stdout, f"{stage} was not found done on the URI: {done.stdout[-3000:]}"
+    assert behind.as_uri() in done.stdout.split("worker mapping:")[-1], done.stdout[-2000:]
+
+    run = behind / "debug"
+    for artifact in ("frames/_collect.json", "frames/episode-00000.parquet", "hidden/_embed.json", "vlm/config.json",
+                     "vlm/model.safetensors", "encoder/model.safetensors", "agent/train.json", "agent/eval.json",
+                     "report/report.md", "report/learning_curve.png", "manifest.json", "config.yaml"):
+        assert (run / artifact).is_file(), f"{artifact} is not on the URI"
+    assert list((run / "hidden").glob("*.parquet")), "no hidden-state shards on the URI"
+    assert list(run.glob("agent/checkpoint_*/policy.safetensors")), "no agent checkpoint on the URI"
+    assert list(run.glob("encoder_train/*/epoch-*")), "Ray Train wrote no checkpoint to the URI"
+    assert not [p for p in behind.rglob("*") if ".tmp-" in p.name], "a temporary file reached the URI"
+    assert json.loads((run / "manifest.json").read_text())["stages"]["report"]["skipped"] is False

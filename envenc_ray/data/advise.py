@@ -40,6 +40,7 @@ from envenc_ray.errors import ConfigError, DataError
 from envenc_ray.files import read_json, replaced_atomically, write_json_atomic
 from envenc_ray.layout import RunLayout, base_model_path, shared_dir
 from envenc_ray.runtime import agreed_by_rank0, note_epoch, report_epoch, tell_user, train_report_poll
+from envenc_ray.storage import train_storage
 
 logger = logging.getLogger(__name__)
 
@@ -365,7 +366,7 @@ def _fit(config: EnvEncConfig, data: AdviceData, base: str, train_rows: np.ndarr
                                                resources_per_worker={"CPU": advise.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name="run",  # same name + storage: Ray Train restores the run's checkpoints after a crash
-            storage_path=str(storage),
+            **train_storage(storage),  # a URI run root: workers on any node upload checkpoints there
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_loss",
                                                          checkpoint_score_order="min"),
         ),

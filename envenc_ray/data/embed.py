@@ -22,6 +22,7 @@ from envenc_ray.data.schema import frames_to_array, hidden_column, hidden_schema
 from envenc_ray.files import read_json, replaced_atomically
 from envenc_ray.layout import RunLayout, resolve_model_path
 from envenc_ray.runtime import set_torch_threads
+from envenc_ray.storage import readable, remote_staging
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +100,8 @@ def embed(config: EnvEncConfig) -> EmbedSummary:
     frame_shape = read_frame_shape(frames_dir)
     ensure_ray()
     started = time.perf_counter()
-    dataset = ray.data.read_parquet([str(s) for s in shards], columns=["episode_id", "step", "frame", "objects"])
+    paths, filesystem = readable(shards)  # read tasks run on any node: on a URI run root they read it there
+    dataset = ray.data.read_parquet(paths, filesystem=filesystem, columns=["episode_id", "step", "frame", "objects"])
     hidden = dataset.map_batches(
         HiddenStates,
         fn_constructor_kwargs=dict(
@@ -116,7 +118,8 @@ def embed(config: EnvEncConfig) -> EmbedSummary:
         num_gpus=config.embed.num_gpus,
     )
     with replaced_atomically(hidden_dir) as tmp_dir:
-        hidden.write_parquet(str(tmp_dir), compression="zstd")
+        with remote_staging(tmp_dir) as (path, filesystem):  # Ray Data's write tasks run on any node
+            hidden.write_parquet(path, filesystem=filesystem, compression="zstd")
         seconds = time.perf_counter() - started
         written = pads.dataset(str(tmp_dir), format="parquet")
         frames = written.count_rows()

@@ -14,6 +14,7 @@ from envenc_ray.encoder.metrics import json_safe
 from envenc_ray.encoder.models import Encoder, build_autoencoder
 from envenc_ray.errors import ConfigError, ModelError
 from envenc_ray.files import replaced_atomically
+from envenc_ray.storage import pull
 
 FORMAT = "envenc-encoder"
 FORMAT_VERSION = 1
@@ -63,7 +64,7 @@ def load_encoder(encoder_dir: str | Path) -> Encoder:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    encoder_dir = Path(encoder_dir)
+    encoder_dir = pull(encoder_dir)  # an encoder of a URI run root: fresh from the URI on any node
     config_path, weights_path = encoder_dir / "config.json", encoder_dir / "model.safetensors"
     if not config_path.is_file() or not weights_path.is_file():
         raise ModelError(f"{encoder_dir} is not an exported encoder (needs config.json and model.safetensors); "

@@ -45,6 +45,7 @@ from envenc_ray.errors import ConfigError, DataError
 from envenc_ray.files import read_json, write_json_atomic
 from envenc_ray.layout import RunLayout
 from envenc_ray.runtime import agreed_by_rank0, note_epoch, report_epoch, tell_user, train_report_poll
+from envenc_ray.storage import readable, train_storage
 
 logger = logging.getLogger(__name__)
 
@@ -261,7 +262,8 @@ def read_hidden(shards: list[Path], hidden_shape: tuple[int, ...]) -> HiddenData
     try:
         names = set(pa.unify_schemas([_schema(s) for s in shards]).names)
         columns = [c for c in (*REQUIRED_COLUMNS, "objects") if c in names]
-        dataset = ray.data.read_parquet([str(s) for s in shards], columns=columns)
+        paths, filesystem = readable(shards)  # read tasks run on any node: on a URI run root they read it there
+        dataset = ray.data.read_parquet(paths, filesystem=filesystem, columns=columns)
         tables = ray.get(dataset.to_arrow_refs())
     except (ray.exceptions.RayError, pa.ArrowException, OSError) as error:
         raise DataError(f"reading {shards[0].parent} failed ({_root_cause(error)}); "
@@ -365,7 +367,7 @@ def _fit(config: EnvEncConfig, loop_config: dict, key: str):
     from ray.train.torch import TorchTrainer
 
     enc = config.encoder
-    storage = (RunLayout.of(config).encoder_train).resolve()
+    storage = RunLayout.of(config).encoder_train.resolve()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -374,7 +376,7 @@ def _fit(config: EnvEncConfig, loop_config: dict, key: str):
         ),
         run_config=ray.train.RunConfig(
             name=key,  # same name + storage: Ray Train restores the run's checkpoints (see resume_key)
-            storage_path=str(storage),
+            **train_storage(storage),  # a URI run root: workers on any node upload checkpoints there
             # Ray keeps the best checkpoint (what is exported) and always the latest (what resume needs).
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=1, checkpoint_score_attribute="val_mse", checkpoint_score_order="min"

@@ -23,6 +23,7 @@ from envenc_ray.errors import DataError, InputError
 from envenc_ray.files import replaced_atomically, weights_sha256
 from envenc_ray.layout import RunLayout, resolve_model_path
 from envenc_ray.rl.algorithm import offline_algorithm_config
+from envenc_ray.storage import remove
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d{6})$")
 META_FILE = "train.json"
@@ -54,6 +55,7 @@ def save_checkpoint(algo, config: EnvEncConfig, agent_dir: Path, iteration: int,
     checkpoints = sorted(p for p in agent_dir.iterdir() if CHECKPOINT_PATTERN.match(p.name))
     for old in checkpoints[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+        remove(old)  # on a URI run root, there too
     return final
 
 

@@ -59,6 +59,7 @@ from envenc_ray.rl.tune import (  # noqa: E402
     trial_bundles,
     trial_config,
 )
+from envenc_ray.storage import train_storage  # noqa: E402
 
 RESULT_FILE = "result.json"
 BOOTSTRAP_RESAMPLES = 2000
@@ -426,7 +427,7 @@ def run_trials(trials: list[Trial], concurrent: int, out_dir: Path) -> None:
         param_space={"trial": ray_tune.grid_search(list(plans))},
         tune_config=ray_tune.TuneConfig(max_concurrent_trials=concurrent, trial_dirname_creator=_trial_dirname),
         run_config=ray_tune.RunConfig(name=f"run-{time.strftime('%Y%m%d-%H%M%S')}",
-                                      storage_path=str((out_dir / "tune").resolve()), verbose=0,
+                                      **train_storage(out_dir / "tune"), verbose=0,
                                       failure_config=ray_tune.FailureConfig(max_failures=0),
                                       callbacks=[TrialLines({t.key: t.steps for t in trials})]),
     )

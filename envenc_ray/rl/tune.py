@@ -47,6 +47,7 @@ from envenc_ray.config import EnvEncConfig, explain_validation_error, read_yaml_
 from envenc_ray.errors import ConfigError, EnvEncError
 from envenc_ray.files import replaced_atomically, write_text_atomic
 from envenc_ray.layout import RunLayout
+from envenc_ray.storage import train_storage
 
 logger = logging.getLogger(__name__)
 
@@ -360,7 +361,7 @@ def tune(config: EnvEncConfig, sweep_path: str) -> dict:
                                             scheduler=scheduler, max_concurrent_trials=concurrent,
                                             time_budget_s=spec.time_budget_s,
                                             trial_dirname_creator=_trial_dirname),
-            run_config=ray_tune.RunConfig(name=experiment, storage_path=str(out_dir.resolve()), verbose=0,
+            run_config=ray_tune.RunConfig(name=experiment, **train_storage(out_dir), verbose=0,
                                           failure_config=ray_tune.FailureConfig(max_failures=0),
                                           callbacks=[ProgressLines(spec.metric)]),
         )

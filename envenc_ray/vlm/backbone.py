@@ -38,6 +38,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from envenc_ray.errors import ConfigError, ModelError
+from envenc_ray.storage import pull
 from envenc_ray.vlm.preprocess import CROPS, FramePreprocessor, ReferencePreprocessor, as_frame_batch, with_crop
 
 log = logging.getLogger(__name__)
@@ -332,7 +333,7 @@ class TruncatedVLM:
             )
         if num_threads is not None:
             torch.set_num_threads(num_threads)
-        source = str(path_or_name)
+        source = str(pull(path_or_name))  # a model folder of a URI run root: fresh from the URI on any node
         config = _load_config(source, trust_remote_code)
         family = FAMILIES.get(config.model_type)
         if family is None:

