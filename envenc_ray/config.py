@@ -63,8 +63,10 @@ class VLMConfig(Section):
         "a game of {game}. describe the state.",
         description="Text after the image; '{game}' is filled with the game name.",
     )
-    dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="Compute dtype of the VLM; bfloat16 halves memory and is faster on AMX/GPUs."
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Compute dtype of the VLM; bfloat16 halves memory and is faster on AMX/GPUs. 'auto': "
+        "bfloat16 where the device computes it natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX) and the embed "
+        "stage found that it reads the game state as float32 does (probe R^2 within 0.01), else float32."
     )
     final_norm: bool = Field(
         False,

@@ -342,6 +342,7 @@ def test_train_encoder_trains_exports_and_then_skips(ray_session, tmp_path):
 
     encoder_dir = config.run_dir / "encoder"
     assert sorted(p.name for p in encoder_dir.iterdir()) == ["config.json", "metrics.json", "model.safetensors"]
+    assert json.loads((encoder_dir / "config.json").read_text())["vlm_dtype"] == "float32"  # 'auto', unchecked
     metrics = json.loads((encoder_dir / "metrics.json").read_text())
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3, 4, 5, 6]
     for entry in metrics["epochs"]:

@@ -4,6 +4,11 @@ Ray Data streams the frame shards through an actor pool (one TruncatedVLM per ac
 the same code runs one CPU actor on a laptop or one GPU actor per device on a cluster. The output is
 written into a temporary folder that is renamed to hidden/ only when complete. With vlm.pooling 'tokens'
 each row holds the frame's (T, D) per-token states, stored float16 (T times the pooled size).
+
+vlm.dtype 'auto' is decided here, once per run (`choose_dtype`): bfloat16 only where the embed actors' device
+computes it natively and, on a sample of the recorded frames, it reads the game state as well as float32 does
+(probe R^2 within DTYPE_R2_TOLERANCE); _embed.json records the choice and its numbers, the exported encoder
+carries it on, and Serve replicas and EnvRunners load the VLM in the dtype their encoder was trained on.
 """
 
 from __future__ import annotations
@@ -12,13 +17,17 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from envenc_ray.config import EnvEncConfig, VLMConfig
 from envenc_ray.data.collect import read_frame_shape
-from envenc_ray.data.schema import frames_to_array, hidden_column, hidden_schema, hidden_shape_of, list_shards
+from envenc_ray.data.schema import (frames_to_array, hidden_column, hidden_schema, hidden_shape_of, list_shards,
+                                    objects_to_table)
 from envenc_ray.files import read_json, replaced_atomically
 from envenc_ray.layout import RunLayout, resolve_model_path
 from envenc_ray.runtime import set_torch_threads
@@ -27,6 +36,8 @@ from envenc_ray.storage import readable, remote_staging
 logger = logging.getLogger(__name__)
 
 META_FILE = "_embed.json"
+DTYPE_R2_TOLERANCE = 0.01  # vlm.dtype 'auto': bfloat16 must move the mean probe R^2 of the game state by no more
+CALIBRATION_FRAMES = 512  # recorded frames the dtype check embeds twice, spread over every episode
 
 
 @dataclass(frozen=True)
@@ -100,12 +111,14 @@ def embed(config: EnvEncConfig) -> EmbedSummary:
     frame_shape = read_frame_shape(frames_dir)
     ensure_ray()
     started = time.perf_counter()
+    dtype, dtype_check = choose_dtype(config, model_path, layout.game, shards, frame_shape)
+    vlm_config = config.vlm.model_copy(update={"dtype": dtype})
     paths, filesystem = readable(shards)  # read tasks run on any node: on a URI run root they read it there
     dataset = ray.data.read_parquet(paths, filesystem=filesystem, columns=["episode_id", "step", "frame", "objects"])
     hidden = dataset.map_batches(
         HiddenStates,
         fn_constructor_kwargs=dict(
-            vlm_config=config.vlm,
+            vlm_config=vlm_config,
             model_path=model_path,
             game=layout.game,
             frame_shape=frame_shape,
@@ -127,11 +140,75 @@ def embed(config: EnvEncConfig) -> EmbedSummary:
         hidden_size = hidden_shape[-1]
         (tmp_dir / META_FILE).write_text(
             json.dumps({"config_hash": config_hash, "frames": frames, "hidden_size": hidden_size,
-                        "hidden_shape": list(hidden_shape), "model": model_path, "seconds": seconds}, indent=2)
+                        "hidden_shape": list(hidden_shape), "model": model_path, "vlm_dtype": dtype,
+                        "dtype_check": dtype_check, "seconds": seconds}, indent=2)
         )
     summary = EmbedSummary(frames, hidden_size, seconds, skipped=False, hidden_shape=hidden_shape)
     print(
-        f"embed: {frames} frames -> {hidden_dir} (hidden state shape {hidden_shape}) in {seconds:.1f} s, "
+        f"embed: {frames} frames -> {hidden_dir} (hidden state shape {hidden_shape}, {dtype}) in {seconds:.1f} s, "
         f"{summary.frames_per_second:.1f} frames/s"
     )
     return summary
+
+
+def choose_dtype(config: EnvEncConfig, model_path: str, game: str, shards: list[Path],
+                 frame_shape: tuple[int, int, int]) -> tuple[str, dict]:
+    """The dtype embed computes in, and why: vlm.dtype as set, or for 'auto' the outcome of `bfloat16_check` on
+    up to CALIBRATION_FRAMES recorded frames, run as a Ray task on a device like the embed actors'."""
+    import ray
+
+    if config.vlm.dtype != "auto":
+        return config.vlm.dtype, {}
+    per_shard = max(1, CALIBRATION_FRAMES // len(shards))
+    frames, objects, episodes = [], [], []
+    for shard in shards:  # every episode contributes, so the probe can hold out whole episodes
+        table = pq.read_table(shard, columns=["episode_id", "frame", "objects"])
+        rows = np.linspace(0, table.num_rows - 1, min(per_shard, table.num_rows)).astype(int)
+        table = table.take(rows)
+        frames.append(frames_to_array(table["frame"], frame_shape))
+        objects += table["objects"].to_pylist()
+        episodes.append(table["episode_id"].to_numpy())
+    check = ray.remote(bfloat16_check).options(num_cpus=config.embed.num_cpus, num_gpus=config.embed.num_gpus)
+    dtype, numbers = ray.get(check.remote(config.vlm, model_path, game, np.concatenate(frames), objects,
+                                          np.concatenate(episodes)))
+    print(f"embed: vlm.dtype auto -> {dtype} ({numbers['reason']})")
+    return dtype, numbers
+
+
+def bfloat16_check(vlm_config: VLMConfig, model_path: str, game: str, frames: np.ndarray, objects_json: list[str],
+                   episodes: np.ndarray) -> tuple[str, dict]:
+    """('bfloat16' or 'float32', the numbers): bfloat16 iff this device computes it natively and the mean ridge
+    probe R^2 of the annotated game state (held-out episodes) moves by at most DTYPE_R2_TOLERANCE from float32's."""
+    import torch
+
+    from envenc_ray.encoder.metrics import probe_targets, ridge_probe_r2
+    from envenc_ray.vlm.backbone import TruncatedVLM, native_bfloat16
+
+    if not native_bfloat16(vlm_config.device):
+        return "float32", {"reason": f"{vlm_config.device} does not compute bfloat16 natively"}
+    names = np.unique(episodes)
+    held_out = np.isin(episodes, names[-max(1, len(names) // 4):]) if len(names) > 1 else (
+        np.arange(len(episodes)) >= len(episodes) * 3 // 4)  # one episode: its last quarter
+    train, val = np.flatnonzero(~held_out), np.flatnonzero(held_out)
+    targets = probe_targets(objects_to_table(objects_json), train, val)
+    if not targets:
+        return "float32", {"reason": "no annotated game state varies in the recorded frames to test bfloat16 against"}
+    set_torch_threads(vlm_config.num_threads or 1)
+    hidden, r2 = {}, {}
+    for dtype in ("float32", "bfloat16"):
+        vlm = TruncatedVLM.from_config(vlm_config.model_copy(update={"dtype": dtype}), model_path=model_path, game=game)
+        with torch.inference_mode():
+            hidden[dtype] = np.concatenate([vlm.embed(frames[i: i + 64]).cpu().numpy() for i in range(0, len(frames), 64)])
+        r2[dtype] = float(np.mean(list(ridge_probe_r2(hidden[dtype], targets, train, val).values())))
+        del vlm
+    reference = hidden["float32"].reshape(len(frames), -1)
+    spread = np.linalg.norm(reference - reference.mean(0))
+    numbers = {"frames": len(frames), "probe_r2_float32": r2["float32"], "probe_r2_bfloat16": r2["bfloat16"],
+               "centred_relative_error": float(np.linalg.norm(hidden["bfloat16"].reshape(len(frames), -1) - reference)
+                                               / spread) if spread else None,
+               "tolerance": DTYPE_R2_TOLERANCE}
+    moved = abs(r2["bfloat16"] - r2["float32"])
+    within = moved <= DTYPE_R2_TOLERANCE
+    numbers["reason"] = (f"bfloat16 moves the probe R^2 of the game state by {moved:.3f} "
+                         f"({'within' if within else 'over'} the {DTYPE_R2_TOLERANCE} tolerance)")
+    return ("bfloat16" if within else "float32"), numbers

@@ -21,10 +21,11 @@ FORMAT_VERSION = 1
 
 
 def export_encoder(checkpoint, encoder_dir: Path, config: EnvEncConfig, hidden_shape: tuple[int, ...],
-                   config_hash: str, input_fingerprint: str, metrics: dict) -> None:
+                   config_hash: str, input_fingerprint: str, metrics: dict, vlm_dtype: str) -> None:
     """Write the encoder half of a training checkpoint (a Ray `Checkpoint`) into `encoder_dir`, atomically.
 
-    `hidden_shape` is one frame's hidden state: (D,), or (T, D) for the tokens encoder.
+    `hidden_shape` is one frame's hidden state: (D,), or (T, D) for the tokens encoder; `vlm_dtype` the dtype the
+    VLM computed them in (what vlm.dtype 'auto' loads the VLM in wherever this encoder runs).
     """
     from safetensors.torch import load_file
 
@@ -40,6 +41,7 @@ def export_encoder(checkpoint, encoder_dir: Path, config: EnvEncConfig, hidden_s
         "hidden_shape": list(hidden_shape),
         "latent_dim": config.encoder.latent_dim,
         "window": autoencoder.encoder_module().window,
+        "vlm_dtype": vlm_dtype,
         "encoder": config.encoder.model_dump(mode="json"),
         "config_hash": config_hash,
         "input_fingerprint": input_fingerprint,

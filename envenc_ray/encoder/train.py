@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from envenc_ray.config import EncoderConfig, EnvEncConfig
+from envenc_ray.data.embed import META_FILE as EMBED_META
 from envenc_ray.data.schema import (hidden_shape_of, hidden_to_array, list_shards, objects_to_table,
                                     wrong_column_types)
 from envenc_ray.encoder.metrics import (
@@ -46,6 +47,7 @@ from envenc_ray.files import read_json, write_json_atomic
 from envenc_ray.layout import RunLayout
 from envenc_ray.runtime import agreed_by_rank0, note_epoch, report_epoch, tell_user, train_report_poll
 from envenc_ray.storage import readable, train_storage
+from envenc_ray.vlm.backbone import resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +175,11 @@ def train_encoder(config: EnvEncConfig) -> dict:
         "resumed_from_epoch": _resumed_from(state["history"]),
         "timings": timings,
     }
-    export_encoder(best_checkpoint, encoder_dir, config, data.hidden_shape, config_hash, fingerprint, metrics)
+    # the dtype embed computed the hidden states in (vlm.dtype 'auto' decided there): the VLM serving this encoder uses it
+    vlm_dtype = (read_json(hidden_dir / EMBED_META) or {}).get("vlm_dtype") or resolve_dtype(config.vlm.dtype,
+                                                                                             config.vlm.device)
+    export_encoder(best_checkpoint, encoder_dir, config, data.hidden_shape, config_hash, fingerprint, metrics,
+                   vlm_dtype)
     timings["export_s"] = time.perf_counter() - started
     write_json_atomic(encoder_dir / "metrics.json", json_safe(metrics))  # now with the export time
 

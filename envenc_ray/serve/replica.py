@@ -195,7 +195,7 @@ class EncoderCore:
             "preprocessor": (  # None: the client must send raw frames (no client-side resize)
                 dataclasses.asdict(self.vlm.preprocessor) if self.preprocessor_after_resize is not None else None
             ),
-            "dtype": self.spec.vlm.dtype,
+            "dtype": str(self.vlm.dtype).removeprefix("torch."),  # vlm.dtype 'auto' resolved on this replica
             "model_path": self.spec.model_path,
             "encoder_dir": self.spec.encoder_dir,
             "vlm_sha256": self.vlm_sha256,  # what agents record and check (rl/checkpoints.latents_identity)
@@ -266,7 +266,7 @@ class EncoderCore:
             if bad.any():
                 results[i] = ModelError(
                     f"the VLM produced non-finite hidden states for frames {np.flatnonzero(bad)[:8].tolist()} of "
-                    f"this call (dtype {self.spec.vlm.dtype}): the model weights may be corrupt, or bfloat16 "
+                    f"this call (dtype {self.vlm.dtype}): the model weights may be corrupt, or bfloat16 "
                     "overflowed (try vlm.dtype=float32)")
             elif request.want == "hidden":
                 results[i] = states

@@ -28,7 +28,9 @@ small `Family` subclass in `FAMILIES`:
 
 from __future__ import annotations
 
+import inspect
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,7 @@ log = logging.getLogger(__name__)
 
 POOLINGS = ("last", "mean", "image_mean", "tokens")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPE_CHOICES = (*DTYPES, "auto")  # auto: bfloat16 where checked and native, else float32 (resolve_dtype)
 BUILTIN_TINY = "builtin:tiny"
 DEFAULT_PROMPT = "a game of pong. describe the state."
 ATARI_FRAME_SIZE = (210, 160)  # every ALE game renders 210x160 RGB: the frame size the load-time prompt is for
@@ -262,6 +265,30 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+@dataclass(frozen=True)
+class PromptPlan:
+    """The static prompt for frames of one size, and what of it the decoder runs per frame (`TruncatedVLM._plan`).
+
+    Per frame, tokens `prefix` .. `end` - 1 run, on top of the prefix's keys and values computed once.
+    """
+
+    input_ids: torch.Tensor  # (1, T)
+    image_mask: torch.Tensor  # (T,) bool: the image placeholder tokens
+    prefix: int  # tokens before the first image token: computed once
+    end: int  # T, or the last image token + 1 when the pooling reads image tokens only
+    prefix_states: torch.Tensor | None = None  # (1, prefix, D): the prefix's output states
+    prefix_keys_values: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()  # per kept layer, batch 1
+
+    def prefix_cache(self, batch: int):
+        """A fresh cache holding the prefix's keys and values for `batch` frames (None without a prefix)."""
+        if not self.prefix:
+            return None
+        from transformers import DynamicCache
+
+        return DynamicCache(ddp_cache_data=[(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1))
+                                            for keys, values in self.prefix_keys_values])
+
+
 class TruncatedVLM:
     """A VLM without its LM head and the decoder layers above `layer`; `embed` maps frames to hidden states."""
 
@@ -290,10 +317,11 @@ class TruncatedVLM:
         self.source = source
         self.preprocessor = with_crop(family.preprocessor(processor.image_processor), crop)
         self.decoder = _get(backbone, family.decoder)
-        self._prompts: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        # the prompt for ALE frames; other frame sizes get theirs on first use
-        self.input_ids, self.image_mask = self._prompt_for(ATARI_FRAME_SIZE)
         self.dtype = next(backbone.parameters()).dtype
+        self._prompts: dict[tuple[int, int], PromptPlan] = {}
+        # the prompt for ALE frames; other frame sizes get theirs on first use
+        ale_prompt = self._prompt_for(ATARI_FRAME_SIZE)
+        self.input_ids, self.image_mask = ale_prompt.input_ids, ale_prompt.image_mask
 
     # ---------------------------------------------------------------- loading
 
@@ -323,8 +351,9 @@ class TruncatedVLM:
 
         if pooling not in POOLINGS:
             raise ConfigError(f"vlm.pooling must be one of {', '.join(POOLINGS)}; got {pooling!r}")
-        if dtype not in DTYPES:
-            raise ConfigError(f"vlm.dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+        if dtype not in DTYPE_CHOICES:
+            raise ConfigError(f"vlm.dtype must be one of {', '.join(DTYPE_CHOICES)}; got {dtype!r}")
+        dtype = resolve_dtype(dtype, device)
         if crop not in CROPS:  # checked before the (possibly large) model loads
             raise ConfigError(f"vlm.crop must be one of {', '.join(CROPS)}; got {crop!r}")
         if "{game}" in prompt:
@@ -461,33 +490,67 @@ class TruncatedVLM:
         """`embed` after preprocessing, e.g. from the HF processor's own `pixel_values` (and Qwen2-VL's
         `image_grid_thw`). `frame_size` is the (height, width) of the frames they came from: the number of image
         tokens depends on it for Qwen2-VL and Idefics3 image splitting."""
-        input_ids, image_mask = self._prompt_for(frame_size)
+        prompt = self._prompt_for(frame_size)
         vision_inputs = {
             key: value.to(self.device, self.dtype) if torch.is_floating_point(value) else value.to(self.device)
             for key, value in vision_inputs.items()
         }
         image_features = self.family.image_features(self.backbone, **vision_inputs)
         batch, tokens = image_features.shape[:2]
-        if tokens != int(image_mask.sum()):
+        if tokens != int(prompt.image_mask.sum()):
             height, width = frame_size
             raise ModelError(
                 f"the vision tower gave {tokens} features per frame but the prompt for {height}x{width} frames has "
-                f"{int(image_mask.sum())} image tokens; the processor and the model disagree (or frame_size is wrong)"
+                f"{int(prompt.image_mask.sum())} image tokens; the processor and the model disagree (or frame_size "
+                "is wrong)"
             )
-        token_embeddings = self.backbone.get_input_embeddings()(input_ids)  # (1, T, D): one prompt for all
+        # Only the tokens from the first image token up to `prompt.end` run per frame (see PromptPlan).
+        start, end = prompt.prefix, prompt.end
+        token_embeddings = self.backbone.get_input_embeddings()(prompt.input_ids[:, start:end])  # one prompt for all
         inputs_embeds = token_embeddings.expand(batch, -1, -1).clone()
-        inputs_embeds[:, image_mask] = image_features.to(inputs_embeds.dtype)
-        position_ids = self.family.position_ids(self.backbone, input_ids.expand(batch, -1), vision_inputs)
-        hidden = self.decoder(inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=False).last_hidden_state
-        return pool(hidden, image_mask, self.pooling)
+        inputs_embeds[:, prompt.image_mask[start:end]] = image_features.to(inputs_embeds.dtype)
+        position_ids = self.family.position_ids(self.backbone, prompt.input_ids.expand(batch, -1), vision_inputs)
+        if position_ids is not None:
+            position_ids = position_ids[..., start:end]
+        past = {self._cache_keyword: prompt.prefix_cache(batch)} if start else {}
+        hidden = self.decoder(inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=bool(start),
+                              **past).last_hidden_state
+        if start:
+            hidden = torch.cat([prompt.prefix_states.expand(batch, -1, -1), hidden], dim=1)
+        return pool(hidden, prompt.image_mask[:end], self.pooling)
 
-    def _prompt_for(self, frame_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _prompt_for(self, frame_size: tuple[int, int]) -> PromptPlan:
         frame_size = (int(frame_size[0]), int(frame_size[1]))
         if frame_size not in self._prompts:
             input_ids, image_mask = static_prompt(self.family, self.processor, self.prompt, frame_size,
                                                   self.backbone.config, self.source)
-            self._prompts[frame_size] = (input_ids.to(self.device), image_mask.to(self.device))
+            self._prompts[frame_size] = self._plan(input_ids.to(self.device), image_mask.to(self.device))
         return self._prompts[frame_size]
+
+    @torch.inference_mode()
+    def _plan(self, input_ids: torch.Tensor, image_mask: torch.Tensor) -> PromptPlan:
+        """What of the static prompt runs per frame: the tokens before the first image token are the same for every
+        frame under causal attention, so their states (and each kept layer's keys and values) are computed here,
+        once, as vLLM's prefix cache would; the tokens after the last image token are dropped when the pooling
+        reads image tokens only (nothing before them can see them)."""
+        image_positions = image_mask.nonzero().flatten()
+        end = int(image_positions[-1]) + 1 if self.pooling == "image_mean" else len(image_mask)
+        prefix = int(image_positions[0]) if self.num_layers else 0  # no kept layer: nothing to compute once
+        if prefix == 0:
+            return PromptPlan(input_ids, image_mask, 0, end)
+        from transformers import DynamicCache
+
+        embeds = self.backbone.get_input_embeddings()(input_ids[:, :prefix])
+        cache = DynamicCache()  # filled in place
+        # no position ids: text before the image counts 0..prefix-1 in every family (on all three axes in Qwen2-VL)
+        states = self.decoder(inputs_embeds=embeds, use_cache=True, **{self._cache_keyword: cache}).last_hidden_state
+        keys_values = tuple((layer.keys, layer.values) for layer in cache.layers)
+        return PromptPlan(input_ids, image_mask, prefix, end, states, keys_values)
+
+    @property
+    def _cache_keyword(self) -> str:
+        """The decoder's name for its KV cache argument: `cache` since transformers 5.2x, `past_key_values` before."""
+        return "cache" if "cache" in inspect.signature(self.decoder.forward).parameters else "past_key_values"
 
     def __repr__(self) -> str:
         return (
@@ -524,6 +587,34 @@ def static_prompt(family: Family, processor: Any, prompt: str, frame_size: tuple
     if not image_mask.any():
         raise ModelError(f"the processor of {source} put no image tokens into the prompt {text!r}")
     return input_ids, image_mask
+
+
+def resolve_dtype(dtype: str, device: str, checked_bfloat16: bool = False) -> str:
+    """The dtype a VLM computes in for a vlm.dtype setting: 'float32' and 'bfloat16' as given; 'auto' is bfloat16
+    only where `device` computes it natively and the embed stage checked, on the run's own frames, that bfloat16
+    reads the game state as well as float32 (`checked_bfloat16`, from data/embed.py's check), else float32.
+
+    Why the check: on the tiny VLM bfloat16 moves hidden states by ~0.5% of their size but ~8% of their spread
+    over frames, enough to move the probe R^2 of the game state by more than 0.01 (tests/test_vlm.py).
+    """
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if checked_bfloat16 and native_bfloat16(device) else "float32"
+
+
+def native_bfloat16(device: str) -> bool:
+    """A CUDA device with bfloat16 support, or a CPU with AVX512-BF16 or AMX (oneDNN's bf16 matmul kernels);
+    elsewhere bfloat16 is emulated and slower than float32."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if torch.device(device).type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    except OSError:  # not Linux: no cheap way to ask, and float32 is never wrong
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _load_config(source: str, trust_remote_code: bool):

@@ -36,7 +36,7 @@ import torch
 
 from envenc_ray.errors import ConfigError, ModelError
 from envenc_ray.storage import pull
-from envenc_ray.vlm.backbone import ATARI_FRAME_SIZE, FAMILIES, resolve_layer, pool, static_prompt
+from envenc_ray.vlm.backbone import ATARI_FRAME_SIZE, FAMILIES, pool, resolve_dtype, resolve_layer, static_prompt
 
 log = logging.getLogger(__name__)
 
@@ -181,25 +181,25 @@ class VLLMBackend:
         prompt = vlm_config.prompt.format(game=game)
         image_mask = static_prompt(family, processor, prompt, ATARI_FRAME_SIZE, config, str(model_path))[1]
         sequence_length = int(image_mask.shape[0])
+        dtype = resolve_dtype(vlm_config.dtype, "cuda" if current_platform.is_cuda() else "cpu")
         llm = LLM(
             model=str(checkpoint),
             runner="pooling",
             model_impl="transformers",
-            dtype=vlm_config.dtype,
+            dtype=dtype,
             hf_overrides={"text_config": {"num_hidden_layers": keep}} if keep < total else None,
             pooler_config=PoolerConfig(task="token_embed", tok_pooling_type="ALL", use_activation=False),
             max_model_len=sequence_length,
             max_num_seqs=max_num_seqs,
             # vLLM's default sizes the KV cache to most of the device's (on CPU: the machine's) memory; one
             # batch of single-frame prompts needs this much, and a second replica fits beside it
-            kv_cache_memory_bytes=kv_cache_bytes(config.text_config, keep, sequence_length, max_num_seqs,
-                                                 vlm_config.dtype),
+            kv_cache_memory_bytes=kv_cache_bytes(config.text_config, keep, sequence_length, max_num_seqs, dtype),
             trust_remote_code=vlm_config.trust_remote_code,
             enforce_eager=current_platform.is_cpu(),  # graph capture and compile pay off on GPUs only
             seed=0,
         )
         backend = cls(llm, processor, family, config, layer=keep, total_layers=total, pooling=vlm_config.pooling,
-                      prompt=prompt, source=str(model_path), dtype=vlm_config.dtype, image_mask=image_mask)
+                      prompt=prompt, source=str(model_path), dtype=dtype, image_mask=image_mask)
         log.info("loaded %s in vLLM (%s): %d of %d decoder layers, %s pooling, %d tokens per 210x160 frame",
                  checkpoint, current_platform.device_type, keep, total, vlm_config.pooling, sequence_length)
         return backend
