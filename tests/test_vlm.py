@@ -311,6 +311,18 @@ def test_auto_dtype_is_float32_unless_checked_and_native(tiny_vlm_dir):
     assert TruncatedVLM.from_pretrained(tiny_vlm_dir, dtype="auto").dtype == torch.float32
 
 
+@pytest.mark.slow  # compiling takes ~10 s per shape
+def test_compiled_layers_give_the_eager_states(tiny_vlm_dir, pong_frames):
+    eager = TruncatedVLM.from_pretrained(tiny_vlm_dir, layer=3, pooling="last")
+    compiled = TruncatedVLM.from_pretrained(tiny_vlm_dir, layer=3, pooling="last", compile=True)
+    assert compiled.compiled and not eager.compiled
+    assert all(hasattr(layer, "_compiled_call_impl") and layer._compiled_call_impl is not None
+               for layer in compiled.decoder.layers)
+    for count in (4, 7):  # the second batch size makes the layers shape-generic
+        torch.testing.assert_close(compiled.embed(pong_frames[:count]), eager.embed(pong_frames[:count]),
+                                   atol=1e-5, rtol=1e-4)
+
+
 def test_from_config_formats_the_prompt_and_needs_a_path_for_builtin_tiny(tiny_vlm_dir):
     config = VLMConfig(layer=1, pooling="mean")
     with pytest.raises(ModelError, match="init-tiny"):
