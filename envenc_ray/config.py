@@ -285,6 +285,12 @@ class RLConfig(Section):
     num_envs_per_env_runner: int = Field(
         4, ge=1, description="Vectorised sub-envs per EnvRunner; their newest frames share one encoder call per step."
     )
+    overlap: bool = Field(
+        False,
+        description="Double-buffered sampling: each EnvRunner samples its sub-envs as two groups in two threads, so "
+        "one group steps while the other's frames are encoded (rl/overlap.py). Needs an even "
+        "num_envs_per_env_runner; PPO only.",
+    )
     cpus_per_env_runner: float = Field(
         0.5, gt=0, description="CPUs reserved per EnvRunner; fractions on small machines."
     )
@@ -335,6 +341,11 @@ class RLConfig(Section):
 
     @model_validator(mode="after")
     def _check_combination(self) -> "RLConfig":
+        if self.overlap and (self.num_envs_per_env_runner < 2 or self.num_envs_per_env_runner % 2):
+            raise ValueError(f"rl.overlap splits each EnvRunner's sub-envs into two equal groups: set "
+                             f"rl.num_envs_per_env_runner to an even number >= 2 (got {self.num_envs_per_env_runner})")
+        if self.overlap and self.algo != "ppo":
+            raise ValueError(f"rl.overlap works with rl.algo 'ppo' (got {self.algo!r}); set rl.overlap to false")
         if self.algo == "dreamerv3" and self.obs_mode != "latent":
             raise ValueError(f"rl.algo 'dreamerv3' trains on 1-D latents only; set rl.obs_mode to 'latent' "
                              f"(got {self.obs_mode!r}) or use rl.algo 'ppo' for pixels")

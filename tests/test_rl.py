@@ -233,6 +233,49 @@ def test_ppo_latent_learner_sees_latents_one_encode_per_vector_step(ray_session,
         load_policy(other, checkpoint, module.observation_space, module.action_space)
 
 
+@pytest.mark.slow
+def test_overlapped_sampler_sees_what_the_plain_one_sees(ray_session, environment_encoder, tmp_path, tiny_vlm_dir):
+    # rl.overlap: two groups of sub-envs sampled in two threads. With the same seed, encoder and (greedy) policy,
+    # every sub-env's latents, rewards and episode ends equal the plain runner's; short episodes put resets inside.
+    from envenc_ray.rl.overlap import OverlappedEnvRunner
+    from envenc_ray.rl.ppo import build_ppo_config
+    from envenc_ray.rl.encoder_source import encoder_source
+
+    _, encoder_dir = environment_encoder
+    chunks = {}
+    for overlap in (False, True):
+        config = make_config(tmp_path, tiny_vlm_dir, encoder_dir, obs_mode="latent", num_env_runners=0,
+                             overlap=overlap, **(PPO_TINY | {"num_envs_per_env_runner": 4, "rollout_fragment_length": 16}))
+        config.env.max_episode_steps = 13
+        algo = build_ppo_config(config, encoder_source(config)).build_algo()
+        try:
+            runner = algo.env_runner
+            assert isinstance(runner, OverlappedEnvRunner) == overlap
+            if overlap:
+                runner.set_state(plain_state)  # the same policy weights in both groups
+            else:
+                plain_state = runner.get_state()
+            episodes = [e for _ in range(3) for e in runner.sample(num_timesteps=40, explore=False)]
+            metrics = runner.get_metrics()
+        finally:
+            algo.stop()
+        chunks[overlap] = [(np.asarray(e.get_observations()), np.asarray(e.get_rewards()), e.is_terminated,
+                            e.is_truncated) for e in episodes]
+        calls = metrics["envenc_encode_calls"]
+        calls = calls.peek() if hasattr(calls, "peek") else calls
+        frames = metrics["envenc_frames_encoded"]
+        frames = frames.peek() if hasattr(frames, "peek") else frames
+        assert frames == calls * (2 if overlap else 4)  # one encoder call per group per step, for its sub-envs
+
+    plain, overlapped = chunks[False], chunks[True]
+    assert len(plain) == len(overlapped) and sum(c[3] for c in plain) >= 4  # truncations inside the samples
+    for observations, rewards, terminated, truncated in plain:
+        match = [i for i, c in enumerate(overlapped) if c[0].shape == observations.shape
+                 and np.allclose(c[0], observations, atol=1e-5) and np.array_equal(c[1], rewards)]
+        assert match, "a plain sub-env's episode chunk has no equal in the overlapped runner's"
+        assert overlapped.pop(match[0])[2:] == (terminated, truncated)
+
+
 def other_encoder_weights(encoder_dir: Path, out: Path) -> Path:
     """A copy of the exported encoder with every weight changed: same description, other latents."""
     import shutil

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gymnasium as gym
 
+from envenc_ray.rl.overlap import OverlappedEnvRunner
 from envenc_ray.runtime import inside_ray_actor
 
 
@@ -47,7 +48,8 @@ def env_config(config) -> dict:
 
 
 def with_common_settings(algo_config, config, env_to_module, rollout_fragment_length):
-    """What every algorithm here shares: our ALE env, EnvRunners with the latent connector, learners and
+    """What every algorithm here shares: our ALE env, EnvRunners with the latent connector (double-buffered with
+    `rl.overlap`), learners and
     GPUs from `config.rl`, the experiment seed, and EnvRunners that RLlib recreates when they die
     (`rl.env_runner_restarts`); an encoder error in one (a missing file, a Serve timeout after the client's
     retries) still reaches the user: `algorithm.train_iteration` raises it."""
@@ -61,6 +63,7 @@ def with_common_settings(algo_config, config, env_to_module, rollout_fragment_le
             num_cpus_per_env_runner=rl.cpus_per_env_runner,
             rollout_fragment_length=rollout_fragment_length,
             env_to_module_connector=env_to_module,
+            env_runner_cls=OverlappedEnvRunner if rl.overlap else None,  # None: RLlib's SingleAgentEnvRunner
         )
         .learners(num_learners=rl.num_learners, num_gpus_per_learner=rl.num_gpus_per_learner)
         .debugging(seed=config.experiment.seed)
