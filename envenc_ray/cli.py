@@ -20,6 +20,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import yaml  # noqa: E402
 
+from envenc_ray.bench.autoscale import bench_autoscale  # noqa: E402
 from envenc_ray.bench.backends import bench_backends  # noqa: E402  (imports vLLM only when it runs)
 from envenc_ray.bench.encoder import bench_encoder  # noqa: E402
 from envenc_ray.bench.rollout import bench_rollout  # noqa: E402
@@ -128,11 +129,13 @@ def _build_parser() -> argparse.ArgumentParser:
     experiment.set_defaults(handler=_on_config(_experiment))
     bench = commands.add_parser(
         "bench",
-        help="benchmarks, results as JSON (encoder, rollout)",
+        help="benchmarks, results as JSON (encoder, rollout, autoscale)",
         description="encoder: naive HF path vs our batched path vs Ray Serve (frames/s, p50/p99, FLOPs, "
-        "matmul peak, batch sweep plot). rollout: RLlib sampling env-steps/s per observation mode.",
+        "matmul peak, batch sweep plot). rollout: RLlib sampling env-steps/s per observation mode, plain and "
+        "double-buffered (rl.overlap). autoscale: Serve scaling the encoder up under EnvRunner load and back "
+        "down when it stops (set serve.max_replicas above serve.min_replicas).",
     )
-    bench.add_argument("target", choices=["encoder", "rollout"], help="what to benchmark")
+    bench.add_argument("target", choices=["encoder", "rollout", "autoscale"], help="what to benchmark")
     bench.add_argument("--json", metavar="OUT", help="write the results to this JSON file (plot next to it)")
     bench.add_argument("--callers", type=int, default=2, help="encoder: concurrent Serve callers C (default 2)")
     bench.add_argument("--frames-per-call", type=int, default=16, help="encoder: frames per call N (default 16)")
@@ -231,6 +234,9 @@ def _bench(config: EnvEncConfig, args: argparse.Namespace) -> None:
     command = "envenc " + " ".join(sys.argv[1:])
     if args.target == "rollout":
         bench_rollout(config, args.json, iterations=args.iterations, command=command)
+        return
+    if args.target == "autoscale":
+        bench_autoscale(config, args.json, command=command)
         return
     if args.backend == "vllm":
         bench_backends(config, args.json, seconds=args.seconds, command=command)

@@ -220,6 +220,15 @@ class ServeConfig(Section):
     target_ongoing_requests: float = Field(
         2.0, gt=0, description="Autoscaling target of in-flight calls per replica."
     )
+    upscale_delay_s: float = Field(
+        30.0, ge=0, description="Autoscaling: how long the load must stay above target before a replica is added."
+    )
+    downscale_delay_s: float = Field(
+        600.0, ge=0, description="Autoscaling: how long the load must stay below target before a replica is removed."
+    )
+    look_back_period_s: float = Field(
+        30.0, gt=0, description="Autoscaling: the window over which in-flight calls are averaged."
+    )
     max_batch_calls: int = Field(
         8, ge=1, description="@serve.batch size: concurrent calls (each of many frames) merged into one forward."
     )

@@ -38,12 +38,13 @@ def model_and_encoder(config: EnvEncConfig) -> tuple[str, Path, bool]:
     return model_path, encoder_dir, True
 
 
-def bench_encoder_pair(config: EnvEncConfig, model_path: str, encoder_dir: Path, dtype: str):
-    """The EnvironmentEncoder the benchmarks time, in `dtype` (torch threads are set once by the caller)."""
+def bench_encoder_pair(config: EnvEncConfig, model_path: str, encoder_dir: Path, dtype: str, compile: bool = False):
+    """The EnvironmentEncoder the benchmarks time, in `dtype`, its VLM layers compiled or not (torch threads are set
+    once by the caller)."""
     from envenc_ray.encoder.environment import load_environment_encoder
     from envenc_ray.layout import RunLayout
 
-    vlm_config = config.vlm.model_copy(update={"dtype": dtype, "num_threads": None})
+    vlm_config = config.vlm.model_copy(update={"dtype": dtype, "num_threads": None, "compile": compile})
     return load_environment_encoder(vlm_config, model_path, encoder_dir, RunLayout.of(config).game)
 
 

@@ -7,8 +7,8 @@ frames/s and latency of
   (c) serve:      C caller threads, each sending N frames per call through the Serve handle (EncoderClient,
                   temporal window state carried across calls as an EnvRunner would)
 with the same torch thread count everywhere (the replica's), plus the fast-path variants (client-side
-resize off, cache hits, bfloat16), a batch-size sweep (JSON + PNG), the FLOPs per frame
-(FlopCounterMode) and the machine's measured matmul peak, so `achieved / peak` says how close to the
+resize off, cache hits, bfloat16, torch.compile'd layers in process), a batch-size sweep (JSON + PNG), the FLOPs
+per frame (FlopCounterMode) and the machine's measured matmul peak, so `achieved / peak` says how close to the
 hardware the path runs and the op profile says what holds it back.
 """
 
@@ -92,6 +92,17 @@ def bench_encoder(config: EnvEncConfig, json_out: str | None = None, callers: in
     }
     results["op_profile"] = op_profile(encoder_fp32, frames[:batch])
     results["bf16_accuracy"] = bf16_accuracy(encoder_fp32, encoder_bf16, frames[:batch])
+
+    phase(f"in-process with torch.compile'd VLM layers (vlm.compile), batch {batch}: compile, then time")
+    results["in_process_compiled"] = {}
+    for dtype in ("float32", "bfloat16"):
+        compiled = bench_encoder_pair(config, model_path, encoder_dir, dtype, compile=True)
+        t = time.perf_counter()
+        compiled.encode(frames[:batch])
+        warm_up_s = time.perf_counter() - t
+        results["in_process_compiled"][dtype] = bench_in_process(compiled, frames, batch, seconds) | {
+            "compile_s": warm_up_s}
+        del compiled
 
     # (b) and (c) alternate in rounds, so that both see the same load on a shared machine
     results["serve"], in_process = bench_serve(config, model_path, encoder_dir, frames, callers, frames_per_call,
@@ -386,11 +397,16 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
         "b_over_a": ours / naive,
         "c_over_b": served / ours,
         "achieved_over_peak_in_process": ours * flops / peak32,
+        "achieved_over_peak_in_process_bf16": results["in_process_bf16"]["frames_per_s"] * flops / peak16,
+        "achieved_over_peak_in_process_compiled": results["in_process_compiled"]["float32"]["frames_per_s"]
+        * flops / peak32,
+        "achieved_over_peak_in_process_compiled_bf16": results["in_process_compiled"]["bfloat16"]["frames_per_s"]
+        * flops / peak16,
+        "compiled_over_eager_in_process": results["in_process_compiled"]["float32"]["frames_per_s"] / ours,
         "achieved_over_peak_serve": served * flops / peak32,
         "achieved_over_peak_naive": naive * results["flops_per_frame"]["naive_full_model"] / peak32,
         "best_possible_b_over_a_at_fp32_peak": peak32 / flops / naive,
         "bf16_over_fp32_in_process": results["in_process_bf16"]["frames_per_s"] / ours,
-        "bf16_achieved_over_bf16_peak": results["in_process_bf16"]["frames_per_s"] * flops / peak16,
         "client_resize_gain": served / results["serve"]["no_client_resize"]["frames_per_s"],
         "cache_all_hits_over_no_cache": results["serve"]["cache_all_hits"]["frames_per_s"] / served,
         "two_callers_over_one": served / results["serve"]["one_caller"]["frames_per_s"],
@@ -454,6 +470,8 @@ def print_table(results: dict[str, Any], json_path: Path, png_path: Path) -> Non
         ("(a) naive HF, 1 frame/forward", results["naive"]),
         (f"(b) in-process, batch {s['in_process_batch']}", results["in_process"]),
         (f"    bfloat16, batch {s['in_process_batch']}", results["in_process_bf16"]),
+        ("    torch.compile'd layers", results["in_process_compiled"]["float32"]),
+        ("    torch.compile'd layers, bfloat16", results["in_process_compiled"]["bfloat16"]),
         (f"(c) Serve, {s['callers']} x {s['frames_per_call']} frames/call", results["serve"]["handle"]),
         ("    no client-side resize", results["serve"]["no_client_resize"]),
         ("    1 caller", results["serve"]["one_caller"]),
@@ -466,6 +484,8 @@ def print_table(results: dict[str, Any], json_path: Path, png_path: Path) -> Non
         print(f"{name:42s} {row['frames_per_s']:9.0f} {row['p50_ms']:8.1f} {row['p99_ms']:8.1f}")
     r = results["ratios"]
     print(f"\nb/a {r['b_over_a']:.2f}x   c/b {r['c_over_b']:.2f}   achieved/peak (b) {r['achieved_over_peak_in_process']:.0%}"
+          f" (bf16 {r['achieved_over_peak_in_process_bf16']:.0%}, compiled {r['achieved_over_peak_in_process_compiled']:.0%},"
+          f" compiled bf16 {r['achieved_over_peak_in_process_compiled_bf16']:.0%})"
           f"   (c) {r['achieved_over_peak_serve']:.0%}   bf16/fp32 {r['bf16_over_fp32_in_process']:.2f}x"
           f"   client resize {r['client_resize_gain']:.2f}x   cache hits {r['cache_all_hits_over_no_cache']:.2f}x")
     cost = results["serve"]["client_resize_cost"]

@@ -61,6 +61,9 @@ def deployment_options(serve_config: ServeConfig) -> dict[str, Any]:
             "initial_replicas": max(serve_config.min_replicas, 1),
             "max_replicas": serve_config.max_replicas,
             "target_ongoing_requests": serve_config.target_ongoing_requests,
+            "upscale_delay_s": serve_config.upscale_delay_s,
+            "downscale_delay_s": serve_config.downscale_delay_s,
+            "look_back_period_s": serve_config.look_back_period_s,
         },
         # ServeConfig validates max_ongoing_requests >= max_batch_calls: Serve would otherwise never let
         # enough calls into a replica to fill a batch (it silently caps at max_ongoing_requests).
