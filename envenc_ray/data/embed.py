@@ -3,11 +3,14 @@
 Ray Data streams the frame shards through an actor pool (one TruncatedVLM per actor, loaded once), so
 the same code runs one CPU actor on a laptop or one GPU actor per device on a cluster. The output is
 written into a temporary folder that is renamed to hidden/ only when complete. With vlm.pooling 'tokens'
-each row holds the frame's (T, D) per-token states, stored float16 (T times the pooled size).
+each row holds the frame's (T, D) per-token states, stored float16 (T times the pooled size). encoder.inputs
+says which states: the LLM's ('llm'), the vision tower's before the projector, averaged over patches
+('vision'), or both concatenated ([llm, vision], 'both'); `_embed.json` records it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -45,11 +48,12 @@ class EmbedSummary:
 class HiddenStates:
     """Ray Data actor: frame rows -> hidden-state rows with one TruncatedVLM loaded per actor."""
 
-    def __init__(self, vlm_config: VLMConfig, model_path: str, game: str, frame_shape: tuple, hidden_dtype: str):
+    def __init__(self, vlm_config: VLMConfig, model_path: str, game: str, frame_shape: tuple, hidden_dtype: str,
+                 inputs: str = "llm"):
         from envenc_ray.vlm.backbone import TruncatedVLM
 
         set_torch_threads(vlm_config.num_threads or 1)
-        self.vlm = TruncatedVLM.from_config(vlm_config, model_path=model_path, game=game)
+        self.vlm = TruncatedVLM.from_config(vlm_config, model_path=model_path, game=game, output=inputs)
         self.frame_shape = tuple(frame_shape)
         per_token = vlm_config.pooling == "tokens"
         hidden_shape = (self.vlm.sequence_length, self.vlm.hidden_size) if per_token else (self.vlm.hidden_size,)
@@ -63,8 +67,10 @@ class HiddenStates:
 
 
 def output_hash(config: EnvEncConfig) -> str:
-    """What determines hidden/: the frames, the VLM (as given, or finetuned by `advise`) and the read-out."""
-    return config.section_hash("experiment", "env", "collect", "vlm", "stage2", "advise", "embed")
+    """What determines hidden/: the frames, the VLM (as given, or finetuned by `advise`) and the read-out
+    (vlm.layer and pooling, and which states: encoder.inputs)."""
+    sections = config.section_hash("experiment", "env", "collect", "vlm", "stage2", "advise", "embed")
+    return hashlib.sha256(f"{sections}/{config.encoder.inputs}".encode()).hexdigest()[:16]
 
 
 def embed_current(config: EnvEncConfig) -> str | None:
@@ -97,6 +103,10 @@ def embed(config: EnvEncConfig) -> EmbedSummary:
         return EmbedSummary(meta["frames"], meta["hidden_size"], 0.0, skipped=True, hidden_shape=hidden_shape)
 
     model_path = resolve_model_path(config)
+    if config.encoder.inputs != "llm":  # here, in one line, not in a Ray Data actor's traceback
+        from envenc_ray.vlm.backbone import patch_shape_of
+
+        patch_shape_of(model_path, config.vlm.trust_remote_code)
     frame_shape = read_frame_shape(frames_dir)
     ensure_ray()
     started = time.perf_counter()
@@ -110,6 +120,7 @@ def embed(config: EnvEncConfig) -> EmbedSummary:
             game=layout.game,
             frame_shape=frame_shape,
             hidden_dtype="float16" if config.vlm.pooling == "tokens" else config.embed.hidden_dtype,
+            inputs=config.encoder.inputs,
         ),
         batch_size=config.embed.batch_size,
         batch_format="pyarrow",
@@ -127,11 +138,12 @@ def embed(config: EnvEncConfig) -> EmbedSummary:
         hidden_size = hidden_shape[-1]
         (tmp_dir / META_FILE).write_text(
             json.dumps({"config_hash": config_hash, "frames": frames, "hidden_size": hidden_size,
-                        "hidden_shape": list(hidden_shape), "model": model_path, "seconds": seconds}, indent=2)
+                        "hidden_shape": list(hidden_shape), "inputs": config.encoder.inputs, "model": model_path,
+                        "seconds": seconds}, indent=2)
         )
     summary = EmbedSummary(frames, hidden_size, seconds, skipped=False, hidden_shape=hidden_shape)
     print(
-        f"embed: {frames} frames -> {hidden_dir} (hidden state shape {hidden_shape}) in {seconds:.1f} s, "
-        f"{summary.frames_per_second:.1f} frames/s"
+        f"embed: {frames} frames -> {hidden_dir} ({config.encoder.inputs} states, shape {hidden_shape}) in "
+        f"{seconds:.1f} s, {summary.frames_per_second:.1f} frames/s"
     )
     return summary

@@ -28,6 +28,7 @@ small `Family` subclass in `FAMILIES`:
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,11 @@ from envenc_ray.vlm.preprocess import CROPS, FramePreprocessor, ReferencePreproc
 log = logging.getLogger(__name__)
 
 POOLINGS = ("last", "mean", "image_mean", "tokens")
+# What `embed` returns: the LLM's hidden state (pooled as `pooling` says), or, split at the multimodal projector
+# (see `ImageAdapter`), the vision tower's output averaged over patches ('vision'), both concatenated
+# ([llm, vision]: 'both'), or the tower's per-patch output itself ('patches', (N, P, Dv): what the projector of
+# stage2.method 'joint' reads in the RLModule). 'llm', 'vision' and 'both' are encoder.inputs.
+OUTPUTS = ("llm", "vision", "both", "patches")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BUILTIN_TINY = "builtin:tiny"
 DEFAULT_PROMPT = "a game of pong. describe the state."
@@ -64,6 +70,11 @@ class Family:
     decoder = "language_model"  # the text decoder inside the backbone: has embed_tokens, layers, norm
     layers = "layers"
     norm = "norm"
+    # The multimodal projector, relative to the backbone, when it is a module of its own over the vision tower's
+    # per-patch output: where encoder.inputs 'vision'/'both' and stage2.method 'joint' split the VLM. None: the
+    # family has no such split point, and `no_projector_split` says why.
+    projector: str | None = None
+    no_projector_split = "it has no multimodal projector of its own over the vision tower's output"
 
     def load_processor(self, source: str, config: Any, trust_remote_code: bool) -> Any:
         """The model's processor: what gives the image processor, the tokenizer and the prompt's image tokens."""
@@ -84,6 +95,15 @@ class Family:
 
     def image_features(self, backbone: nn.Module, **vision_inputs: torch.Tensor) -> torch.Tensor:
         """(N, image tokens per frame, decoder hidden size): what replaces the image placeholder tokens."""
+        raise NotImplementedError
+
+    def vision_features(self, backbone: nn.Module, **vision_inputs: torch.Tensor) -> torch.Tensor:
+        """(N, patches, Dv): the vision tower's output the projector reads (`projector` families only), so that
+        projector(vision_features(...)) == image_features(...)."""
+        raise NotImplementedError
+
+    def patch_shape(self, config: Any) -> tuple[int, int]:
+        """(patches, Dv) of `vision_features` per frame, from the model's config alone (no weights loaded)."""
         raise NotImplementedError
 
     def prompt_text(self, processor: Any, prompt: str) -> str:
@@ -110,6 +130,7 @@ class LlavaFamily(Family):
 
     name = "llava"
     model_types = ("llava",)
+    projector = "multi_modal_projector"
 
     def prune_vision(self, backbone: nn.Module) -> None:
         config = backbone.config
@@ -133,6 +154,24 @@ class LlavaFamily(Family):
         output = backbone.get_image_features(pixel_values=pixel_values, return_dict=True)
         return torch.stack(list(output.pooler_output))  # one (tokens, D) tensor per frame
 
+    def vision_features(self, backbone: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        """What `get_image_features` hands `multi_modal_projector`: the `vision_feature_layer` output(s) of the
+        tower, without CLIP's class token under the 'default' strategy, concatenated along features."""
+        config = backbone.config
+        layers = config.vision_feature_layer
+        hidden_states = backbone.vision_tower(pixel_values, output_hidden_states=True, return_dict=True).hidden_states
+        selected = [hidden_states[i] for i in ([layers] if isinstance(layers, int) else layers)]
+        if config.vision_feature_select_strategy == "default":
+            selected = [states[:, 1:] for states in selected]
+        return torch.cat(selected, dim=-1)
+
+    def patch_shape(self, config: Any) -> tuple[int, int]:
+        vision = config.vision_config
+        layers = config.vision_feature_layer
+        patches = (vision.image_size // vision.patch_size) ** 2
+        class_token = 0 if config.vision_feature_select_strategy == "default" else 1
+        return patches + class_token, vision.hidden_size * (1 if isinstance(layers, int) else len(layers))
+
 
 class Idefics3Family(Family):
     """Idefics3 (SmolVLM v1 checkpoints): SigLIP-style tower -> pixel-shuffle connector -> Llama-style decoder.
@@ -149,6 +188,7 @@ class Idefics3Family(Family):
     name = "idefics3"
     model_types = ("idefics3",)
     decoder = "text_model"
+    no_projector_split = "its connector pixel-shuffles the tower's patches into fewer tokens before projecting them"
 
     def preprocessor(self, image_processor: Any) -> ReferencePreprocessor:
         return ReferencePreprocessor(image_processor)
@@ -204,6 +244,7 @@ class Qwen2VLFamily(Family):
 
     name = "qwen2_vl"
     model_types = ("qwen2_vl",)
+    no_projector_split = "its patch merger, the projector, is part of the vision model"
 
     def load_processor(self, source: str, config: Any, trust_remote_code: bool) -> ProcessorParts:
         from transformers import AutoImageProcessor, AutoTokenizer
@@ -278,6 +319,7 @@ class TruncatedVLM:
         total_layers: int,
         source: str,
         crop: str = "model",
+        output: str = "llm",
     ):
         self.backbone = backbone
         self.processor = processor
@@ -294,6 +336,10 @@ class TruncatedVLM:
         # the prompt for ALE frames; other frame sizes get theirs on first use
         self.input_ids, self.image_mask = self._prompt_for(ATARI_FRAME_SIZE)
         self.dtype = next(backbone.parameters()).dtype
+        self.output = output
+        # (P, Dv) of the tower's per-patch output, for the read-outs split at the projector
+        self.patch_shape = family.patch_shape(backbone.config) if output != "llm" else None
+        self.adapter = ImageAdapter.of(self, "both", trainable=False) if output == "both" else None
 
     # ---------------------------------------------------------------- loading
 
@@ -311,6 +357,7 @@ class TruncatedVLM:
         trust_remote_code: bool = False,
         crop: str = "model",
         final_norm: bool = False,
+        output: str = "llm",
     ) -> TruncatedVLM:
         """Load an image-text-to-text model (local directory or hub name) and truncate it after `layer`.
 
@@ -318,6 +365,7 @@ class TruncatedVLM:
         final norm. `num_threads` sets torch's intra-op threads for the whole process (1 in Ray actors).
         `crop="none"` resizes the whole frame instead of the processor's center crop (`preprocess.with_crop`).
         `final_norm=True` applies the decoder's final norm below the top layer too (what vLLM's pooler reads).
+        `output` is what `embed` returns (see OUTPUTS); all but 'llm' need a family with a `projector`.
         """
         from transformers import AutoModelForImageTextToText
 
@@ -327,6 +375,8 @@ class TruncatedVLM:
             raise ConfigError(f"vlm.dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
         if crop not in CROPS:  # checked before the (possibly large) model loads
             raise ConfigError(f"vlm.crop must be one of {', '.join(CROPS)}; got {crop!r}")
+        if output not in OUTPUTS:
+            raise ConfigError(f"TruncatedVLM output must be one of {', '.join(OUTPUTS)}; got {output!r}")
         if "{game}" in prompt:
             raise ConfigError(
                 f"prompt {prompt!r} still holds '{{game}}': format it first or use TruncatedVLM.from_config"
@@ -341,6 +391,8 @@ class TruncatedVLM:
                 f"{source} is a {config.model_type!r} image-text-to-text model, which TruncatedVLM has no adapter "
                 f"for yet; supported model types: {', '.join(sorted(FAMILIES))}"
             )
+        if output != "llm":
+            check_projector_split(family, source)
         local = Path(source)
         if local.is_dir() and not any(local.glob("*.safetensors")) and any(local.glob("*.bin")):
             raise ModelError(f"{source} holds its weights only as .bin (a pickle, which can run code when loaded): "
@@ -378,6 +430,7 @@ class TruncatedVLM:
             total_layers=total_layers,
             source=source,
             crop=crop,
+            output=output,
         )
         log.info(
             "loaded %s (%s): kept %d of %d decoder layers, %s pooling, %d tokens per 210x160 frame (%d image, "
@@ -388,8 +441,10 @@ class TruncatedVLM:
         return vlm
 
     @classmethod
-    def from_config(cls, vlm_config: Any, model_path: str | Path | None = None, game: str = "pong") -> TruncatedVLM:
-        """Build from a `VLMConfig`; `model_path` overrides `vlm_config.model` (the caller resolves builtin:tiny)."""
+    def from_config(cls, vlm_config: Any, model_path: str | Path | None = None, game: str = "pong",
+                    output: str = "llm") -> TruncatedVLM:
+        """Build from a `VLMConfig`; `model_path` overrides `vlm_config.model` (the caller resolves builtin:tiny).
+        `output`: what `embed` returns (OUTPUTS; encoder.inputs, or 'patches' for stage2.method 'joint')."""
         source = model_path if model_path is not None else vlm_config.model
         if str(source) == BUILTIN_TINY:
             raise ModelError(
@@ -407,14 +462,19 @@ class TruncatedVLM:
             trust_remote_code=vlm_config.trust_remote_code,
             crop=vlm_config.crop,
             final_norm=vlm_config.final_norm,
+            output=output,
         )
 
     # ---------------------------------------------------------------- properties
 
     @property
     def hidden_size(self) -> int:
-        """D of the returned hidden states."""
-        return self.decoder.config.hidden_size
+        """D of the returned hidden states: the decoder's width ('llm'), the vision tower's Dv ('vision', and per
+        patch for 'patches'), or their sum ('both')."""
+        llm = self.decoder.config.hidden_size
+        if self.output == "llm":
+            return llm
+        return llm + self.patch_shape[1] if self.output == "both" else self.patch_shape[1]
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -466,6 +526,8 @@ class TruncatedVLM:
             key: value.to(self.device, self.dtype) if torch.is_floating_point(value) else value.to(self.device)
             for key, value in vision_inputs.items()
         }
+        if self.output != "llm":  # encoder.inputs vision/both, stage2.method joint: split at the projector
+            return self._embed_split(vision_inputs)
         image_features = self.family.image_features(self.backbone, **vision_inputs)
         batch, tokens = image_features.shape[:2]
         if tokens != int(image_mask.sum()):
@@ -481,6 +543,16 @@ class TruncatedVLM:
         hidden = self.decoder(inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=False).last_hidden_state
         return pool(hidden, image_mask, self.pooling)
 
+    def _embed_split(self, vision_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The read-outs of OUTPUTS other than 'llm', from one vision-tower pass; with 'vision' the decoder does not
+        run, with 'both' the LLM half is `ImageAdapter` over the same features (equal to the 'llm' read-out)."""
+        patches = self.family.vision_features(self.backbone, **vision_inputs)
+        if self.output == "patches":
+            return patches.float().contiguous()
+        if self.output == "vision":
+            return patch_mean(patches)
+        return self.adapter(patches)
+
     def _prompt_for(self, frame_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         frame_size = (int(frame_size[0]), int(frame_size[1]))
         if frame_size not in self._prompts:
@@ -495,6 +567,100 @@ class TruncatedVLM:
             f"pooling={self.pooling}, hidden_size={self.hidden_size}, image_size={self.image_size}, "
             f"tokens={self.sequence_length}, dtype={self.dtype})"
         )
+
+
+# -------------------------------------------------------------------- the VLM from its projector on
+
+
+class FrozenDecoder:
+    """The truncated decoder with the prompt around the image, as plain tensors and a module kept out of any
+    module tree: projected image features (N, image tokens, D) -> pooled hidden states (N, D) float32.
+
+    Llava's prompt is the same for every frame (one image token per patch, positions 0..T-1), so its token
+    embeddings are looked up once. Nothing here has requires_grad; gradients only pass through it.
+    """
+
+    def __init__(self, vlm: TruncatedVLM):
+        with torch.no_grad():
+            self.prompt_embeddings = vlm.backbone.get_input_embeddings()(vlm.input_ids).detach()  # (1, T, D)
+        self.decoder, self.image_mask, self.pooling = vlm.decoder, vlm.image_mask, vlm.pooling
+
+    @property
+    def device(self) -> torch.device:
+        return self.prompt_embeddings.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.prompt_embeddings.dtype
+
+    def to(self, device: torch.device) -> FrozenDecoder:
+        self.decoder.to(device)
+        self.prompt_embeddings, self.image_mask = self.prompt_embeddings.to(device), self.image_mask.to(device)
+        return self
+
+    def __call__(self, image_features: torch.Tensor) -> torch.Tensor:
+        inputs_embeds = self.prompt_embeddings.expand(len(image_features), -1, -1).clone()
+        inputs_embeds[:, self.image_mask] = image_features.to(self.dtype)  # autograd follows the scatter
+        hidden = self.decoder(inputs_embeds=inputs_embeds, use_cache=False).last_hidden_state
+        return pool(hidden, self.image_mask, self.pooling)
+
+
+class ImageAdapter(nn.Module):
+    """The VLM from its multimodal projector on: the tower's per-patch output (N, P, Dv) -> the pooled hidden state
+    at vlm.layer (N, D), or [that, the patch mean of the same features] (N, D + Dv) for encoder.inputs 'both'.
+
+    `projector` is its only registered submodule: the VLM's own (frozen: TruncatedVLM's 'both' read-out), or a
+    float32 copy that the RL loss trains (stage2.method 'joint', `trainable=True`). The truncated decoder and the
+    prompt live in `frozen` (`FrozenDecoder`), outside the module tree, so they never reach an optimizer, a
+    state_dict, a checkpoint or RLlib's weight sync: a decoder slice of a real VLM is gigabytes.
+    """
+
+    def __init__(self, projector: nn.Module, frozen: FrozenDecoder, inputs: str):
+        super().__init__()
+        if inputs not in ("llm", "both"):
+            raise ConfigError(f"the adapter reads the projector for encoder.inputs llm or both; got {inputs!r}")
+        self.projector, self.frozen, self.inputs = projector, frozen, inputs
+
+    @classmethod
+    def of(cls, vlm: TruncatedVLM, inputs: str, trainable: bool) -> ImageAdapter:
+        projector = _get(vlm.backbone, vlm.family.projector)
+        if trainable:  # float32 weights for the optimizer whatever vlm.dtype computes in
+            projector = copy.deepcopy(projector).float().requires_grad_(True).train()
+        return cls(projector, FrozenDecoder(vlm), inputs)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        if self.frozen.device != patches.device:  # a Learner moved the module to its GPU: the decoder follows
+            self.frozen.to(patches.device)
+        projector_dtype = next(self.projector.parameters()).dtype
+        hidden = self.frozen(self.projector(patches.to(projector_dtype)))
+        return hidden if self.inputs == "llm" else torch.cat([hidden, patch_mean(patches)], dim=1)
+
+
+def patch_mean(patches: torch.Tensor) -> torch.Tensor:
+    """(N, P, Dv) per-patch vision features -> (N, Dv) float32: encoder.inputs 'vision', the 'both' half."""
+    return patches.float().mean(dim=1)
+
+
+def check_projector_split(family: Family, source: str) -> None:
+    """A one-line ModelError unless `family` has a separable multimodal projector (`Family.projector`)."""
+    if family.projector is None:
+        supported = sorted({f.name for f in FAMILIES.values() if f.projector is not None})
+        raise ModelError(f"encoder.inputs vision/both and stage2.method joint split the VLM at its multimodal "
+                         f"projector, but {source} is a {family.name} model and {family.no_projector_split}; use a "
+                         f"model of the {', '.join(supported)} family (vlm.model), or encoder.inputs=llm with "
+                         "stage2.method pretrained or finetuned")
+
+
+def patch_shape_of(source: str, trust_remote_code: bool = False) -> tuple[int, int]:
+    """(P, Dv) of the 'patches' read-out of the model in `source`, from its config alone (checked on a driver
+    before anything loads weights); a ModelError for a family that cannot be split at its projector."""
+    config = _load_config(str(pull(source)), trust_remote_code)
+    family = FAMILIES.get(config.model_type)
+    if family is None:
+        raise ModelError(f"{source} is a {config.model_type!r} model, which TruncatedVLM has no adapter for yet; "
+                         f"supported model types: {', '.join(sorted(FAMILIES))}")
+    check_projector_split(family, source)
+    return family.patch_shape(config)
 
 
 # -------------------------------------------------------------------- helpers
