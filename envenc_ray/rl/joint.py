@@ -98,7 +98,9 @@ def joint_module_spec(config: EnvEncConfig) -> RLModuleSpec:
                           "passes the projector stage2.method 'joint' trains; use an encoder of inputs llm or both")
     joint = {
         "model_path": resolve_model_path(config),
-        "vlm": config.vlm.model_dump(mode="json") | {"num_threads": None},  # the process's threads stay as set
+        # loaded on the CPU: RLlib moves the module to its Learner's device, and the frozen decoder follows the
+        # features there (ImageAdapter.forward); the process's torch threads stay as RLlib set them
+        "vlm": config.vlm.model_dump(mode="json") | {"device": "cpu", "num_threads": None},
         "game": layout.game,
         "encoder_dir": str(layout.agent_encoder.resolve()),
         "inputs": inputs,
