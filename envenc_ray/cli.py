@@ -23,6 +23,7 @@ import yaml  # noqa: E402
 from envenc_ray.bench.autoscale import bench_autoscale  # noqa: E402
 from envenc_ray.bench.backends import bench_backends  # noqa: E402  (imports vLLM only when it runs)
 from envenc_ray.bench.encoder import bench_encoder  # noqa: E402
+from envenc_ray.bench.learner import bench_learner  # noqa: E402
 from envenc_ray.bench.rollout import bench_rollout  # noqa: E402
 from envenc_ray.config import EnvEncConfig, load_config  # noqa: E402
 from envenc_ray.errors import ConfigError, EnvEncError, NotImplementedStageError  # noqa: E402
@@ -129,13 +130,14 @@ def _build_parser() -> argparse.ArgumentParser:
     experiment.set_defaults(handler=_on_config(_experiment))
     bench = commands.add_parser(
         "bench",
-        help="benchmarks, results as JSON (encoder, rollout, autoscale)",
+        help="benchmarks, results as JSON (encoder, rollout, autoscale, learner)",
         description="encoder: naive HF path vs our batched path vs Ray Serve (frames/s, p50/p99, FLOPs, "
         "matmul peak, batch sweep plot). rollout: RLlib sampling env-steps/s per observation mode, plain and "
         "double-buffered (rl.overlap). autoscale: Serve scaling the encoder up under EnvRunner load and back "
-        "down when it stops (set serve.max_replicas above serve.min_replicas).",
+        "down when it stops (set serve.max_replicas above serve.min_replicas). learner: seconds per PPO learner "
+        "update on precomputed latents vs stage2.method joint.",
     )
-    bench.add_argument("target", choices=["encoder", "rollout", "autoscale"], help="what to benchmark")
+    bench.add_argument("target", choices=["encoder", "rollout", "autoscale", "learner"], help="what to benchmark")
     bench.add_argument("--json", metavar="OUT", help="write the results to this JSON file (plot next to it)")
     bench.add_argument("--callers", type=int, default=2, help="encoder: concurrent Serve callers C (default 2)")
     bench.add_argument("--frames-per-call", type=int, default=16, help="encoder: frames per call N (default 16)")
@@ -143,7 +145,8 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="encoder: 'vllm' times the transformers and vLLM backends side by side in one run "
                        "(needs envenc-ray[vllm]; JSON default <run>/bench/encoder-vllm.json)")
     bench.add_argument("--seconds", type=float, default=4.0, help="encoder: measuring time of each phase (default 4)")
-    bench.add_argument("--iterations", type=int, default=3, help="rollout: measured rounds per mode (default 3)")
+    bench.add_argument("--iterations", type=int, default=3,
+                       help="rollout: measured rounds per mode; learner: measured updates per mode (default 3)")
     _add_config_arguments(bench)
     bench.set_defaults(handler=_on_config(_bench))
 
@@ -237,6 +240,9 @@ def _bench(config: EnvEncConfig, args: argparse.Namespace) -> None:
         return
     if args.target == "autoscale":
         bench_autoscale(config, args.json, command=command)
+        return
+    if args.target == "learner":
+        bench_learner(config, args.json, iterations=args.iterations, command=command)
         return
     if args.backend == "vllm":
         bench_backends(config, args.json, seconds=args.seconds, command=command)

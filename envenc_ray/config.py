@@ -105,14 +105,32 @@ class CollectConfig(Section):
 
 
 class Stage2Config(Section):
-    """Which VLM the encoder reads: the model as given, or one finetuned on game text first (`envenc advise`)."""
+    """Which VLM the encoder reads: the model as given, one finetuned on game text first (`envenc advise`), or
+    one whose projector the RL loss trains alongside the agent."""
 
-    method: Literal["pretrained", "finetuned"] = Field(
+    method: Literal["pretrained", "finetuned", "joint"] = Field(
         "pretrained",
         description="'pretrained': vlm.model as is (the built-in tiny VLM has random weights); 'finetuned': "
         "`advise` first finetunes it on (frame, text) pairs from the RAM annotations, and every later stage "
-        "reads the finetuned VLM.",
+        "reads the finetuned VLM; 'joint': the agent's RLModule holds the VLM's multimodal projector as trainable "
+        "weights (then the frozen truncated decoder and the encoder), so PPO's loss trains it (Llava-family "
+        "models, rl.algo ppo, rl.obs_mode latent).",
     )
+    joint_from: Literal["pretrained", "finetuned"] = Field(
+        "pretrained",
+        description="stage2.method 'joint': the VLM the adapter starts from (and embed and train-encoder read): "
+        "vlm.model as is, or the one `advise` finetunes first.",
+    )
+    train_encoder: bool = Field(
+        False,
+        description="stage2.method 'joint': the RL loss also trains the encoder (pretrained by train-encoder); "
+        "false keeps it frozen and trains the projector alone.",
+    )
+
+    @property
+    def reads_finetuned_vlm(self) -> bool:
+        """Whether the run reads the VLM `advise` makes (and so runs advise first)."""
+        return self.method == "finetuned" or (self.method == "joint" and self.joint_from == "finetuned")
 
 
 class AdviseConfig(Section):
@@ -175,6 +193,13 @@ class EmbedConfig(Section):
 
 
 class EncoderConfig(Section):
+    inputs: Literal["llm", "vision", "both"] = Field(
+        "llm",
+        description="What the autoencoder reads of each frame: the LLM's hidden state at vlm.layer ('llm'), the "
+        "vision tower's output before the multimodal projector, averaged over patches ('vision': the decoder does "
+        "not run), or both concatenated ([llm, vision]: the 'holistic' embedding). Llava-family models for "
+        "vision and both.",
+    )
     kind: Literal["mlp", "temporal", "vq", "linear", "tokens"] = Field(
         "temporal",
         description="Autoencoder over hidden states: per-frame MLP, temporal window, VQ, linear, or 'tokens' "
@@ -378,6 +403,33 @@ class EnvEncConfig(Section):
     serve: ServeConfig = ServeConfig()
     rl: RLConfig = RLConfig()
 
+    # ------------------------------------------------ encoder.inputs and stage2.method 'joint': what cannot work
+
+    @model_validator(mode="after")
+    def _check_views_and_joint(self) -> "EnvEncConfig":
+        inputs, stage2 = self.encoder.inputs, self.stage2
+        if inputs != "llm" and self.vlm.pooling == "tokens":
+            raise ValueError(f"encoder.inputs {inputs!r} reads one pooled vector per frame, but vlm.pooling 'tokens' "
+                             "keeps per-token states; set vlm.pooling to last, mean or image_mean, or encoder.inputs=llm")
+        if inputs != "llm" and self.serve.backend == "vllm":
+            raise ValueError(f"serve.backend 'vllm' returns the LLM's hidden state only, not encoder.inputs {inputs!r}; "
+                             "set serve.backend=transformers or encoder.inputs=llm")
+        if stage2.method != "joint":
+            return self
+        refusals = [
+            (self.rl.algo != "ppo", f"rl.algo {self.rl.algo!r}: joint training is built on PPO's RLModule; set rl.algo=ppo"),
+            (self.rl.obs_mode != "latent", f"rl.obs_mode {self.rl.obs_mode!r}: set rl.obs_mode=latent"),
+            (self.vlm.pooling == "tokens", "vlm.pooling 'tokens': set vlm.pooling to last, mean or image_mean"),
+            (inputs == "vision", "encoder.inputs 'vision' never reads the projector it would train; set encoder.inputs "
+             "to llm or both"),
+            (self.serve.backend == "vllm", "serve.backend 'vllm' cannot return the vision tower's output; set "
+             "serve.backend=transformers"),
+        ]
+        for refused, why in refusals:
+            if refused:
+                raise ValueError(f"stage2.method 'joint' does not work with {why}")
+        return self
+
     @property
     def run_dir(self) -> Path:
         """Where this process reads and writes the run: <run_root>/<name>, or its local copy for a URI run root
@@ -499,7 +551,9 @@ def explain_validation_error(error: ValidationError, sources: dict[str, str]) ->
         origin = next(
             (sources[k] for k in _prefixes(dotted) if k in sources), "the defaults"
         )
-        if item["type"] == "extra_forbidden":
+        if not item["loc"]:  # a check across sections (EnvEncConfig's validators): its message names the keys
+            lines.append(item["msg"].removeprefix("Value error, "))
+        elif item["type"] == "extra_forbidden":
             section = ".".join(str(p) for p in item["loc"][:-1])
             known = _known_keys(section)
             lines.append(f"unknown key '{dotted}' in {origin}; known keys here: {', '.join(known)}")

@@ -4,7 +4,8 @@
                                 `agent_encoder` (rl.encoder_dir, else <run>/encoder) and the canonical game
     base_model_path(config)     'builtin:tiny' -> <run>/vlm (built there on first use); else vlm.model
     resolve_model_path(config)  the VLM every later stage reads: the base model, or with
-                                stage2.method 'finetuned' the one <run>/advise.json points at
+                                stage2.method 'finetuned' (or 'joint' from finetuned) the one
+                                <run>/advise.json points at
     shared_dir(config)          <run_root>/_shared: artifacts that runs and experiment arms share
     synced_run(config)          around a stage on the driver: a run on a URI run root down, then up (storage.py)
 
@@ -129,8 +130,8 @@ def base_model_path(config: EnvEncConfig) -> str:
 
 
 def resolve_model_path(config: EnvEncConfig) -> str:
-    """The VLM that embed, Serve and the agent read under `config.stage2.method` (absolute if a folder)."""
-    if config.stage2.method == "pretrained":
+    """The VLM that embed, Serve and the agent read under `config.stage2` (absolute if a folder)."""
+    if not config.stage2.reads_finetuned_vlm:
         model = base_model_path(config)
     else:
         model = _finetuned_model_path(config)
@@ -141,7 +142,7 @@ def _finetuned_model_path(config: EnvEncConfig) -> str:
     pointer_path = RunLayout.of(config).advise_pointer
     pointer = read_json(pointer_path)
     if pointer is None or not (Path(pointer["vlm"]) / "config.json").is_file():
-        raise ModelError(f"stage2.method is 'finetuned' but {pointer_path} names no finetuned VLM yet: run "
+        raise ModelError(f"stage2 reads the finetuned VLM but {pointer_path} names none yet: run "
                          "`envenc advise CONFIG` (or `envenc run CONFIG`) first")
     from envenc_ray.config import advise_settings_hash
 

@@ -1,7 +1,7 @@
 """The stage registry, and `envenc run`: every stage in order on one Ray session, skipping the current ones.
 
     preflight (cheap checks: run dir writable, model present, no artifact of another config)
-    -> collect -> [advise, with stage2.method 'finetuned'] -> embed -> train-encoder
+    -> collect -> [advise, with stage2.method 'finetuned' or joint_from 'finetuned'] -> embed -> train-encoder
     -> [serve: deploy the encoder service once, for latents from Serve] -> train -> evaluate -> report,
     with manifest.json recording what each stage did and how long it took.
 
@@ -120,9 +120,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("collect", "play the game and record frames, RAM annotations and advice to <run>/frames/",
           run=collect, writes="frames", current=collect_current),
     Stage("advise", "finetune the VLM on (frame, text) pairs from the RAM annotations (Ray Train) into a shared, "
-          "content-addressed vlm/ that the run reads with stage2.method=finetuned",
+          "content-addressed vlm/ that the run reads with stage2.method=finetuned (or joint_from=finetuned)",
           run=advise, reads=("frames",), writes="advise_pointer", current=advise_current,
-          in_run=lambda config: config.stage2.method == "finetuned"),
+          in_run=lambda config: config.stage2.reads_finetuned_vlm),
     Stage("embed", "run the truncated VLM over recorded frames into <run>/hidden/ (Ray Data)",
           run=embed, reads=("frames", "advise_pointer"), writes="hidden", current=embed_current),
     Stage("train-encoder", "train the autoencoder on hidden states (Ray Train), export the encoder to <run>/encoder/",

@@ -143,7 +143,7 @@ def _representation_section(config: EnvEncConfig, layout: RunLayout) -> tuple[li
         return ["## What the representation knows", "", "No encoder trained yet (`envenc train-encoder`)."], {}
     best = next(e for e in encoder_metrics["epochs"] if e["epoch"] == encoder_metrics["best_epoch"])
     hidden = encoder_metrics["baseline"]["probe_r2_hidden"]
-    if config.stage2.method == "pretrained":
+    if not config.stage2.reads_finetuned_vlm:
         untrained = hidden  # the run reads the VLM as given: its hidden state is the untrained one
     else:
         from envenc_ray.encoder.diagnostics import base_probe_r2

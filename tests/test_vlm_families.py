@@ -351,6 +351,20 @@ def test_qwen2_vl_rejects_pixels_off_its_patch_grid(references):
         vlm.preprocessor.to_patches(pixels)
 
 
+@pytest.mark.parametrize("family, why", [("idefics3", "pixel-shuffles"), ("qwen2_vl", "part of the vision model")])
+def test_families_without_a_separable_projector_refuse_the_split(references, family, why):
+    """encoder.inputs vision/both and stage2.method joint need the projector as a module of its own: one line
+    saying why this family has none and what to use, from the config alone and when loading."""
+    from envenc_ray.errors import ModelError
+    from envenc_ray.vlm.backbone import patch_shape_of
+
+    model_dir = str(references[family][0])
+    for attempt in (lambda: patch_shape_of(model_dir), lambda: TruncatedVLM.from_pretrained(model_dir, output="both")):
+        with pytest.raises(ModelError, match=f"{family} model and .*{why}.*llava family") as error:
+            attempt()
+        assert "\n" not in str(error.value)
+
+
 # ------------------------------------------------------------------------------------------ serving
 
 

@@ -25,7 +25,7 @@ def model_and_encoder(config: EnvEncConfig) -> tuple[str, Path, bool]:
     trained = RunLayout.of(config).agent_encoder
     if (trained / "config.json").is_file():
         return model_path, trained, False
-    hidden_size = TruncatedVLM.from_config(config.vlm, model_path=model_path).hidden_size
+    hidden_size = TruncatedVLM.from_config(config.vlm, model_path=model_path, output=config.encoder.inputs).hidden_size
     torch.manual_seed(config.experiment.seed)
     encoder = build_autoencoder(config.encoder, hidden_size).encoder_module()
     encoder_dir = Path(tempfile.mkdtemp(prefix="envenc-bench-")) / "encoder"

@@ -3,7 +3,9 @@
 Ray Data streams the frame shards through an actor pool (one TruncatedVLM per actor, loaded once), so
 the same code runs one CPU actor on a laptop or one GPU actor per device on a cluster. The output is
 written into a temporary folder that is renamed to hidden/ only when complete. With vlm.pooling 'tokens'
-each row holds the frame's (T, D) per-token states, stored float16 (T times the pooled size).
+each row holds the frame's (T, D) per-token states, stored float16 (T times the pooled size). encoder.inputs
+says which states: the LLM's ('llm'), the vision tower's before the projector, averaged over patches
+('vision'), or both concatenated ([llm, vision], 'both'); `_embed.json` records it.
 
 vlm.dtype 'auto' is decided here, once per run (`choose_dtype`): bfloat16 only where the embed actors' device
 computes it natively and, on a sample of the recorded frames, it reads the game state as well as float32 does
@@ -13,6 +15,7 @@ carries it on, and Serve replicas and EnvRunners load the VLM in the dtype their
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -56,11 +59,12 @@ class EmbedSummary:
 class HiddenStates:
     """Ray Data actor: frame rows -> hidden-state rows with one TruncatedVLM loaded per actor."""
 
-    def __init__(self, vlm_config: VLMConfig, model_path: str, game: str, frame_shape: tuple, hidden_dtype: str):
+    def __init__(self, vlm_config: VLMConfig, model_path: str, game: str, frame_shape: tuple, hidden_dtype: str,
+                 inputs: str = "llm"):
         from envenc_ray.vlm.backbone import TruncatedVLM
 
         set_torch_threads(vlm_config.num_threads or 1)
-        self.vlm = TruncatedVLM.from_config(vlm_config, model_path=model_path, game=game)
+        self.vlm = TruncatedVLM.from_config(vlm_config, model_path=model_path, game=game, output=inputs)
         self.frame_shape = tuple(frame_shape)
         per_token = vlm_config.pooling == "tokens"
         hidden_shape = (self.vlm.sequence_length, self.vlm.hidden_size) if per_token else (self.vlm.hidden_size,)
@@ -74,8 +78,10 @@ class HiddenStates:
 
 
 def output_hash(config: EnvEncConfig) -> str:
-    """What determines hidden/: the frames, the VLM (as given, or finetuned by `advise`) and the read-out."""
-    return config.section_hash("experiment", "env", "collect", "vlm", "stage2", "advise", "embed")
+    """What determines hidden/: the frames, the VLM (as given, or finetuned by `advise`) and the read-out
+    (vlm.layer and pooling, and which states: encoder.inputs)."""
+    sections = config.section_hash("experiment", "env", "collect", "vlm", "stage2", "advise", "embed")
+    return hashlib.sha256(f"{sections}/{config.encoder.inputs}".encode()).hexdigest()[:16]
 
 
 def embed_current(config: EnvEncConfig) -> str | None:
@@ -108,6 +114,10 @@ def embed(config: EnvEncConfig) -> EmbedSummary:
         return EmbedSummary(meta["frames"], meta["hidden_size"], 0.0, skipped=True, hidden_shape=hidden_shape)
 
     model_path = resolve_model_path(config)
+    if config.encoder.inputs != "llm":  # here, in one line, not in a Ray Data actor's traceback
+        from envenc_ray.vlm.backbone import patch_shape_of
+
+        patch_shape_of(model_path, config.vlm.trust_remote_code)
     frame_shape = read_frame_shape(frames_dir)
     ensure_ray()
     started = time.perf_counter()
@@ -123,6 +133,7 @@ def embed(config: EnvEncConfig) -> EmbedSummary:
             game=layout.game,
             frame_shape=frame_shape,
             hidden_dtype="float16" if config.vlm.pooling == "tokens" else config.embed.hidden_dtype,
+            inputs=config.encoder.inputs,
         ),
         batch_size=config.embed.batch_size,
         batch_format="pyarrow",
@@ -140,13 +151,13 @@ def embed(config: EnvEncConfig) -> EmbedSummary:
         hidden_size = hidden_shape[-1]
         (tmp_dir / META_FILE).write_text(
             json.dumps({"config_hash": config_hash, "frames": frames, "hidden_size": hidden_size,
-                        "hidden_shape": list(hidden_shape), "model": model_path, "vlm_dtype": dtype,
-                        "dtype_check": dtype_check, "seconds": seconds}, indent=2)
+                        "hidden_shape": list(hidden_shape), "inputs": config.encoder.inputs, "model": model_path,
+                        "vlm_dtype": dtype, "dtype_check": dtype_check, "seconds": seconds}, indent=2)
         )
     summary = EmbedSummary(frames, hidden_size, seconds, skipped=False, hidden_shape=hidden_shape)
     print(
-        f"embed: {frames} frames -> {hidden_dir} (hidden state shape {hidden_shape}, {dtype}) in {seconds:.1f} s, "
-        f"{summary.frames_per_second:.1f} frames/s"
+        f"embed: {frames} frames -> {hidden_dir} ({config.encoder.inputs} states, shape {hidden_shape}, {dtype}) in "
+        f"{seconds:.1f} s, {summary.frames_per_second:.1f} frames/s"
     )
     return summary
 
@@ -170,15 +181,16 @@ def choose_dtype(config: EnvEncConfig, model_path: str, game: str, shards: list[
         episodes.append(table["episode_id"].to_numpy())
     check = ray.remote(bfloat16_check).options(num_cpus=config.embed.num_cpus, num_gpus=config.embed.num_gpus)
     dtype, numbers = ray.get(check.remote(config.vlm, model_path, game, np.concatenate(frames), objects,
-                                          np.concatenate(episodes)))
+                                          np.concatenate(episodes), config.encoder.inputs))
     print(f"embed: vlm.dtype auto -> {dtype} ({numbers['reason']})")
     return dtype, numbers
 
 
 def bfloat16_check(vlm_config: VLMConfig, model_path: str, game: str, frames: np.ndarray, objects_json: list[str],
-                   episodes: np.ndarray) -> tuple[str, dict]:
+                   episodes: np.ndarray, inputs: str = "llm") -> tuple[str, dict]:
     """('bfloat16' or 'float32', the numbers): bfloat16 iff this device computes it natively and the mean ridge
-    probe R^2 of the annotated game state (held-out episodes) moves by at most DTYPE_R2_TOLERANCE from float32's."""
+    probe R^2 of the annotated game state (held-out episodes), in the states of `inputs` (encoder.inputs), moves by
+    at most DTYPE_R2_TOLERANCE from float32's."""
     import torch
 
     from envenc_ray.encoder.metrics import probe_targets, ridge_probe_r2
@@ -196,7 +208,8 @@ def bfloat16_check(vlm_config: VLMConfig, model_path: str, game: str, frames: np
     set_torch_threads(vlm_config.num_threads or 1)
     hidden, r2 = {}, {}
     for dtype in ("float32", "bfloat16"):
-        vlm = TruncatedVLM.from_config(vlm_config.model_copy(update={"dtype": dtype}), model_path=model_path, game=game)
+        vlm = TruncatedVLM.from_config(vlm_config.model_copy(update={"dtype": dtype}), model_path=model_path, game=game,
+                                       output=inputs)
         with torch.inference_mode():
             hidden[dtype] = np.concatenate([vlm.embed(frames[i: i + 64]).cpu().numpy() for i in range(0, len(frames), 64)])
         r2[dtype] = float(np.mean(list(ridge_probe_r2(hidden[dtype], targets, train, val).values())))

@@ -3,6 +3,9 @@
 The service and the RLlib connector wrap this. It keeps no per-episode state itself: for the windowed
 encoders (temporal, tokens) the caller passes each episode's window state (its previous k-1 hidden states)
 and gets the updated state back, so replicas stay stateless and an episode's window lives with the episode.
+
+`AdapterFeatures` is its stage2.method 'joint' twin: the encoder runs in the agent's RLModule instead, after the
+trainable projector, so what frames become here is the window of the vision tower's per-patch output.
 """
 
 from __future__ import annotations
@@ -56,6 +59,11 @@ class EnvironmentEncoder:
         """One frame's hidden state: (D,), or (T, D) for the tokens encoder."""
         return self.encoder.hidden_shape
 
+    @property
+    def windowed(self) -> bool:
+        """Whether a latent reads a window of frames (then per-episode window states travel with the calls)."""
+        return self.encoder.kind in WINDOWED_KINDS
+
     def hidden(self, frames_uint8: np.ndarray) -> np.ndarray:
         """Raw hidden states (N, *hidden_shape) float32 of a batch of frames (N, H, W, 3) uint8, checked here,
         once: the in-process entry (the VLM's `embed_frames` takes the validated batch as it is)."""
@@ -78,51 +86,93 @@ class EnvironmentEncoder:
                       ) -> tuple[np.ndarray, list[np.ndarray] | None]:
         """`encode` from hidden states (N, *hidden_shape) instead of frames (the VLM already ran)."""
         hidden_states = np.asarray(hidden_states, dtype=np.float32)
-        shape = self.encoder.hidden_shape
+        shape = self.hidden_shape
         if hidden_states.shape[1:] != shape:
             raise InputError(f"hidden states must be (N, {', '.join(map(str, shape))}), got {hidden_states.shape}")
-        n = len(hidden_states)
-        if self.encoder.kind not in WINDOWED_KINDS:
-            with torch.no_grad():
-                return self.encoder(torch.from_numpy(hidden_states)).numpy(), None
-        k = self.encoder.window
-        if windows is None:
-            windows = [None] * n
-        elif isinstance(windows, (str, bytes)) or not hasattr(windows, "__len__"):
-            raise InputError(f"window states must be a list of one state (or None) per frame, got "
-                             f"{type(windows).__name__}")
-        windows = list(windows)
-        if len(windows) != n:
-            raise InputError(f"got {n} frames but {len(windows)} window states; pass one per frame (None for a "
-                             "fresh episode)")
-        stacked = np.empty((n, k, *shape), dtype=np.float32)
-        for i, previous in enumerate(windows):
-            if previous is None:
-                stacked[i, :-1] = hidden_states[i]  # fresh episode: the first frame fills the window
-            else:
-                try:
-                    previous = np.asarray(previous, dtype=np.float32)
-                except (TypeError, ValueError) as error:
-                    raise InputError(f"window state {i} is not an array of numbers ({error}); pass the state "
-                                     "that encode returned, or None for a fresh episode") from None
-                if previous.shape != (k - 1, *shape):
-                    raise InputError(f"window state {i} has shape {previous.shape}, expected "
-                                     f"{(k - 1, *shape)}: the previous k-1 hidden states")
-                if not np.isfinite(previous).all():
-                    raise InputError(f"window state {i} holds NaN or infinite values; pass the state that encode "
-                                     "returned, or None for a fresh episode")
-                stacked[i, :-1] = previous
-            stacked[i, -1] = hidden_states[i]
+        if not self.windowed:
+            return self._latents(hidden_states), None
+        stacked = stack_windows(hidden_states, windows, self.window)
+        return self._latents(stacked), [stacked[i, 1:].copy() for i in range(len(stacked))]
+
+    def _latents(self, inputs: np.ndarray) -> np.ndarray:
+        """(N, *encoder.input_shape) -> latents (N, latent_dim)."""
         with torch.no_grad():
-            latents = self.encoder(torch.from_numpy(stacked)).numpy()
-        return latents, [stacked[i, 1:].copy() for i in range(n)]
+            return self.encoder(torch.from_numpy(inputs)).numpy()
+
+
+class AdapterFeatures(EnvironmentEncoder):
+    """stage2.method 'joint': frames -> the window of the vision tower's per-patch output before the projector,
+    flattened: (N, k * P * Dv) float32, the observation of `rl/joint.py`'s RLModule.
+
+    That module runs projector -> frozen truncated decoder -> pooling -> encoder on every frame of the window, in
+    the Learner too: the projector changes as PPO trains it, so no hidden state can be computed once here.
+    `vlm` is a TruncatedVLM with output 'patches'; `encoder` is the one the RLModule starts from (its kind and
+    window say how many frames a sample holds). Windows travel with the calls as for EnvironmentEncoder, as
+    (k-1, P, Dv) arrays.
+    """
+
+    def __init__(self, vlm, encoder: Encoder):
+        if getattr(vlm, "output", None) != "patches":
+            raise ModelError("AdapterFeatures reads the vision tower's per-patch output: build the VLM with "
+                             "output='patches'")
+        self.vlm = vlm
+        self.encoder = encoder.eval()
+
+    @property
+    def hidden_shape(self) -> tuple[int, ...]:
+        """One frame's per-patch features: (P, Dv)."""
+        return tuple(self.vlm.patch_shape)
+
+    @property
+    def latent_dim(self) -> int:
+        """Width of the flattened observation: k frames of (P, Dv) features."""
+        return self.window * int(np.prod(self.hidden_shape))
+
+    def _latents(self, inputs: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(inputs.reshape(len(inputs), -1))
+
+
+def stack_windows(hidden_states: np.ndarray, windows: list[np.ndarray | None] | None, k: int) -> np.ndarray:
+    """(N, k, *shape): each frame after its episode's previous k-1 hidden states (`windows[i]`, oldest first; None
+    at a fresh episode start, meaning "pad with this frame" exactly as training padded an episode's first frames;
+    `windows=None`: every episode is fresh). Window states are checked here, each error saying what to pass."""
+    n, shape = len(hidden_states), hidden_states.shape[1:]
+    if windows is None:
+        windows = [None] * n
+    elif isinstance(windows, (str, bytes)) or not hasattr(windows, "__len__"):
+        raise InputError(f"window states must be a list of one state (or None) per frame, got "
+                         f"{type(windows).__name__}")
+    windows = list(windows)
+    if len(windows) != n:
+        raise InputError(f"got {n} frames but {len(windows)} window states; pass one per frame (None for a "
+                         "fresh episode)")
+    stacked = np.empty((n, k, *shape), dtype=np.float32)
+    for i, previous in enumerate(windows):
+        if previous is None:
+            stacked[i, :-1] = hidden_states[i]  # fresh episode: the first frame fills the window
+        else:
+            try:
+                previous = np.asarray(previous, dtype=np.float32)
+            except (TypeError, ValueError) as error:
+                raise InputError(f"window state {i} is not an array of numbers ({error}); pass the state "
+                                 "that encode returned, or None for a fresh episode") from None
+            if previous.shape != (k - 1, *shape):
+                raise InputError(f"window state {i} has shape {previous.shape}, expected "
+                                 f"{(k - 1, *shape)}: the previous k-1 hidden states")
+            if not np.isfinite(previous).all():
+                raise InputError(f"window state {i} holds NaN or infinite values; pass the state that encode "
+                                 "returned, or None for a fresh episode")
+            stacked[i, :-1] = previous
+        stacked[i, -1] = hidden_states[i]
+    return stacked
 
 
 def load_environment_encoder(vlm_config, model_path: str, encoder_dir, game: str,
-                             vllm_checkpoint: str | None = None) -> EnvironmentEncoder:
-    """The truncated VLM of `model_path` (read out as `vlm_config` says) + the exported encoder of `encoder_dir`:
-    the one pair that Serve replicas, in-process EnvRunners and the encoder benchmark all run. With
-    `vllm_checkpoint` (serve.backend 'vllm') vLLM computes the VLM's states from that checkpoint."""
+                             vllm_checkpoint: str | None = None, joint: bool = False) -> EnvironmentEncoder:
+    """The truncated VLM of `model_path` (read out as `vlm_config` says, of the states the encoder was trained on:
+    its encoder.inputs) + the exported encoder of `encoder_dir`: the one pair that Serve replicas, in-process
+    EnvRunners and the encoder benchmark all run. With `vllm_checkpoint` (serve.backend 'vllm') vLLM computes
+    the VLM's states from that checkpoint. `joint` (stage2.method 'joint'): `AdapterFeatures` instead."""
     from envenc_ray.encoder.export import load_encoder
     from envenc_ray.files import read_json
     from envenc_ray.vlm.backbone import resolve_dtype
@@ -133,12 +183,17 @@ def load_environment_encoder(vlm_config, model_path: str, encoder_dir, game: str
         recorded = (read_json(pull(encoder_dir) / "config.json") or {}).get("vlm_dtype")
         dtype = resolve_dtype("auto", vlm_config.device, checked_bfloat16=recorded == "bfloat16")
         vlm_config = vlm_config.model_copy(update={"dtype": dtype})
+    encoder = load_encoder(encoder_dir)
+    output = "patches" if joint else encoder.inputs
     if vllm_checkpoint is not None:
         from envenc_ray.vlm.vllm_backend import VLLMBackend
 
+        if output != "llm":
+            raise ModelError(f"serve.backend 'vllm' returns the LLM's hidden state only, and the encoder in "
+                             f"{encoder_dir} reads {output!r} states; set serve.backend=transformers")
         vlm = VLLMBackend.from_config(vlm_config, model_path, vllm_checkpoint, game=game)
     else:
         from envenc_ray.vlm.backbone import TruncatedVLM
 
-        vlm = TruncatedVLM.from_config(vlm_config, model_path=model_path, game=game)
-    return EnvironmentEncoder(vlm, load_encoder(encoder_dir))
+        vlm = TruncatedVLM.from_config(vlm_config, model_path=model_path, game=game, output=output)
+    return AdapterFeatures(vlm, encoder) if joint else EnvironmentEncoder(vlm, encoder)

@@ -141,6 +141,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.kind, self.hidden_shape, self.latent_dim, self.window = kind, tuple(hidden_shape), latent_dim, window
         self.hidden_size = self.hidden_shape[-1]
+        self.inputs = "llm"  # encoder.inputs of the states it reads (build_autoencoder sets it)
         self.register_buffer("input_mean", torch.zeros(self.hidden_shape))
         self.register_buffer("input_std", torch.ones(self.hidden_shape))
         self.net = net
@@ -231,7 +232,14 @@ class Autoencoder(nn.Module):
 
 def build_autoencoder(config: EncoderConfig, hidden_shape: int | tuple[int, ...]) -> Autoencoder:
     """The autoencoder of `config.kind` for hidden states of one frame's shape: (D,) (an int D is the same)
-    for the pooled kinds, (T, D) for `tokens`."""
+    for the pooled kinds, (T, D) for `tokens`. Its encoder records `config.inputs` (which VLM states it reads:
+    what a loader asks the VLM for)."""
+    autoencoder = _build_autoencoder(config, hidden_shape)
+    autoencoder.encoder.inputs = config.inputs
+    return autoencoder
+
+
+def _build_autoencoder(config: EncoderConfig, hidden_shape: int | tuple[int, ...]) -> Autoencoder:
     if config.kind not in KINDS:
         raise InputError(f"unknown encoder kind {config.kind!r}; use one of {', '.join(KINDS)}")
     hidden_shape = (hidden_shape,) if isinstance(hidden_shape, int) else tuple(hidden_shape)

@@ -93,6 +93,10 @@ def train_encoder(config: EnvEncConfig) -> dict:
     hidden_dir, encoder_dir = layout.hidden, layout.encoder
     shards, hidden_shape, fingerprint = check_shards(hidden_dir)
     check_hidden_kind(config.encoder.kind, len(hidden_shape) == 2, f"{hidden_dir} holds")
+    embedded = (read_json(hidden_dir / EMBED_META) or {}).get("inputs", "llm")  # hidden/ from before inputs: llm
+    if embedded != config.encoder.inputs:
+        raise DataError(f"{hidden_dir} holds {embedded!r} states but encoder.inputs is {config.encoder.inputs!r}; "
+                        "rerun `envenc embed` with this config")
     config_hash = output_hash(config)
     reason = encoder_current(config)
     if reason:

@@ -23,7 +23,8 @@ class EncoderSource:
     `in_process` loads the truncated VLM (`vlm_model_path` + `vlm_config`) and the exported encoder
     (`encoder_dir`); `serve` connects an `EncoderClient` to the running Serve app `serve_app`.
     Anything that `build()` returns has `encode(frames_uint8, windows) -> (latents, windows)`,
-    `.latent_dim` and `.window`.
+    `.latent_dim` and `.window`. With `joint` (stage2.method 'joint') the "latents" are the window of the
+    vision tower's per-patch features (`AdapterFeatures`), `latent_dim` their flat width.
     """
 
     kind: str
@@ -36,6 +37,7 @@ class EncoderSource:
     serve_app: str | None = None
     serve_options: dict = field(default_factory=dict)
     torch_threads: int | None = 1
+    joint: bool = False
 
     def build(self):
         """The encoder, loaded here. Inside a Ray actor (an EnvRunner) torch threads are pinned to
@@ -51,7 +53,7 @@ class EncoderSource:
             from envenc_ray.encoder.environment import load_environment_encoder
 
             encoder = load_environment_encoder(VLMConfig(**vlm_settings), self.vlm_model_path, self.encoder_dir,
-                                               self.game)
+                                               self.game, joint=self.joint)
         elif self.kind == "serve":
             from envenc_ray.serve.client import EncoderClient
 
@@ -94,15 +96,23 @@ def encoder_source(config) -> EncoderSource | None:
     encoder_dir = layout.agent_encoder
     description = read_encoder_description(encoder_dir)
     check_pooling(description["kind"], config.vlm.pooling)  # on the driver, not in every EnvRunner
+    model_path, window = resolve_model_path(config), int(description.get("window", 1))
+    latent_dim, joint = int(description["latent_dim"]), config.stage2.method == "joint"
+    if joint:  # the observation is the window of per-patch vision features the RLModule's projector reads
+        from envenc_ray.vlm.backbone import patch_shape_of
+
+        patches, width = patch_shape_of(model_path, config.vlm.trust_remote_code)
+        latent_dim = window * patches * width
     return EncoderSource(
         kind="in_process",
-        latent_dim=int(description["latent_dim"]),
-        window=int(description.get("window", 1)),
+        latent_dim=latent_dim,
+        window=window,
         encoder_dir=str(encoder_dir.resolve()),
-        vlm_model_path=resolve_model_path(config),
+        vlm_model_path=model_path,
         vlm_config=config.vlm.model_dump(mode="json"),
         game=layout.game,
         torch_threads=rl.torch_threads,
+        joint=joint,
     )
 
 
@@ -117,5 +127,10 @@ def serve_encoder_source(config) -> EncoderSource:
     rl = config.rl
     options = {"timeout_s": rl.encoder_timeout_s, "retries": rl.encoder_retries}
     client = EncoderClient.connect(app_name=rl.serve_app, **options)
+    joint = config.stage2.method == "joint"
+    if (client.info.get("output") == "patches") != joint:
+        served = "vision features for stage2.method 'joint'" if not joint else "latents, not vision features"
+        raise ModelError(f"the Serve app {rl.serve_app!r} serves {served}, but this config's stage2.method is "
+                         f"{config.stage2.method!r}; redeploy it with this config (`envenc serve CONFIG`)")
     return EncoderSource(kind="serve", latent_dim=int(client.latent_dim), window=int(client.window),
-                         serve_app=rl.serve_app, serve_options=options, torch_threads=rl.torch_threads)
+                         serve_app=rl.serve_app, serve_options=options, torch_threads=rl.torch_threads, joint=joint)

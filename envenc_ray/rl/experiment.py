@@ -170,7 +170,7 @@ def data_key(config: EnvEncConfig) -> str:
     payload = {"experiment.seed": config.experiment.seed,
                **{name: getattr(config, name).model_dump(mode="json")
                   for name in ("env", "collect", "vlm", "stage2", "embed")}}
-    if config.stage2.method == "finetuned":  # the advise settings matter only when a finetuned VLM is made
+    if config.stage2.reads_finetuned_vlm:  # the advise settings matter only when a finetuned VLM is made
         payload["advise"] = config.advise.model_dump(mode="json")
         payload["encoder.val_fraction"] = config.encoder.val_fraction  # advise holds out the probes' episodes
     return _hash(payload)
@@ -217,7 +217,7 @@ def build_artifacts(arm_configs: dict[str, EnvEncConfig], artifacts_root: Path,
         else:
             print(f"experiment: arm {arm}: building artifacts in {layout.run_dir}")
             collect(located)
-            if config.stage2.method == "finetuned":
+            if config.stage2.reads_finetuned_vlm:
                 from envenc_ray.data.advise import advise
 
                 advise(located)
@@ -287,7 +287,9 @@ def plan_trials(spec: ArmsSpec, arm_configs: dict[str, EnvEncConfig], encoders: 
                 # given by path: the trial loads it as is, so nothing about it depends on the trial seed.
                 latents = arm_configs[spec.source(arm, "encoder_from")]
                 config.vlm.model = resolve_model_path(artifact_config(latents, artifacts_root))
-                config.stage2.method = "pretrained"
+                if config.stage2.method == "finetuned":  # that path is the finetuned VLM: no trial runs advise
+                    config.stage2.method = "pretrained"
+                config.stage2.joint_from = "pretrained"  # a joint arm's adapter starts from that VLM too
                 config.rl.encoder_dir = str(encoders[arm])
             config.experiment.seed = seed
             config.rl.encoder_source = "in_process"

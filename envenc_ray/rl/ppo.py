@@ -7,6 +7,7 @@ from ray.rllib.algorithms.ppo import PPOConfig
 from envenc_ray.config import EnvEncConfig
 from envenc_ray.rl.connector import make_env_to_module
 from envenc_ray.rl.encoder_source import EncoderSource
+from envenc_ray.rl.joint import joint_module_spec
 from envenc_ray.rl.modules import ppo_module_spec
 from envenc_ray.rl.runners import with_common_settings
 
@@ -20,6 +21,8 @@ def build_ppo_config(config: EnvEncConfig, source: EncoderSource | None,
     rl = config.rl
     learners = max(1, rl.num_learners)
     connector = make_env_to_module(rl.obs_mode, source, rl.frame_stack, rl.pixel_size, error_key)
+    # stage2.method 'joint': the module also holds the VLM's projector, the frozen decoder and the encoder
+    module_spec = joint_module_spec(config) if config.stage2.method == "joint" else ppo_module_spec(rl)
     return (
         with_common_settings(PPOConfig(), config, connector, rl.rollout_fragment_length or "auto")
         .training(
@@ -31,5 +34,5 @@ def build_ppo_config(config: EnvEncConfig, source: EncoderSource | None,
             lambda_=rl.gae_lambda,
             entropy_coeff=rl.entropy_coeff,
         )
-        .rl_module(rl_module_spec=ppo_module_spec(rl))
+        .rl_module(rl_module_spec=module_spec)
     )

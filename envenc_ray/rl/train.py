@@ -135,6 +135,8 @@ def agent_config_hash(config: EnvEncConfig) -> str:
     }
     if rl.obs_mode != "pixels":
         payload["latents"] = config.section_hash("vlm", "encoder")
+    if config.stage2.method == "joint":  # the module holds the projector (and maybe trains the encoder)
+        payload["joint"] = config.stage2.model_dump(mode="json")
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -39,6 +39,7 @@ class ReplicaSpec:
     game: str
     num_threads: int  # torch intra-op threads per replica
     vllm_checkpoint: str | None = None  # serve.backend 'vllm': the checkpoint vLLM loads (vlm/vllm_backend.py)
+    joint: bool = False  # stage2.method 'joint': serve the window of per-patch vision features (AdapterFeatures)
 
 
 def runtime_settings(serve_config: ServeConfig) -> dict[str, Any]:
@@ -79,6 +80,13 @@ def replica_spec(config: EnvEncConfig, model_path: str | Path | None = None,
     description = read_json(encoder / "config.json") or {}
     if "kind" in description:  # here, not in a replica that Serve would restart; a broken export fails there
         check_pooling(description["kind"], config.vlm.pooling)
+    joint = config.stage2.method == "joint"
+    settings = description.get("encoder") if isinstance(description, dict) else None
+    inputs = settings.get("inputs", "llm") if isinstance(settings, dict) else "llm"
+    if joint or inputs != "llm":  # the VLM is split at its projector: a family that has none fails here
+        from envenc_ray.vlm.backbone import patch_shape_of
+
+        patch_shape_of(model, config.vlm.trust_remote_code)
     if config.vlm.device.startswith("cuda") and config.serve.num_gpus == 0:
         raise ConfigError(f"vlm.device={config.vlm.device!r} but serve.num_gpus=0: replicas would see no GPU; "
                           "set serve.num_gpus=1 (or vlm.device=cpu)")
@@ -88,7 +96,7 @@ def replica_spec(config: EnvEncConfig, model_path: str | Path | None = None,
 
         checkpoint = str(vllm_checkpoint(config.vlm, model, shared_dir(config) / "vllm"))
     return ReplicaSpec(model_path=model, encoder_dir=str(encoder.resolve()), vlm=config.vlm,
-                       game=layout.game, num_threads=replica_threads(config), vllm_checkpoint=checkpoint)
+                       game=layout.game, num_threads=replica_threads(config), vllm_checkpoint=checkpoint, joint=joint)
 
 
 @dataclass
@@ -148,7 +156,7 @@ class EncoderCore:
         set_torch_threads(spec.num_threads)
         self.spec = spec
         self.encoder = load_environment_encoder(spec.vlm, spec.model_path, spec.encoder_dir, spec.game,
-                                                vllm_checkpoint=spec.vllm_checkpoint)
+                                                vllm_checkpoint=spec.vllm_checkpoint, joint=spec.joint)
         self.encoder_sha256, self.vlm_sha256 = weights_sha256(spec.encoder_dir), weights_sha256(spec.model_path)
         self.vlm = self.encoder.vlm
         # Frames resized client-side skip the resize (and crop); the rest of the preprocessing is unchanged.
@@ -191,6 +199,7 @@ class EncoderCore:
             "window": self.encoder.window,
             "hidden_size": self.vlm.hidden_size,
             "hidden_shape": self.encoder.hidden_shape,
+            "output": getattr(self.vlm, "output", "llm"),  # 'patches': latents are AdapterFeatures' (stage2 joint)
             "image_size": tuple(self.vlm.image_size),
             "preprocessor": (  # None: the client must send raw frames (no client-side resize)
                 dataclasses.asdict(self.vlm.preprocessor) if self.preprocessor_after_resize is not None else None

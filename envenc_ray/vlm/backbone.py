@@ -28,6 +28,8 @@ small `Family` subclass in `FAMILIES`:
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import inspect
 import logging
 from dataclasses import dataclass
@@ -46,6 +48,11 @@ from envenc_ray.vlm.preprocess import CROPS, FramePreprocessor, ReferencePreproc
 log = logging.getLogger(__name__)
 
 POOLINGS = ("last", "mean", "image_mean", "tokens")
+# What `embed` returns: the LLM's hidden state (pooled as `pooling` says), or, split at the multimodal projector
+# (see `ImageAdapter`), the vision tower's output averaged over patches ('vision'), both concatenated
+# ([llm, vision]: 'both'), or the tower's per-patch output itself ('patches', (N, P, Dv): what the projector of
+# stage2.method 'joint' reads in the RLModule). 'llm', 'vision' and 'both' are encoder.inputs.
+OUTPUTS = ("llm", "vision", "both", "patches")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DTYPE_CHOICES = (*DTYPES, "auto")  # auto: bfloat16 where checked and native, else float32 (resolve_dtype)
 BUILTIN_TINY = "builtin:tiny"
@@ -67,6 +74,11 @@ class Family:
     decoder = "language_model"  # the text decoder inside the backbone: has embed_tokens, layers, norm
     layers = "layers"
     norm = "norm"
+    # The multimodal projector, relative to the backbone, when it is a module of its own over the vision tower's
+    # per-patch output: where encoder.inputs 'vision'/'both' and stage2.method 'joint' split the VLM. None: the
+    # family has no such split point, and `no_projector_split` says why.
+    projector: str | None = None
+    no_projector_split = "it has no multimodal projector of its own over the vision tower's output"
 
     def load_processor(self, source: str, config: Any, trust_remote_code: bool) -> Any:
         """The model's processor: what gives the image processor, the tokenizer and the prompt's image tokens."""
@@ -87,6 +99,15 @@ class Family:
 
     def image_features(self, backbone: nn.Module, **vision_inputs: torch.Tensor) -> torch.Tensor:
         """(N, image tokens per frame, decoder hidden size): what replaces the image placeholder tokens."""
+        raise NotImplementedError
+
+    def vision_features(self, backbone: nn.Module, **vision_inputs: torch.Tensor) -> torch.Tensor:
+        """(N, patches, Dv): the vision tower's output the projector reads (`projector` families only), so that
+        projector(vision_features(...)) == image_features(...)."""
+        raise NotImplementedError
+
+    def patch_shape(self, config: Any) -> tuple[int, int]:
+        """(patches, Dv) of `vision_features` per frame, from the model's config alone (no weights loaded)."""
         raise NotImplementedError
 
     def prompt_text(self, processor: Any, prompt: str) -> str:
@@ -113,6 +134,7 @@ class LlavaFamily(Family):
 
     name = "llava"
     model_types = ("llava",)
+    projector = "multi_modal_projector"
 
     def prune_vision(self, backbone: nn.Module) -> None:
         config = backbone.config
@@ -136,6 +158,24 @@ class LlavaFamily(Family):
         output = backbone.get_image_features(pixel_values=pixel_values, return_dict=True)
         return torch.stack(list(output.pooler_output))  # one (tokens, D) tensor per frame
 
+    def vision_features(self, backbone: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        """What `get_image_features` hands `multi_modal_projector`: the `vision_feature_layer` output(s) of the
+        tower, without CLIP's class token under the 'default' strategy, concatenated along features."""
+        config = backbone.config
+        layers = config.vision_feature_layer
+        hidden_states = backbone.vision_tower(pixel_values, output_hidden_states=True, return_dict=True).hidden_states
+        selected = [hidden_states[i] for i in ([layers] if isinstance(layers, int) else layers)]
+        if config.vision_feature_select_strategy == "default":
+            selected = [states[:, 1:] for states in selected]
+        return torch.cat(selected, dim=-1)
+
+    def patch_shape(self, config: Any) -> tuple[int, int]:
+        vision = config.vision_config
+        layers = config.vision_feature_layer
+        patches = (vision.image_size // vision.patch_size) ** 2
+        class_token = 0 if config.vision_feature_select_strategy == "default" else 1
+        return patches + class_token, vision.hidden_size * (1 if isinstance(layers, int) else len(layers))
+
 
 class Idefics3Family(Family):
     """Idefics3 (SmolVLM v1 checkpoints): SigLIP-style tower -> pixel-shuffle connector -> Llama-style decoder.
@@ -152,6 +192,7 @@ class Idefics3Family(Family):
     name = "idefics3"
     model_types = ("idefics3",)
     decoder = "text_model"
+    no_projector_split = "its connector pixel-shuffles the tower's patches into fewer tokens before projecting them"
 
     def preprocessor(self, image_processor: Any) -> ReferencePreprocessor:
         return ReferencePreprocessor(image_processor)
@@ -207,6 +248,7 @@ class Qwen2VLFamily(Family):
 
     name = "qwen2_vl"
     model_types = ("qwen2_vl",)
+    no_projector_split = "its patch merger, the projector, is part of the vision model"
 
     def load_processor(self, source: str, config: Any, trust_remote_code: bool) -> ProcessorParts:
         from transformers import AutoImageProcessor, AutoTokenizer
@@ -269,24 +311,50 @@ FAMILIES: dict[str, Family] = {
 class PromptPlan:
     """The static prompt for frames of one size, and what of it the decoder runs per frame (`TruncatedVLM._plan`).
 
-    Per frame, tokens `prefix` .. `end` - 1 run, on top of the prefix's keys and values computed once.
+    Per frame, tokens `prefix` .. `end` - 1 run, on top of the prefix's keys and values computed once; `decode`
+    is that run, for TruncatedVLM's read-out and for the adapter that stage2.method 'joint' trains through.
     """
 
     input_ids: torch.Tensor  # (1, T)
     image_mask: torch.Tensor  # (T,) bool: the image placeholder tokens
+    embeddings: torch.Tensor  # (1, T, D): the prompt's token embeddings (the image tokens' are replaced)
+    pooling: str
+    cache_keyword: str  # the decoder's name for its KV cache argument (it changed in transformers 5)
     prefix: int  # tokens before the first image token: computed once
     end: int  # T, or the last image token + 1 when the pooling reads image tokens only
     prefix_states: torch.Tensor | None = None  # (1, prefix, D): the prefix's output states
     prefix_keys_values: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()  # per kept layer, batch 1
 
+    def decode(self, decoder: nn.Module, image_features: torch.Tensor,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, image tokens, D) projected image features -> the pooled states of the prompt around them (float32).
+
+        `position_ids` are the whole prompt's (None: 0..T-1); autograd follows the image features through it."""
+        start, end, batch = self.prefix, self.end, len(image_features)
+        inputs_embeds = self.embeddings[:, start:end].expand(batch, -1, -1).clone()
+        inputs_embeds[:, self.image_mask[start:end]] = image_features.to(inputs_embeds.dtype)
+        if position_ids is not None:
+            position_ids = position_ids[..., start:end]
+        past = {self.cache_keyword: self.prefix_cache(batch)} if start else {}
+        hidden = decoder(inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=bool(start),
+                         **past).last_hidden_state
+        if start:
+            hidden = torch.cat([self.prefix_states.expand(batch, -1, -1), hidden], dim=1)
+        return pool(hidden, self.image_mask[:end], self.pooling)
+
     def prefix_cache(self, batch: int):
-        """A fresh cache holding the prefix's keys and values for `batch` frames (None without a prefix)."""
-        if not self.prefix:
-            return None
+        """A fresh cache holding the prefix's keys and values for `batch` frames."""
         from transformers import DynamicCache
 
         return DynamicCache(ddp_cache_data=[(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1))
                                             for keys, values in self.prefix_keys_values])
+
+    def to(self, device: torch.device) -> PromptPlan:
+        move = {name: getattr(self, name).to(device) for name in ("input_ids", "image_mask", "embeddings")}
+        if self.prefix:
+            move["prefix_states"] = self.prefix_states.to(device)
+            move["prefix_keys_values"] = tuple((k.to(device), v.to(device)) for k, v in self.prefix_keys_values)
+        return dataclasses.replace(self, **move)
 
 
 class TruncatedVLM:
@@ -306,6 +374,7 @@ class TruncatedVLM:
         source: str,
         crop: str = "model",
         compiled: bool = False,
+        output: str = "llm",
     ):
         self.backbone = backbone
         self.processor = processor
@@ -324,6 +393,10 @@ class TruncatedVLM:
         # the prompt for ALE frames; other frame sizes get theirs on first use
         ale_prompt = self._prompt_for(ATARI_FRAME_SIZE)
         self.input_ids, self.image_mask = ale_prompt.input_ids, ale_prompt.image_mask
+        self.output = output
+        # (P, Dv) of the tower's per-patch output, for the read-outs split at the projector
+        self.patch_shape = family.patch_shape(backbone.config) if output != "llm" else None
+        self.adapter = ImageAdapter.of(self, "both", trainable=False) if output == "both" else None
 
     # ---------------------------------------------------------------- loading
 
@@ -342,6 +415,7 @@ class TruncatedVLM:
         crop: str = "model",
         final_norm: bool = False,
         compile: bool = False,
+        output: str = "llm",
     ) -> TruncatedVLM:
         """Load an image-text-to-text model (local directory or hub name) and truncate it after `layer`.
 
@@ -350,6 +424,7 @@ class TruncatedVLM:
         `crop="none"` resizes the whole frame instead of the processor's center crop (`preprocess.with_crop`).
         `final_norm=True` applies the decoder's final norm below the top layer too (what vLLM's pooler reads).
         `compile=True` runs each kept decoder and vision layer through torch.compile (`_compile_layers`).
+        `output` is what `embed` returns (see OUTPUTS); all but 'llm' need a family with a `projector`.
         """
         from transformers import AutoModelForImageTextToText
 
@@ -360,6 +435,8 @@ class TruncatedVLM:
         dtype = resolve_dtype(dtype, device)
         if crop not in CROPS:  # checked before the (possibly large) model loads
             raise ConfigError(f"vlm.crop must be one of {', '.join(CROPS)}; got {crop!r}")
+        if output not in OUTPUTS:
+            raise ConfigError(f"TruncatedVLM output must be one of {', '.join(OUTPUTS)}; got {output!r}")
         if "{game}" in prompt:
             raise ConfigError(
                 f"prompt {prompt!r} still holds '{{game}}': format it first or use TruncatedVLM.from_config"
@@ -374,6 +451,8 @@ class TruncatedVLM:
                 f"{source} is a {config.model_type!r} image-text-to-text model, which TruncatedVLM has no adapter "
                 f"for yet; supported model types: {', '.join(sorted(FAMILIES))}"
             )
+        if output != "llm":
+            check_projector_split(family, source)
         local = Path(source)
         if local.is_dir() and not any(local.glob("*.safetensors")) and any(local.glob("*.bin")):
             raise ModelError(f"{source} holds its weights only as .bin (a pickle, which can run code when loaded): "
@@ -414,6 +493,7 @@ class TruncatedVLM:
             source=source,
             crop=crop,
             compiled=compile,
+            output=output,
         )
         log.info(
             "loaded %s (%s): kept %d of %d decoder layers, %s pooling, %d tokens per 210x160 frame (%d image, "
@@ -424,8 +504,10 @@ class TruncatedVLM:
         return vlm
 
     @classmethod
-    def from_config(cls, vlm_config: Any, model_path: str | Path | None = None, game: str = "pong") -> TruncatedVLM:
-        """Build from a `VLMConfig`; `model_path` overrides `vlm_config.model` (the caller resolves builtin:tiny)."""
+    def from_config(cls, vlm_config: Any, model_path: str | Path | None = None, game: str = "pong",
+                    output: str = "llm") -> TruncatedVLM:
+        """Build from a `VLMConfig`; `model_path` overrides `vlm_config.model` (the caller resolves builtin:tiny).
+        `output`: what `embed` returns (OUTPUTS; encoder.inputs, or 'patches' for stage2.method 'joint')."""
         source = model_path if model_path is not None else vlm_config.model
         if str(source) == BUILTIN_TINY:
             raise ModelError(
@@ -444,14 +526,19 @@ class TruncatedVLM:
             crop=vlm_config.crop,
             final_norm=vlm_config.final_norm,
             compile=vlm_config.compile,
+            output=output,
         )
 
     # ---------------------------------------------------------------- properties
 
     @property
     def hidden_size(self) -> int:
-        """D of the returned hidden states."""
-        return self.decoder.config.hidden_size
+        """D of the returned hidden states: the decoder's width ('llm'), the vision tower's Dv ('vision', and per
+        patch for 'patches'), or their sum ('both')."""
+        llm = self.decoder.config.hidden_size
+        if self.output == "llm":
+            return llm
+        return llm + self.patch_shape[1] if self.output == "both" else self.patch_shape[1]
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -503,6 +590,8 @@ class TruncatedVLM:
             key: value.to(self.device, self.dtype) if torch.is_floating_point(value) else value.to(self.device)
             for key, value in vision_inputs.items()
         }
+        if self.output != "llm":  # encoder.inputs vision/both, stage2.method joint: split at the projector
+            return self._embed_split(vision_inputs)
         image_features = self.family.image_features(self.backbone, **vision_inputs)
         batch, tokens = image_features.shape[:2]
         if tokens != int(prompt.image_mask.sum()):
@@ -512,20 +601,18 @@ class TruncatedVLM:
                 f"{int(prompt.image_mask.sum())} image tokens; the processor and the model disagree (or frame_size "
                 "is wrong)"
             )
-        # Only the tokens from the first image token up to `prompt.end` run per frame (see PromptPlan).
-        start, end = prompt.prefix, prompt.end
-        token_embeddings = self.backbone.get_input_embeddings()(prompt.input_ids[:, start:end])  # one prompt for all
-        inputs_embeds = token_embeddings.expand(batch, -1, -1).clone()
-        inputs_embeds[:, prompt.image_mask[start:end]] = image_features.to(inputs_embeds.dtype)
         position_ids = self.family.position_ids(self.backbone, prompt.input_ids.expand(batch, -1), vision_inputs)
-        if position_ids is not None:
-            position_ids = position_ids[..., start:end]
-        past = {self._cache_keyword: prompt.prefix_cache(batch)} if start else {}
-        hidden = self.decoder(inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=bool(start),
-                              **past).last_hidden_state
-        if start:
-            hidden = torch.cat([prompt.prefix_states.expand(batch, -1, -1), hidden], dim=1)
-        return pool(hidden, prompt.image_mask[:end], self.pooling)
+        return prompt.decode(self.decoder, image_features, position_ids)
+
+    def _embed_split(self, vision_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The read-outs of OUTPUTS other than 'llm', from one vision-tower pass; with 'vision' the decoder does not
+        run, with 'both' the LLM half is `ImageAdapter` over the same features (equal to the 'llm' read-out)."""
+        patches = self.family.vision_features(self.backbone, **vision_inputs)
+        if self.output == "patches":
+            return patches.float().contiguous()
+        if self.output == "vision":
+            return patch_mean(patches)
+        return self.adapter(patches)
 
     def _prompt_for(self, frame_size: tuple[int, int]) -> PromptPlan:
         frame_size = (int(frame_size[0]), int(frame_size[1]))
@@ -535,26 +622,28 @@ class TruncatedVLM:
             self._prompts[frame_size] = self._plan(input_ids.to(self.device), image_mask.to(self.device))
         return self._prompts[frame_size]
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: the prefix's states enter the adapter's autograd graph (ImageAdapter)
     def _plan(self, input_ids: torch.Tensor, image_mask: torch.Tensor) -> PromptPlan:
         """What of the static prompt runs per frame: the tokens before the first image token are the same for every
         frame under causal attention, so their states (and each kept layer's keys and values) are computed here,
         once, as vLLM's prefix cache would; the tokens after the last image token are dropped when the pooling
         reads image tokens only (nothing before them can see them)."""
+        from transformers import DynamicCache
+
         image_positions = image_mask.nonzero().flatten()
         end = int(image_positions[-1]) + 1 if self.pooling == "image_mean" else len(image_mask)
         # no kept layer: nothing to compute once; compiled layers: a KV cache argument would recompile them
         prefix = int(image_positions[0]) if self.num_layers and not self.compiled else 0
+        embeddings = self.backbone.get_input_embeddings()(input_ids)
+        plan = PromptPlan(input_ids, image_mask, embeddings, self.pooling, self._cache_keyword, 0, end)
         if prefix == 0:
-            return PromptPlan(input_ids, image_mask, 0, end)
-        from transformers import DynamicCache
-
-        embeds = self.backbone.get_input_embeddings()(input_ids[:, :prefix])
+            return plan
         cache = DynamicCache()  # filled in place
         # no position ids: text before the image counts 0..prefix-1 in every family (on all three axes in Qwen2-VL)
-        states = self.decoder(inputs_embeds=embeds, use_cache=True, **{self._cache_keyword: cache}).last_hidden_state
+        states = self.decoder(inputs_embeds=embeddings[:, :prefix], use_cache=True,
+                              **{self._cache_keyword: cache}).last_hidden_state
         keys_values = tuple((layer.keys, layer.values) for layer in cache.layers)
-        return PromptPlan(input_ids, image_mask, prefix, end, states, keys_values)
+        return dataclasses.replace(plan, prefix=prefix, prefix_states=states, prefix_keys_values=keys_values)
 
     @property
     def _cache_keyword(self) -> str:
@@ -567,6 +656,95 @@ class TruncatedVLM:
             f"pooling={self.pooling}, hidden_size={self.hidden_size}, image_size={self.image_size}, "
             f"tokens={self.sequence_length}, dtype={self.dtype})"
         )
+
+
+# -------------------------------------------------------------------- the VLM from its projector on
+
+
+class FrozenDecoder:
+    """The truncated decoder with the prompt around the image, as plain tensors and a module kept out of any
+    module tree: projected image features (N, image tokens, D) -> pooled hidden states (N, D) float32.
+
+    Llava's prompt is the same for every frame (one image token per patch, positions 0..T-1): it runs as the VLM's
+    own PromptPlan for ALE frames does. Nothing here has requires_grad; gradients only pass through it.
+    """
+
+    def __init__(self, vlm: TruncatedVLM):
+        self.decoder, self.plan = vlm.decoder, vlm._prompt_for(ATARI_FRAME_SIZE)
+
+    @property
+    def prompt_embeddings(self) -> torch.Tensor:
+        return self.plan.embeddings
+
+    @property
+    def device(self) -> torch.device:
+        return self.plan.embeddings.device
+
+    def to(self, device: torch.device) -> FrozenDecoder:
+        self.decoder.to(device)
+        self.plan = self.plan.to(device)
+        return self
+
+    def __call__(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.plan.decode(self.decoder, image_features)
+
+
+class ImageAdapter(nn.Module):
+    """The VLM from its multimodal projector on: the tower's per-patch output (N, P, Dv) -> the pooled hidden state
+    at vlm.layer (N, D), or [that, the patch mean of the same features] (N, D + Dv) for encoder.inputs 'both'.
+
+    `projector` is its only registered submodule: the VLM's own (frozen: TruncatedVLM's 'both' read-out), or a
+    float32 copy that the RL loss trains (stage2.method 'joint', `trainable=True`). The truncated decoder and the
+    prompt live in `frozen` (`FrozenDecoder`), outside the module tree, so they never reach an optimizer, a
+    state_dict, a checkpoint or RLlib's weight sync: a decoder slice of a real VLM is gigabytes.
+    """
+
+    def __init__(self, projector: nn.Module, frozen: FrozenDecoder, inputs: str):
+        super().__init__()
+        if inputs not in ("llm", "both"):
+            raise ConfigError(f"the adapter reads the projector for encoder.inputs llm or both; got {inputs!r}")
+        self.projector, self.frozen, self.inputs = projector, frozen, inputs
+
+    @classmethod
+    def of(cls, vlm: TruncatedVLM, inputs: str, trainable: bool) -> ImageAdapter:
+        projector = _get(vlm.backbone, vlm.family.projector)
+        if trainable:  # float32 weights for the optimizer whatever vlm.dtype computes in
+            projector = copy.deepcopy(projector).float().requires_grad_(True).train()
+        return cls(projector, FrozenDecoder(vlm), inputs)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        if self.frozen.device != patches.device:  # a Learner moved the module to its GPU: the decoder follows
+            self.frozen.to(patches.device)
+        projector_dtype = next(self.projector.parameters()).dtype
+        hidden = self.frozen(self.projector(patches.to(projector_dtype)))
+        return hidden if self.inputs == "llm" else torch.cat([hidden, patch_mean(patches)], dim=1)
+
+
+def patch_mean(patches: torch.Tensor) -> torch.Tensor:
+    """(N, P, Dv) per-patch vision features -> (N, Dv) float32: encoder.inputs 'vision', the 'both' half."""
+    return patches.float().mean(dim=1)
+
+
+def check_projector_split(family: Family, source: str) -> None:
+    """A one-line ModelError unless `family` has a separable multimodal projector (`Family.projector`)."""
+    if family.projector is None:
+        supported = sorted({f.name for f in FAMILIES.values() if f.projector is not None})
+        raise ModelError(f"encoder.inputs vision/both and stage2.method joint split the VLM at its multimodal "
+                         f"projector, but {source} is a {family.name} model and {family.no_projector_split}; use a "
+                         f"model of the {', '.join(supported)} family (vlm.model), or encoder.inputs=llm with "
+                         "stage2.method pretrained or finetuned")
+
+
+def patch_shape_of(source: str, trust_remote_code: bool = False) -> tuple[int, int]:
+    """(P, Dv) of the 'patches' read-out of the model in `source`, from its config alone (checked on a driver
+    before anything loads weights); a ModelError for a family that cannot be split at its projector."""
+    config = _load_config(str(pull(source)), trust_remote_code)
+    family = FAMILIES.get(config.model_type)
+    if family is None:
+        raise ModelError(f"{source} is a {config.model_type!r} model, which TruncatedVLM has no adapter for yet; "
+                         f"supported model types: {', '.join(sorted(FAMILIES))}")
+    check_projector_split(family, source)
+    return family.patch_shape(config)
 
 
 # -------------------------------------------------------------------- helpers
