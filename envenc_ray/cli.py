@@ -24,6 +24,7 @@ from envenc_ray.bench.autoscale import bench_autoscale  # noqa: E402
 from envenc_ray.bench.backends import bench_backends  # noqa: E402  (imports vLLM only when it runs)
 from envenc_ray.bench.encoder import bench_encoder  # noqa: E402
 from envenc_ray.bench.learner import bench_learner  # noqa: E402
+from envenc_ray.bench.rollout import MODES as ROLLOUT_MODES  # noqa: E402
 from envenc_ray.bench.rollout import bench_rollout  # noqa: E402
 from envenc_ray.config import EnvEncConfig, load_config  # noqa: E402
 from envenc_ray.errors import ConfigError, EnvEncError, NotImplementedStageError  # noqa: E402
@@ -147,6 +148,9 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seconds", type=float, default=4.0, help="encoder: measuring time of each phase (default 4)")
     bench.add_argument("--iterations", type=int, default=3,
                        help="rollout: measured rounds per mode; learner: measured updates per mode (default 3)")
+    bench.add_argument("--modes", default=",".join(ROLLOUT_MODES),
+                       help=f"rollout: comma-separated modes to run (default all: {','.join(ROLLOUT_MODES)}; the "
+                       "ratios need all)")
     _add_config_arguments(bench)
     bench.set_defaults(handler=_on_config(_bench))
 
@@ -236,7 +240,8 @@ def _experiment(config: EnvEncConfig, args: argparse.Namespace) -> None:
 def _bench(config: EnvEncConfig, args: argparse.Namespace) -> None:
     command = "envenc " + " ".join(sys.argv[1:])
     if args.target == "rollout":
-        bench_rollout(config, args.json, iterations=args.iterations, command=command)
+        bench_rollout(config, args.json, iterations=args.iterations, modes=tuple(args.modes.split(",")),
+                      command=command)
         return
     if args.target == "autoscale":
         bench_autoscale(config, args.json, command=command)

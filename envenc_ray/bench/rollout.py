@@ -40,9 +40,9 @@ GOALS = {"latent_serve_over_pixels_sample": 0.5, "latent_serve_over_pixels_train
 
 
 def bench_rollout(config: EnvEncConfig, json_out: str | None = None, iterations: int = 3, *, warmup: int = 1,
-                  command: str | None = None) -> dict[str, Any]:
-    """Run the benchmark (`iterations` measured rounds after `warmup` iterations per mode), print a table, write
-    JSON to `json_out` (if given) and return the results."""
+                  modes: tuple[str, ...] = MODES, command: str | None = None) -> dict[str, Any]:
+    """Run the benchmark (`iterations` measured rounds after `warmup` iterations of each of `modes`), print a table,
+    write JSON to `json_out` (if given) and return the results; the ratios need every mode."""
     import ray
     import torch
 
@@ -84,11 +84,17 @@ def bench_rollout(config: EnvEncConfig, json_out: str | None = None, iterations:
 
     model_path, encoder_dir, untrained = model_and_encoder(config)
     results["model"] = {"model_path": model_path, "encoder_dir": str(encoder_dir), "untrained_encoder": untrained}
-    configs = mode_configs(config, model_path, encoder_dir)
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        from envenc_ray.errors import ConfigError
+
+        raise ConfigError(f"unknown rollout modes {sorted(unknown)}; choose from {', '.join(MODES)}")
+    configs = {mode: mode_config for mode, mode_config in mode_configs(config, model_path, encoder_dir).items()
+               if mode in modes}
 
     phase(f"deploying the encoder app {BENCH_APP!r} (one replica set, shared by the latent_serve* EnvRunners)")
     t = time.perf_counter()
-    client = deploy_encoder(configs["latent_serve"], app_name=BENCH_APP, model_path=model_path,
+    client = deploy_encoder(config, app_name=BENCH_APP, model_path=model_path,
                             encoder_dir=str(encoder_dir))
     results["serve_deploy_s"] = time.perf_counter() - t
     results["model"].update({"latent_dim": client.latent_dim, "window": client.window,
@@ -96,7 +102,7 @@ def bench_rollout(config: EnvEncConfig, json_out: str | None = None, iterations:
     groups = schedule(configs, config, ray.cluster_resources().get("CPU", 0.0))
     results["settings"]["all_modes_at_once"] = len(groups) == 1
 
-    measured: dict[str, dict[str, list]] = {mode: {"train": [], "sample": []} for mode in MODES}
+    measured: dict[str, dict[str, list]] = {mode: {"train": [], "sample": []} for mode in configs}
     build_s: dict[str, float] = {}
     replica: dict[str, dict] = {}  # per group with a Serve mode: the replica's counters over its rounds
     try:
@@ -131,9 +137,10 @@ def bench_rollout(config: EnvEncConfig, json_out: str | None = None, iterations:
         if untrained:
             shutil.rmtree(Path(encoder_dir).parent, ignore_errors=True)  # model_and_encoder's temporary folder
 
-    results["modes"] = {mode: summarize(measured[mode]) | {"build_s": build_s.get(mode)} for mode in MODES}
+    results["modes"] = {mode: summarize(measured[mode]) | {"build_s": build_s.get(mode)} for mode in configs}
     results["replica"] = replica
-    results["ratios"] = ratios(results["modes"], replica)
+    if set(configs) == set(MODES):
+        results["ratios"] = ratios(results["modes"], replica)
     results["machine"]["load_average_end"] = os.getloadavg()
     results["wall_s"] = time.perf_counter() - started
     print_table(results)
@@ -168,7 +175,7 @@ def schedule(configs: dict[str, EnvEncConfig], config: EnvEncConfig, cluster_cpu
     runners = sum(c.rl.num_env_runners * c.rl.cpus_per_env_runner + c.rl.num_learners for c in configs.values())
     replica = serve.max_replicas * serve.num_cpus
     if runners + replica <= cluster_cpus + 1e-9:
-        return [MODES]
+        return [tuple(configs)]
     one = rl.num_env_runners * rl.cpus_per_env_runner + rl.num_learners
     if one + replica > cluster_cpus + 1e-9:
         from envenc_ray.errors import ConfigError
@@ -178,7 +185,7 @@ def schedule(configs: dict[str, EnvEncConfig], config: EnvEncConfig, cluster_cpu
                           f"{cluster_cpus:g}; lower rl.num_env_runners or rl.cpus_per_env_runner")
     print(f"bench: the modes' EnvRunners ({runners:g} CPUs) and the replica ({replica:g}) do not fit "
           f"{cluster_cpus:g} CPUs at once: measuring the modes one after the other")
-    return [(mode,) for mode in MODES]
+    return [(mode,) for mode in configs]
 
 
 def sample_only(algo) -> dict[str, float]:
@@ -279,7 +286,9 @@ def print_table(results: dict[str, Any]) -> None:
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
     for row in (header, *rows):
         print("  ".join(str(cell).rjust(width) for cell, width in zip(row, widths)))
-    r = results["ratios"]
+    r = results.get("ratios")
+    if r is None:
+        return
     print(f"latent_serve_overlap / pixels: {r['latent_serve_over_pixels_train']:.2f}x with the learner (goal >= "
           f"{GOALS['latent_serve_over_pixels_train']}x), {r['latent_serve_over_pixels_sample']:.2f}x sampling only "
           f"(goal >= {GOALS['latent_serve_over_pixels_sample']}x); overlap / plain: "
