@@ -119,7 +119,8 @@ def training_current(config: EnvEncConfig) -> str | None:
 
 
 def agent_config_hash(config: EnvEncConfig) -> str:
-    """What a checkpoint's weights depend on: the game, the model and (for latents) the VLM and encoder.
+    """What a checkpoint's weights depend on: the game, the model, (for latents) the VLM and encoder and (for
+    rl.reward other than 'env') the reward model.
 
     Resources, batch sizes, learning rates and the iteration budget are left out: changing them continues
     training the same agent.
@@ -135,6 +136,8 @@ def agent_config_hash(config: EnvEncConfig) -> str:
     }
     if rl.obs_mode != "pixels":
         payload["latents"] = config.section_hash("vlm", "encoder")
+    if rl.reward != "env":  # what it learned to maximise (absent for the game's reward: older agents keep their hash)
+        payload["reward"] = {"mode": rl.reward, "reward_model": config.section_hash("reward_model")}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
