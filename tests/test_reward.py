@@ -288,6 +288,7 @@ def test_ppo_iteration_trains_on_the_reward_models_rewards(ray_session, environm
     from envenc_ray.rl.reward_model import load_reward_model
     from envenc_ray.rl.reward_train import train_reward_model
     from envenc_ray.rl.runner_errors import new_error_key
+    from envenc_ray.rl.train import metrics_row
 
     _, encoder_dir = environment_encoder
     config = EnvEncConfig.model_validate({
@@ -330,3 +331,5 @@ def test_ppo_iteration_trains_on_the_reward_models_rewards(ray_session, environm
         np.testing.assert_allclose(rewards, expected, rtol=1e-4, atol=1e-5)
     assert np.std(learned) > 0 and runners["envenc_model_reward"] == pytest.approx(learned.sum(), rel=1e-4)
     assert np.isfinite(result["learners"]["default_policy"]["total_loss"])
+    row = metrics_row(result)
+    assert row["model_reward"] == runners["envenc_model_reward"] and row["env_reward"] == runners["envenc_env_reward"]

@@ -166,6 +166,10 @@ def metrics_row(result: dict) -> dict:
         "encoder_calls": calls,
         "encoder_frames_per_call": frames / calls if calls else None,
         "encoder_call_ms": encode_ms / calls if calls else None,
+        # rl.reward model | env+model: the game's reward and the reward model's (scaled) summed over the
+        # iteration's steps; episode_return_mean above is the return of the reward the agent trains on
+        "env_reward": _number(runners.get("envenc_env_reward")),
+        "model_reward": _number(runners.get("envenc_model_reward")),
     }
     for key in LEARNER_METRICS:
         if key in learner:
