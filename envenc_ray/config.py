@@ -331,8 +331,8 @@ class RLConfig(Section):
         "model's (<run>/reward_model, `envenc reward-model`), or their sum. Evaluation always reports the game's.",
     )
     reward_model_scale: float = Field(
-        1.0, gt=0, description="Weight of the reward model's output (standardized to mean 0, std 1 on its training "
-        "frames) in 'model' and 'env+model'; Pong's env rewards are +-1 per point."
+        1.0, gt=0, description="Weight of the reward model's output (Bradley-Terry log-odds, centred on its training "
+        "triples) in 'model' and 'env+model'; Pong's env rewards are +-1 per point."
     )
 
     @model_validator(mode="after")

@@ -6,8 +6,9 @@ A frame's representation is the agent's encoder latent (reward_model.representat
 grayscale pixels ('pixels'). Each of the two becomes a token (a linear projection of the standardized
 representation plus a position), a learned summary token goes in front, and the reward is read from the
 summary token after `layers` transformer encoder layers. Bradley-Terry fixes only differences of rewards
-between frames that follow the same frame, so the exported model standardizes its output (mean 0, std 1 on
-its training triples) to give PPO a known scale.
+between frames that follow the same frame, in log-odds (a difference of 1: preferred e to 1), and leaves the
+offset free: the exported model subtracts its mean over the training triples. Its scale is kept: dividing by
+the spread of a model that barely separates its triples would blow up its rewards everywhere else.
 
 `RewardSource` is how an EnvRunner gets the model (small and picklable, built inside the EnvRunner), and
 `reward_source(config, encoder)` resolves it on the driver, refusing a model built for other representations.
@@ -42,11 +43,10 @@ class RewardModel(nn.Module):
         super().__init__()
         self.representation_dim = representation_dim
         # Buffers, so they travel in model.safetensors: the input standardization (training triples' statistics)
-        # and the output's (set at export).
+        # and the output's offset (set at export).
         self.register_buffer("input_mean", torch.zeros(representation_dim))
         self.register_buffer("input_std", torch.ones(representation_dim))
-        self.register_buffer("reward_mean", torch.zeros(()))
-        self.register_buffer("reward_std", torch.ones(()))
+        self.register_buffer("reward_offset", torch.zeros(()))
         self.project = nn.Linear(representation_dim, d_model)
         self.summary = nn.Parameter(torch.zeros(1, 1, d_model))
         self.position = nn.Parameter(0.02 * torch.randn(3, d_model))  # summary, frame t-1, frame t
@@ -62,7 +62,7 @@ class RewardModel(nn.Module):
         frames = (torch.stack([previous, current], dim=1) - self.input_mean) / self.input_std  # (N, 2, R)
         tokens = torch.cat([self.summary.expand(len(frames), -1, -1), self.project(frames)], dim=1) + self.position
         raw = self.head(self.transformer(tokens)[:, 0]).squeeze(-1)
-        return (raw - self.reward_mean) / self.reward_std
+        return raw - self.reward_offset
 
 
 def build_reward_model(settings: RewardModelConfig, representation_dim: int) -> RewardModel:

@@ -10,7 +10,7 @@ Read top to bottom, `train_reward_model` is:
   3. train       a `TorchTrainer` (num_workers x cpus_per_worker) minimising the Bradley-Terry loss
                  -log sigmoid(r(input, winner) - r(input, loser)): a checkpoint per epoch, early stopping on the
                  held-out loss, resume from the latest checkpoint when the same training starts again
-  4. export      the best epoch, its output standardized on the training triples, as config.json +
+  4. export      the best epoch, its output centred on the training triples, as config.json +
                  model.safetensors + metrics.json (held-out preference accuracy, and the accuracy of guessing the
                  winner from the two moves alone, the bar a model that only sees "the paddle moved" would reach)
 """
@@ -97,7 +97,7 @@ def train_reward_model(config: EnvEncConfig) -> dict:
 
     # 4. export
     started = time.perf_counter()
-    model = _standardized_model(best_checkpoint, settings, triples, train_rows)
+    model = _centred_model(best_checkpoint, settings, triples, train_rows)
     best = next(e for e in state["history"] if e["epoch"] == state["best_epoch"])
     winner_moves = Counter(int(move) for move in triples.moves[:, 0])
     meanings = _action_meanings(config)
@@ -401,9 +401,9 @@ def train_loop_per_worker(loop: dict) -> None:
 # ---------------------------------------------------------------------------------------------- export
 
 
-def _standardized_model(checkpoint, settings: RewardModelConfig, triples: Triples, train_rows: np.ndarray):
-    """The checkpoint's model with its output standardized over the training triples' (input, winner) and
-    (input, loser) rewards: Bradley-Terry leaves the offset and scale free, PPO wants a known scale."""
+def _centred_model(checkpoint, settings: RewardModelConfig, triples: Triples, train_rows: np.ndarray):
+    """The checkpoint's model with its output centred on the training triples' (input, winner) and (input, loser)
+    rewards: Bradley-Terry leaves the offset free."""
     import torch
     from safetensors.torch import load_file
 
@@ -416,6 +416,5 @@ def _standardized_model(checkpoint, settings: RewardModelConfig, triples: Triple
         inputs = torch.from_numpy(triples.inputs[train_rows])
         rewards = torch.cat([model(inputs, torch.from_numpy(triples.winners[train_rows])),
                              model(inputs, torch.from_numpy(triples.losers[train_rows]))])
-    model.reward_mean.copy_(rewards.mean())
-    model.reward_std.copy_(rewards.std().clamp_min(1e-6))
+    model.reward_offset.copy_(rewards.mean())
     return model
