@@ -1,7 +1,7 @@
 """The `envenc` command: one subcommand per stage of the registry (`pipeline.STAGES`), plus run, tune,
 experiment, bench, model and config.
 
-Every `EnvEncError` becomes one line on stderr and exit code 2; a stage that a later issue fills in exits 3.
+Every `EnvEncError` becomes one line on stderr and exit code 2.
 Ctrl-C (SIGINT) and SIGTERM stop any command cleanly (runtime.stop_on_signals): exit code 130 / 143.
 """
 
@@ -27,7 +27,7 @@ from envenc_ray.bench.learner import bench_learner  # noqa: E402
 from envenc_ray.bench.rollout import MODES as ROLLOUT_MODES  # noqa: E402
 from envenc_ray.bench.rollout import bench_rollout  # noqa: E402
 from envenc_ray.config import EnvEncConfig, load_config  # noqa: E402
-from envenc_ray.errors import ConfigError, EnvEncError, NotImplementedStageError  # noqa: E402
+from envenc_ray.errors import ConfigError, EnvEncError  # noqa: E402
 from envenc_ray.layout import RunLayout, synced_run  # noqa: E402
 from envenc_ray.pipeline import STAGES, Stage  # noqa: E402
 from envenc_ray.pipeline import run as run_pipeline  # noqa: E402
@@ -36,12 +36,6 @@ from envenc_ray.rl.tune import tune as tune_sweep  # noqa: E402
 from envenc_ray.runtime import configure_console, received_signal, shutdown_ray, stop_on_signals  # noqa: E402
 from envenc_ray.storage import is_uri, local_root, pull  # noqa: E402
 from envenc_ray.vlm.tiny import build_tiny_vlm  # noqa: E402
-
-# Stages that exist in the design but not yet in code: name -> what will provide them.
-PLANNED = {
-    "reward-model": "the preference-trained reward model (stage 2)",
-}
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
@@ -58,9 +52,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"envenc: stopped by {signal.Signals(signum).name}", file=sys.stderr)
         shutdown_ray()
         return 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
-    except NotImplementedStageError as error:
-        print(f"envenc: {error}", file=sys.stderr)
-        return 3
     except EnvEncError as error:
         print(f"envenc: error: {error}", file=sys.stderr)
         return 2
@@ -104,10 +95,6 @@ def _build_parser() -> argparse.ArgumentParser:
         "see configs/sweeps/ppo-lr.yaml",
     )
     tune.set_defaults(handler=_on_config(lambda config, args: tune_sweep(config, sweep_path=args.sweep)))
-    for name, what in PLANNED.items():
-        planned = commands.add_parser(name, help=f"not implemented yet: {what}")
-        _add_config_arguments(planned)
-        planned.set_defaults(handler=_planned(name))
     experiment = commands.add_parser(
         "experiment",
         help="compare arms (named config overrides) over seeds at an equal env-step budget, as Ray Tune trials",
@@ -254,13 +241,6 @@ def _bench(config: EnvEncConfig, args: argparse.Namespace) -> None:
         return
     bench_encoder(config, args.json, callers=args.callers, frames_per_call=args.frames_per_call,
                   seconds=args.seconds, command=command)
-
-
-def _planned(name: str):
-    def handler(args: argparse.Namespace) -> None:
-        raise NotImplementedStageError(f"`envenc {name}` is not implemented yet; it will come with {PLANNED[name]}")
-
-    return handler
 
 
 if __name__ == "__main__":

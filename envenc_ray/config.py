@@ -372,6 +372,16 @@ class RLConfig(Section):
     eval_max_steps: int | None = Field(
         None, ge=1, description="Cap per evaluation episode (env steps; None: play to the game's end)."
     )
+    # --- the reward the agent trains on (stage `reward-model` makes the model)
+    reward: Literal["env", "model", "env+model"] = Field(
+        "env",
+        description="What an EnvRunner writes as each step's reward: the game's, the preference-trained reward "
+        "model's (<run>/reward_model, `envenc reward-model`), or their sum. Evaluation always reports the game's.",
+    )
+    reward_model_scale: float = Field(
+        1.0, gt=0, description="Weight of the reward model's output (Bradley-Terry log-odds, centred on its training "
+        "triples) in 'model' and 'env+model'; Pong's env rewards are +-1 per point."
+    )
 
     @model_validator(mode="after")
     def _check_combination(self) -> "RLConfig":
@@ -389,6 +399,51 @@ class RLConfig(Section):
         return self
 
 
+class RewardModelConfig(Section):
+    """Stage `reward-model`: preference triples made from the emulator, and a small transformer trained on them
+    with a Bradley-Terry loss (a Ray Train job) as a reward model over (frame t-1, frame t). rl.reward uses it."""
+
+    representation: Literal["latent", "pixels"] = Field(
+        "latent",
+        description="What the model sees of a frame: the agent's encoder latent (rl.encoder_dir, else <run>/encoder; "
+        "needs rl.obs_mode latent or latent+pixels) or the grayscale frame (pixel_size x pixel_size).",
+    )
+    pixel_size: int = Field(84, ge=8, description="Side of the grayscale frame of representation 'pixels'.")
+    episodes: int = Field(8, ge=2, description="Rollouts whose states are branched; the last val_fraction of them "
+                          "are held out whole.")
+    max_steps_per_episode: int = Field(3000, ge=1, description="Cap per rollout (env steps).")
+    epsilon: float = Field(
+        0.25, ge=0.0, le=1.0, description="Random-action probability of the RAM heuristic that plays the rollouts."
+    )
+    horizon: int = Field(
+        8, ge=1, description="k: env steps per branch (its own first action, then the RAM heuristic); the branch with "
+        "the higher return over them wins. 8 steps (32 frames) is long enough for a missed Pong ball to score."
+    )
+    reach_steps: float = Field(
+        2.0, gt=0, description="Games with a ball: branch only where it reaches the agent's paddle within this many "
+        "env steps (at its current velocity), where one move decides the point; elsewhere nearly every branch ties."
+    )
+    d_model: int = Field(64, ge=8, description="Width of the transformer's tokens.")
+    layers: int = Field(2, ge=1, description="Transformer encoder layers.")
+    heads: int = Field(4, ge=1, description="Attention heads; must divide d_model.")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout inside the transformer (few triples: it overfits).")
+    epochs: int = Field(30, ge=1, description="Maximum training epochs.")
+    batch_size: int = Field(32, ge=1, description="Triples per gradient step (per worker).")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    patience: int = Field(5, ge=1, description="Early stopping: epochs without held-out loss improvement.")
+    val_fraction: float = Field(0.25, gt=0, lt=1, description="Fraction of rollouts held out for the accuracy.")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel).")
+    cpus_per_worker: float = Field(0.5, gt=0, description="CPUs per Train worker; fractions on small machines.")
+    report_poll_s: float = Field(0.2, gt=0, description="How often Ray Train collects epoch reports (s).")
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> "RewardModelConfig":
+        if self.d_model % self.heads:
+            raise ValueError(f"reward_model.heads ({self.heads}) must divide reward_model.d_model ({self.d_model})")
+        return self
+
+
 class EnvEncConfig(Section):
     """The whole pipeline's configuration, one section per stage."""
 
@@ -401,6 +456,7 @@ class EnvEncConfig(Section):
     embed: EmbedConfig = EmbedConfig()
     encoder: EncoderConfig = EncoderConfig()
     serve: ServeConfig = ServeConfig()
+    reward_model: RewardModelConfig = RewardModelConfig()
     rl: RLConfig = RLConfig()
 
     # ------------------------------------------------ encoder.inputs and stage2.method 'joint': what cannot work

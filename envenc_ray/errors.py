@@ -27,7 +27,3 @@ class DataError(EnvEncError):
 
 class UnsupportedGameError(EnvEncError):
     """A game has no annotations (RAM decoding) or is not an ALE game."""
-
-
-class NotImplementedStageError(EnvEncError):
-    """A CLI stage that a later issue fills in; it fails loudly instead of faking success."""

@@ -71,6 +71,18 @@ class RunLayout:
         return self.run_dir / "agent"
 
     @property
+    def preferences(self) -> Path:  # Parquet shards of preference triples branched from rollouts (reward-model)
+        return self.run_dir / "preferences"
+
+    @property
+    def reward_model(self) -> Path:  # the reward model reward-model exports and rl.reward reads
+        return self.run_dir / "reward_model"
+
+    @property
+    def reward_model_train(self) -> Path:  # Ray Train's run folders of reward-model (<resume key>/), for resuming
+        return self.run_dir / "reward_model_train"
+
+    @property
     def report(self) -> Path:  # report.md, plots, metrics.json (report)
         return self.run_dir / "report"
 

@@ -2,6 +2,7 @@
 
     preflight (cheap checks: run dir writable, model present, no artifact of another config)
     -> collect -> [advise, with stage2.method 'finetuned' or joint_from 'finetuned'] -> embed -> train-encoder
+    -> [reward-model, with rl.reward 'model' or 'env+model']
     -> [serve: deploy the encoder service once, for latents from Serve] -> train -> evaluate -> report,
     with manifest.json recording what each stage did and how long it took.
 
@@ -42,6 +43,8 @@ from envenc_ray.files import read_json, write_text_atomic
 from envenc_ray.layout import BUILTIN_TINY, RunLayout, synced_run
 from envenc_ray.report import report, report_current
 from envenc_ray.rl.evaluate import evaluate, evaluation_current, reference_returns
+from envenc_ray.rl.reward_model import output_hash as reward_model_hash
+from envenc_ray.rl.reward_train import reward_model_current, train_reward_model
 from envenc_ray.rl.train import agent_config_hash, train, training_current
 from envenc_ray.runtime import ensure_ray
 from envenc_ray.serve.client import deploy_encoder
@@ -127,6 +130,10 @@ STAGES: tuple[Stage, ...] = (
           run=embed, reads=("frames", "advise_pointer"), writes="hidden", current=embed_current),
     Stage("train-encoder", "train the autoencoder on hidden states (Ray Train), export the encoder to <run>/encoder/",
           run=train_encoder, reads=("hidden",), writes="encoder", current=encoder_current),
+    Stage("reward-model", "make preference triples by branching the emulator, train the transformer reward model on "
+          "them (Ray Train, Bradley-Terry) and export it to <run>/reward_model/ for rl.reward 'model' or 'env+model'",
+          run=train_reward_model, reads=("agent_encoder",), writes="reward_model", current=reward_model_current,
+          in_run=lambda config: config.rl.reward != "env"),
     Stage("serve", "host the truncated VLM + encoder as a Ray Serve deployment (foreground until Ctrl-C)",
           run=serve, reads=("agent_encoder",), current=_serve_current, in_run=_latents_from_serve,
           run_in_pipeline=_deploy_for_agent, add_arguments=_serve_arguments,
@@ -232,6 +239,9 @@ def _artifact_hashes(config: EnvEncConfig, layout: RunLayout):
     yield layout.hidden, _recorded(layout.hidden / "_embed.json", "config_hash"), hidden_hash(config)
     yield layout.encoder, _recorded(layout.encoder / "config.json", "config_hash"), encoder_hash(config)
     yield layout.agent, _recorded(layout.agent / "train.json", "agent_hash"), agent_config_hash(config)
+    if config.rl.reward != "env":
+        recorded = _recorded(layout.reward_model / "config.json", "config_hash")
+        yield layout.reward_model, recorded, reward_model_hash(config)
 
 
 def _recorded(path: Path, key: str) -> str | None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import logging
 import math
 import shutil
 import time
@@ -39,10 +38,9 @@ from envenc_ray.envs.atari import game_name
 from envenc_ray.errors import ConfigError, DataError
 from envenc_ray.files import read_json, replaced_atomically, write_json_atomic
 from envenc_ray.layout import RunLayout, base_model_path, shared_dir
-from envenc_ray.runtime import agreed_by_rank0, note_epoch, report_epoch, tell_user, train_report_poll
+from envenc_ray.runtime import (agreed_by_rank0, fit_resumable, note_epoch, report_epoch, tell_user,
+                                train_epoch)
 from envenc_ray.storage import train_storage
-
-logger = logging.getLogger(__name__)
 
 FRAME_SIZE = (210, 160)  # user images are resized to ALE's frame size: the size embed and serving see
 USER_COLUMNS = ("image", "text")
@@ -371,18 +369,7 @@ def _fit(config: EnvEncConfig, data: AdviceData, base: str, train_rows: np.ndarr
                                                          checkpoint_score_order="min"),
         ),
     )
-    with train_report_poll(advise.report_poll_s):
-        try:
-            result = trainer.fit()
-        except ray.train.TrainingFailedError:
-            logger.error("advice finetuning failed; its checkpoints in %s are kept, so a rerun resumes", storage)
-            raise
-    best = result.get_best_checkpoint(metric="val_loss", mode="min")
-    if best is None or result.checkpoint is None:
-        raise DataError(f"advice finetuning under {storage} left no checkpoint; delete it and rerun")
-    with result.checkpoint.as_directory() as directory:
-        state = json.loads((Path(directory) / "train_state.json").read_text())
-    return state, best
+    return fit_resumable(trainer, advise.report_poll_s, "advice finetuning", storage, score="val_loss")
 
 
 def _question(config: EnvEncConfig) -> str:
@@ -396,7 +383,6 @@ def train_loop_per_worker(loop: dict) -> None:
     import ray.train
     import ray.train.torch
     import torch
-    import torch.distributed as dist
     from safetensors.torch import load_file, save_file
 
     from envenc_ray.config import AdviseConfig, VLMConfig
@@ -452,30 +438,17 @@ def train_loop_per_worker(loop: dict) -> None:
     # output), so DDP must look for unused parameters instead of waiting for their gradients forever.
     trained = ray.train.torch.prepare_model(model, move_to_device=False,
                                             parallel_strategy_kwargs={"find_unused_parameters": True})
-    # Every worker takes the same number of steps (DDP waits for all of them at each one).
-    per_worker = len(train_rows) // world_size
-    steps = max(1, per_worker // advise.batch_size)
 
     for epoch in range(state["epoch"] + 1, advise.epochs + 1):
         if state["epochs_since_best"] >= advise.patience:
             break  # a resumed run that had already stopped early
         started = time.perf_counter()
         model.train()
-        order = np.random.default_rng(loop["seed"] * 1_000_003 + epoch).permutation(train_rows)
-        mine = order[rank * per_worker:(rank + 1) * per_worker]
-        loss_sum = 0.0
-        for step in range(steps):
-            loss = loss_of(trained, mine[step * advise.batch_size:(step + 1) * advise.batch_size])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.item()
-        train_loss = torch.tensor([loss_sum / steps], dtype=torch.float64)
-        if world_size > 1:
-            dist.all_reduce(train_loss)
+        train_loss = train_epoch(lambda rows: loss_of(trained, rows), optimizer, train_rows, advise.batch_size,
+                                 loop["seed"], epoch, rank, world_size)
         val = agreed_by_rank0(held_out_loss() if rank == 0 else 0.0, world_size)
         note_epoch(state, epoch, val, "best_val_loss")
-        entry = {"epoch": epoch, "train_loss": float(train_loss.item()) / world_size, "val_loss": val,
+        entry = {"epoch": epoch, "train_loss": train_loss, "val_loss": val,
                  "seconds": time.perf_counter() - started, "session": loop["session"]}
         state["history"].append(entry)
 

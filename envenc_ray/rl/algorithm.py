@@ -5,21 +5,24 @@ from __future__ import annotations
 
 from envenc_ray.config import EnvEncConfig
 from envenc_ray.rl.encoder_source import EncoderSource, encoder_source
+from envenc_ray.rl.reward_model import RewardSource, reward_source
 from envenc_ray.rl.runner_errors import raise_runner_error
 
 
-def algorithm_config(config: EnvEncConfig, source: EncoderSource | None, error_key: str | None = None):
-    """The AlgorithmConfig of `config.rl.algo`; observations come from the latent connector fed by `source`.
+def algorithm_config(config: EnvEncConfig, source: EncoderSource | None, error_key: str | None = None,
+                     rewards: RewardSource | None = None):
+    """The AlgorithmConfig of `config.rl.algo`; observations come from the latent connector fed by `source`,
+    rewards from the game or (`rewards`, rl.reward) the reward model's connector.
 
     `error_key`: where the EnvRunners report an encoder error for the driver (see `train_iteration`).
     """
     if config.rl.algo == "dreamerv3":
         from envenc_ray.rl.dreamer import build_dreamer_config
 
-        return build_dreamer_config(config, source, error_key)
+        return build_dreamer_config(config, source, error_key, rewards)
     from envenc_ray.rl.ppo import build_ppo_config
 
-    return build_ppo_config(config, source, error_key)
+    return build_ppo_config(config, source, error_key, rewards)
 
 
 def offline_algorithm_config(config: EnvEncConfig):
@@ -34,7 +37,9 @@ def build_algorithm(config: EnvEncConfig, error_key: str | None = None):
     from envenc_ray.envs.atari import make_env
 
     make_env(config.env.game).close()  # an unknown game fails here, in one line, not inside an EnvRunner
-    return algorithm_config(config, encoder_source(config), error_key).build_algo()
+    source = encoder_source(config)
+    rewards = reward_source(config, source.latent_dim if source is not None else None)
+    return algorithm_config(config, source, error_key, rewards).build_algo()
 
 
 def train_iteration(algo, error_key: str) -> dict:

@@ -15,6 +15,8 @@ from ray.rllib.connectors.connector_v2 import ConnectorV2
 
 from envenc_ray.rl.encoder_source import EncoderSource
 from envenc_ray.rl.observations import EpisodeObserver, check_obs_mode, observation_space
+from envenc_ray.rl.reward_connector import ModelRewards
+from envenc_ray.rl.reward_model import RewardSource
 from envenc_ray.rl.runner_errors import report_runner_error
 
 
@@ -107,11 +109,18 @@ class LatentObservations(ConnectorV2):
 
 
 def make_env_to_module(obs_mode: str, source: EncoderSource | None, frame_stack: int = 4, pixel_size: int = 84,
-                       error_key: str | None = None):
-    """The `env_to_module_connector` callable for `AlgorithmConfig.env_runners` (called in every EnvRunner)."""
+                       error_key: str | None = None, rewards: RewardSource | None = None):
+    """The `env_to_module_connector` callable for `AlgorithmConfig.env_runners` (called in every EnvRunner).
+
+    With `rewards` (rl.reward 'model' or 'env+model') the reward model's connector joins the pipeline where its
+    representation is: after this one for latents, before it for the raw frames it turns into pixels."""
 
     def build(env=None, spaces=None, device=None):
-        return LatentObservations(obs_mode=obs_mode, source=source, frame_stack=frame_stack, pixel_size=pixel_size,
-                                  error_key=error_key)
+        observations = LatentObservations(obs_mode=obs_mode, source=source, frame_stack=frame_stack,
+                                          pixel_size=pixel_size, error_key=error_key)
+        if rewards is None:
+            return [observations]
+        model_rewards = ModelRewards(source=rewards, error_key=error_key)
+        return [model_rewards, observations] if rewards.representation == "pixels" else [observations, model_rewards]
 
     return build

@@ -19,11 +19,13 @@ from envenc_ray.config import EnvEncConfig
 from envenc_ray.errors import ConfigError
 from envenc_ray.rl.connector import make_env_to_module
 from envenc_ray.rl.encoder_source import EncoderSource
+from envenc_ray.rl.reward_model import RewardSource
 from envenc_ray.rl.runners import with_common_settings
 
 
 def build_dreamer_config(config: EnvEncConfig, source: EncoderSource | None,
-                                    error_key: str | None = None) -> DreamerV3Config:
+                                    error_key: str | None = None, rewards: RewardSource | None = None
+                                    ) -> DreamerV3Config:
     rl = config.rl
     if rl.obs_mode != "latent" or source is None:
         raise ConfigError(f"DreamerV3 here trains on 1-D latents only: set rl.obs_mode=latent (got "
@@ -34,7 +36,7 @@ def build_dreamer_config(config: EnvEncConfig, source: EncoderSource | None,
     return with_common_settings(
         DreamerV3Config(),
         config,
-        make_env_to_module("latent", source, error_key=error_key),
+        make_env_to_module("latent", source, error_key=error_key, rewards=rewards),
         # Dreamer samples a little, trains a lot (training_ratio); 1 step per sub-env is its default.
         rollout_fragment_length=rl.rollout_fragment_length or 1,
     ).training(

@@ -9,18 +9,20 @@ from envenc_ray.rl.connector import make_env_to_module
 from envenc_ray.rl.encoder_source import EncoderSource
 from envenc_ray.rl.joint import joint_module_spec
 from envenc_ray.rl.modules import ppo_module_spec
+from envenc_ray.rl.reward_model import RewardSource
 from envenc_ray.rl.runners import with_common_settings
 
 
 def build_ppo_config(config: EnvEncConfig, source: EncoderSource | None,
-                                error_key: str | None = None) -> PPOConfig:
-    """PPO on `config.env`'s game; observations come from the latent connector fed by `source`.
+                                error_key: str | None = None, rewards: RewardSource | None = None) -> PPOConfig:
+    """PPO on `config.env`'s game; observations come from the latent connector fed by `source`, rewards from
+    the game or (`rewards`) the reward model.
 
     `error_key`: where the EnvRunners report an encoder error for the driver (see `algorithm.train_iteration`).
     """
     rl = config.rl
     learners = max(1, rl.num_learners)
-    connector = make_env_to_module(rl.obs_mode, source, rl.frame_stack, rl.pixel_size, error_key)
+    connector = make_env_to_module(rl.obs_mode, source, rl.frame_stack, rl.pixel_size, error_key, rewards)
     # stage2.method 'joint': the module also holds the VLM's projector, the frozen decoder and the encoder
     module_spec = joint_module_spec(config) if config.stage2.method == "joint" else ppo_module_spec(rl)
     return (

@@ -119,7 +119,8 @@ def training_current(config: EnvEncConfig) -> str | None:
 
 
 def agent_config_hash(config: EnvEncConfig) -> str:
-    """What a checkpoint's weights depend on: the game, the model and (for latents) the VLM and encoder.
+    """What a checkpoint's weights depend on: the game, the model, (for latents) the VLM and encoder and (for
+    rl.reward other than 'env') the reward model.
 
     Resources, batch sizes, learning rates and the iteration budget are left out: changing them continues
     training the same agent.
@@ -137,6 +138,8 @@ def agent_config_hash(config: EnvEncConfig) -> str:
         payload["latents"] = config.section_hash("vlm", "encoder")
     if config.stage2.method == "joint":  # the module holds the projector (and maybe trains the encoder)
         payload["joint"] = config.stage2.model_dump(mode="json")
+    if rl.reward != "env":  # what it learned to maximise (absent for the game's reward: older agents keep their hash)
+        payload["reward"] = {"mode": rl.reward, "reward_model": config.section_hash("reward_model")}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -165,6 +168,10 @@ def metrics_row(result: dict) -> dict:
         "encoder_calls": calls,
         "encoder_frames_per_call": frames / calls if calls else None,
         "encoder_call_ms": encode_ms / calls if calls else None,
+        # rl.reward model | env+model: the game's reward and the reward model's (scaled) summed over the
+        # iteration's steps; episode_return_mean above is the return of the reward the agent trains on
+        "env_reward": _number(runners.get("envenc_env_reward")),
+        "model_reward": _number(runners.get("envenc_model_reward")),
     }
     for key in LEARNER_METRICS:
         if key in learner:
