@@ -257,7 +257,11 @@ class ServeConfig(Section):
     max_batch_calls: int = Field(
         8, ge=1, description="@serve.batch size: concurrent calls (each of many frames) merged into one forward."
     )
-    batch_wait_timeout_s: float = Field(0.005, ge=0, description="How long a batch waits to fill up (seconds).")
+    batch_wait_timeout_s: float = Field(
+        0.0, ge=0,
+        description="How long a batch waits to fill up once a call arrives at an idle replica (seconds). 0: calls that "
+        "arrive while a forward runs are batched anyway, and an idle replica starts at once: EnvRunners wait for "
+        "their call, so a wait delays every step (measured on 1 EnvRunner: 137 -> 178 env steps/s from 5 ms to 0).")
     max_ongoing_requests: int = Field(
         16, ge=1, description="Calls a replica accepts at once; must be >= max_batch_calls or batches stay small."
     )

@@ -146,7 +146,7 @@ class EnvironmentEncoderDeployment:
             raise result
         return result
 
-    @ray_serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)  # both set from user_config in reconfigure
+    @ray_serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)  # both set from user_config in reconfigure
     async def _forward(self, requests: list[EncodeRequest]) -> list[Any]:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, self.core.run_batch, requests)
