@@ -156,6 +156,14 @@ def test_bad_inputs_say_what_to_fix(environment_encoder, tmp_path, tiny_vlm_dir)
     _, encoder_dir = environment_encoder
     with pytest.raises(ConfigError, match="obs_mode"):
         load_config([], ["rl.algo=dreamerv3", "rl.obs_mode=pixels"])
+    with pytest.raises(ConfigError, match="rl.overlap .* even number"):
+        load_config([], ["rl.overlap=true", "rl.num_envs_per_env_runner=3"])
+    joint = make_config(tmp_path, tiny_vlm_dir, encoder_dir)
+    joint.stage2.method = "joint"
+    from envenc_ray.rl.gym_wrapper import build_observer
+
+    with pytest.raises(ConfigError, match="'joint' trains the VLM's projector inside RLlib"):
+        build_observer(joint)  # what the gymnasium and SB3 wrappers build
     with pytest.raises(ConfigError, match="rl.obs_mode"):
         load_config([], ["rl.obs_mode=frames"])
     missing = make_config(tmp_path, tiny_vlm_dir, tmp_path / "no-encoder")
