@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -23,6 +23,8 @@ class Section(BaseModel):
     """Base of every config section: unknown keys are errors, assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # fields that change how fast a stage runs, not its output: left out of `EnvEncConfig.section_hash`
+    RUNTIME_ONLY: ClassVar[set[str]] = set()
 
 
 class ExperimentConfig(Section):
@@ -46,6 +48,8 @@ class EnvConfig(Section):
 
 
 class VLMConfig(Section):
+    RUNTIME_ONLY: ClassVar[set[str]] = {"compile"}  # compiled layers compute the eager states (tests/test_vlm.py)
+
     model: str = Field(
         "builtin:tiny",
         description="'builtin:tiny' (created locally in <run>/vlm), a local HF model directory or a hub name.",
@@ -261,7 +265,8 @@ class ServeConfig(Section):
         0.0, ge=0,
         description="How long a batch waits to fill up once a call arrives at an idle replica (seconds). 0: calls that "
         "arrive while a forward runs are batched anyway, and an idle replica starts at once: EnvRunners wait for "
-        "their call, so a wait delays every step (measured on 1 EnvRunner: 137 -> 178 env steps/s from 5 ms to 0).")
+        "their call, so a wait delays every step (docs/performance.md: 5 ms -> 0 took one EnvRunner from 137 to 166 "
+        "env steps/s).")
     max_ongoing_requests: int = Field(
         16, ge=1, description="Calls a replica accepts at once; must be >= max_batch_calls or batches stay small."
     )
@@ -484,6 +489,10 @@ class EnvEncConfig(Section):
              "to llm or both"),
             (self.serve.backend == "vllm", "serve.backend 'vllm' cannot return the vision tower's output; set "
              "serve.backend=transformers"),
+            (self.rl.reward != "env" and self.reward_model.representation == "latent",
+             f"rl.reward {self.rl.reward!r} on latent representations: the agent's latents move as the projector "
+             "trains, so a reward model trained on the frozen ones reads other numbers; set "
+             "reward_model.representation=pixels or rl.reward=env"),
         ]
         for refused, why in refusals:
             if refused:
@@ -499,8 +508,10 @@ class EnvEncConfig(Section):
         return local_root(self.experiment.run_root) / self.experiment.name
 
     def section_hash(self, *sections: str) -> str:
-        """A short stable hash of the named sections: a stage's output matches its config when equal."""
-        payload = {name: getattr(self, name).model_dump(mode="json") for name in sections}
+        """A short stable hash of the named sections: a stage's output matches its config when equal. Settings
+        that change how fast, not what, a stage computes (a section's RUNTIME_ONLY) are left out."""
+        payload = {name: getattr(self, name).model_dump(mode="json", exclude=getattr(self, name).RUNTIME_ONLY)
+                   for name in sections}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

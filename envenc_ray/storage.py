@@ -114,14 +114,15 @@ def remove(path: str | Path) -> None:
 
 @contextmanager
 def synced(run_dir: Path, shared: Path) -> Iterator[None]:
-    """Around one stage on the driver: the run directory comes down first; afterwards (also after a failure, so
-    that checkpoints and logs survive the machine) what the driver wrote there or in the shared folder and the
+    """Around one stage on the driver: the run directory comes down first, as the URI has it (artifacts are replaced
+    whole there, so a local file the URI lacks is stale; the open logs/ are kept); afterwards (also after a failure,
+    so that checkpoints and logs survive the machine) what the driver wrote there or in the shared folder and the
     URI lacks goes up."""
     located = remote(run_dir)
     if located is None:
         yield
         return
-    _download(*located, run_dir, prune=False)
+    _download(*located, run_dir, prune=True, keep=("logs",))
     try:
         yield
     finally:
@@ -254,7 +255,8 @@ def _upload(path: Path, filesystem: FileSystem, target: str, prune: bool, only_n
             filesystem.delete_file(_join(target, relative))
 
 
-def _download(filesystem: FileSystem, target: str, path: Path, prune: bool) -> None:
+def _download(filesystem: FileSystem, target: str, path: Path, prune: bool, keep: tuple[str, ...] = ()) -> None:
+    """Bring `target` down into `path`; with `prune`, local files the URI lacks go, except under the folders `keep`."""
     there = _remote_files(filesystem, target)
     if not there:
         return  # nothing published there (yet): the local copy stays as it is
@@ -272,4 +274,5 @@ def _download(filesystem: FileSystem, target: str, path: Path, prune: bool) -> N
         os.replace(staging, local)
     if prune and path.is_dir():
         for relative in set(here) - set(there):
-            here[relative].unlink(missing_ok=True)
+            if relative.split("/", 1)[0] not in keep:
+                here[relative].unlink(missing_ok=True)

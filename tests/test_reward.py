@@ -214,7 +214,7 @@ def test_empty_and_one_class_preference_sets_are_refused(tmp_path):
         write_parquet_atomic(pa.Table.from_pylist([], schema=SCHEMA), shard_path(folder, episode))
     with pytest.raises(DataError, match=r"preference set in .*preferences is empty: every branch tied; raise "
                                         r"reward_model.episodes"):
-        represent_triples(folder, RewardModelConfig(representation="pixels"))
+        represent_triples(folder, RewardModelConfig(representation="pixels", episodes=2))
 
     representations = np.zeros((4, 3), np.float32)
     one_class = Triples(representations, representations, representations, np.array([0, 0, 1, 1]),

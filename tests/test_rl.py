@@ -158,12 +158,6 @@ def test_bad_inputs_say_what_to_fix(environment_encoder, tmp_path, tiny_vlm_dir)
         load_config([], ["rl.algo=dreamerv3", "rl.obs_mode=pixels"])
     with pytest.raises(ConfigError, match="rl.overlap .* even number"):
         load_config([], ["rl.overlap=true", "rl.num_envs_per_env_runner=3"])
-    joint = make_config(tmp_path, tiny_vlm_dir, encoder_dir)
-    joint.stage2.method = "joint"
-    from envenc_ray.rl.gym_wrapper import build_observer
-
-    with pytest.raises(ConfigError, match="'joint' trains the VLM's projector inside RLlib"):
-        build_observer(joint)  # what the gymnasium and SB3 wrappers build
     with pytest.raises(ConfigError, match="rl.obs_mode"):
         load_config([], ["rl.obs_mode=frames"])
     missing = make_config(tmp_path, tiny_vlm_dir, tmp_path / "no-encoder")
@@ -250,10 +244,11 @@ def test_overlapped_sampler_sees_what_the_plain_one_sees(ray_session, environmen
     from envenc_ray.rl.encoder_source import encoder_source
 
     _, encoder_dir = environment_encoder
-    chunks = {}
+    chunks, default_steps = {}, {}
     for overlap in (False, True):
+        settings = PPO_TINY | {"num_envs_per_env_runner": 4, "rollout_fragment_length": None}  # None: RLlib's 'auto'
         config = make_config(tmp_path, tiny_vlm_dir, encoder_dir, obs_mode="latent", num_env_runners=0,
-                             overlap=overlap, **(PPO_TINY | {"num_envs_per_env_runner": 4, "rollout_fragment_length": 16}))
+                             overlap=overlap, **settings)
         config.env.max_episode_steps = 13
         algo = build_ppo_config(config, encoder_source(config)).build_algo()
         try:
@@ -265,6 +260,8 @@ def test_overlapped_sampler_sees_what_the_plain_one_sees(ray_session, environmen
                 plain_state = runner.get_state()
             episodes = [e for _ in range(3) for e in runner.sample(num_timesteps=40, explore=False)]
             metrics = runner.get_metrics()
+            # PPO's own call (no count): the iteration's batch, whichever sampler
+            default_steps[overlap] = sum(len(e) for e in runner.sample(explore=False))
         finally:
             algo.stop()
         chunks[overlap] = [(np.asarray(e.get_observations()), np.asarray(e.get_rewards()), e.is_terminated,
@@ -275,6 +272,7 @@ def test_overlapped_sampler_sees_what_the_plain_one_sees(ray_session, environmen
         frames = frames.peek() if hasattr(frames, "peek") else frames
         assert frames == calls * (2 if overlap else 4)  # one encoder call per group per step, for its sub-envs
 
+    assert default_steps[True] == default_steps[False] == 64  # rl.train_batch_size
     plain, overlapped = chunks[False], chunks[True]
     assert len(plain) == len(overlapped) and sum(c[3] for c in plain) >= 4  # truncations inside the samples
     for observations, rewards, terminated, truncated in plain:

@@ -109,6 +109,21 @@ def test_synced_pulls_the_run_before_a_stage_and_pushes_what_it_wrote(uri_root):
     assert (behind / "_shared" / "note.txt").read_text() == "shared"
 
 
+def test_synced_drops_local_files_the_uri_no_longer_has_but_keeps_the_logs(uri_root):
+    # hidden/ replaced whole from another machine: the old shard names of this machine's copy are stale
+    _, behind, local = uri_root
+    (behind / "run" / "hidden").mkdir(parents=True)
+    (behind / "run" / "hidden" / "new-shard.parquet").write_bytes(b"new")
+    run_dir = local / "run"
+    (run_dir / "hidden").mkdir(parents=True)
+    (run_dir / "hidden" / "old-shard.parquet").write_bytes(b"old")
+    (run_dir / "logs").mkdir()
+    (run_dir / "logs" / "envenc.log").write_text("this command's open log")
+    with storage.synced(run_dir, local / "_shared"):
+        assert sorted(p.name for p in (run_dir / "hidden").iterdir()) == ["new-shard.parquet"]
+        assert (run_dir / "logs" / "envenc.log").is_file()
+
+
 def test_remote_staging_downloads_what_a_writer_put_on_the_uri(uri_root):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -8,8 +8,8 @@ serve section: min_replicas, max_replicas, target_ongoing_requests, upscale/down
           with the replica count it ran at
   idle    no calls; the replica count is polled until it is back at min_replicas, or `idle_timeout_s`
 
-The JSON holds the timeline (seconds, replicas, env steps/s), the throughput at each replica count, and how long
-the scale-up and the scale-down took. tests/test_autoscale.py runs the same function at a tiny size.
+The JSON holds the timeline (seconds at the start of each pass, replicas then, env steps/s), the throughput at each
+replica count, and how long the scale-up and the scale-down took (to the first pass that found the new count). tests/test_autoscale.py runs the same function at a tiny size.
 """
 
 from __future__ import annotations
@@ -68,9 +68,10 @@ def bench_autoscale(config: EnvEncConfig, json_out: str | None = None, *, load_t
             phase(f"load: {config.rl.num_env_runners} EnvRunner(s) sampling until {serve.max_replicas} replicas run")
             at_max = 0
             while at_max < PASSES_AT_MAX and time.perf_counter() - clock < load_timeout_s:
-                replicas = running_replicas(BENCH_APP)
+                started_at, replicas = time.perf_counter() - clock, running_replicas(BENCH_APP)
                 sampled = sample_only(algo)
-                timeline.append({"t": time.perf_counter() - clock, "replicas": replicas, "phase": "load",
+                # a pass is credited to the replicas that ran at its start (one that came up during it: the next)
+                timeline.append({"t": started_at, "replicas": replicas, "phase": "load",
                                  "env_steps_per_s": sampled["env_steps"] / sampled["seconds"]})
                 at_max += replicas >= serve.max_replicas
         finally:

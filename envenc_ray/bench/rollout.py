@@ -89,16 +89,15 @@ def bench_rollout(config: EnvEncConfig, json_out: str | None = None, iterations:
         from envenc_ray.errors import ConfigError
 
         raise ConfigError(f"unknown rollout modes {sorted(unknown)}; choose from {', '.join(MODES)}")
-    configs = {mode: mode_config for mode, mode_config in mode_configs(config, model_path, encoder_dir).items()
-               if mode in modes}
-
-    phase(f"deploying the encoder app {BENCH_APP!r} (one replica set, shared by the latent_serve* EnvRunners)")
-    t = time.perf_counter()
-    client = deploy_encoder(config, app_name=BENCH_APP, model_path=model_path,
-                            encoder_dir=str(encoder_dir))
-    results["serve_deploy_s"] = time.perf_counter() - t
-    results["model"].update({"latent_dim": client.latent_dim, "window": client.window,
-                             "hidden_size": client.hidden_size, "image_size": list(client.image_size)})
+    configs = mode_configs(config, model_path, encoder_dir, modes)
+    client = None  # the Serve app, for the modes that read it
+    if set(modes) & set(SERVE_MODES):
+        phase(f"deploying the encoder app {BENCH_APP!r} (one replica set, shared by the latent_serve* EnvRunners)")
+        t = time.perf_counter()
+        client = deploy_encoder(config, app_name=BENCH_APP, model_path=model_path, encoder_dir=str(encoder_dir))
+        results["serve_deploy_s"] = time.perf_counter() - t
+        results["model"].update({"latent_dim": client.latent_dim, "window": client.window,
+                                 "hidden_size": client.hidden_size, "image_size": list(client.image_size)})
     groups = schedule(configs, config, ray.cluster_resources().get("CPU", 0.0))
     results["settings"]["all_modes_at_once"] = len(groups) == 1
 
@@ -119,21 +118,22 @@ def bench_rollout(config: EnvEncConfig, json_out: str | None = None, iterations:
                 for mode, algo in algos.items():
                     for _ in range(warmup):
                         algo.train()
-                replica_before = client.stats()
+                serve_modes = [m for m in group if m in SERVE_MODES]
+                replica_before = client.stats() if serve_modes else None
                 for round_index in range(iterations):
                     phase(f"round {round_index + 1}/{iterations}: a training iteration + a sampling-only pass "
                           f"each of {', '.join(group)}")
                     for mode, algo in algos.items():
                         measured[mode]["train"].append(metrics_row(algo.train()))
                         measured[mode]["sample"].append(sample_only(algo))
-                if set(group) & set(SERVE_MODES):
-                    replica[" + ".join(m for m in group if m in SERVE_MODES)] = replica_delta(replica_before,
-                                                                                             client.stats())
+                if serve_modes:
+                    replica[" + ".join(serve_modes)] = replica_delta(replica_before, client.stats())
             finally:
                 for algo in algos.values():
                     algo.stop()
     finally:
-        shutdown(BENCH_APP)
+        if client is not None:
+            shutdown(BENCH_APP)
         if untrained:
             shutil.rmtree(Path(encoder_dir).parent, ignore_errors=True)  # model_and_encoder's temporary folder
 
@@ -150,10 +150,12 @@ def bench_rollout(config: EnvEncConfig, json_out: str | None = None, iterations:
     return results
 
 
-def mode_configs(config: EnvEncConfig, model_path: str, encoder_dir) -> dict[str, EnvEncConfig]:
-    """The config of each mode: the same rl settings, PPO, only the observation and the encoder source differ."""
+def mode_configs(config: EnvEncConfig, model_path: str, encoder_dir, modes: tuple[str, ...] = MODES
+                 ) -> dict[str, EnvEncConfig]:
+    """The config of each of `modes`: the same rl settings, PPO, only the observation, the encoder source and the
+    sampler differ."""
     configs = {}
-    for mode in MODES:
+    for mode in modes:
         mode_config = config.model_copy(deep=True)
         mode_config.vlm.model = str(model_path)
         mode_config.rl.algo = "ppo"
@@ -173,7 +175,7 @@ def schedule(configs: dict[str, EnvEncConfig], config: EnvEncConfig, cluster_cpu
     """
     rl, serve = config.rl, config.serve
     runners = sum(c.rl.num_env_runners * c.rl.cpus_per_env_runner + c.rl.num_learners for c in configs.values())
-    replica = serve.max_replicas * serve.num_cpus
+    replica = serve.max_replicas * serve.num_cpus if set(configs) & set(SERVE_MODES) else 0.0
     if runners + replica <= cluster_cpus + 1e-9:
         return [tuple(configs)]
     one = rl.num_env_runners * rl.cpus_per_env_runner + rl.num_learners

@@ -25,6 +25,7 @@ from envenc_ray.envs.atari import game_name, make_env_from_config
 from envenc_ray.errors import DataError, UnsupportedGameError
 from envenc_ray.files import read_json, write_text_atomic
 from envenc_ray.layout import RunLayout
+from envenc_ray.storage import pull
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +128,7 @@ def collect(config: EnvEncConfig) -> CollectSummary:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
                 bar.update(len(ray.get(done)))
+        pull(frames_dir, prune=False)  # on a URI run root, tasks on other nodes wrote into their own copies
     summary = _summarise(frames_dir, config.collect.episodes, len(todo), frame_shape, time.perf_counter() - started)
     print(
         f"collect: {summary.episodes} episodes, {summary.frames} frames in {frames_dir} "

@@ -39,7 +39,7 @@ from envenc_ray.storage import readable, remote_staging
 logger = logging.getLogger(__name__)
 
 META_FILE = "_embed.json"
-DTYPE_R2_TOLERANCE = 0.01  # vlm.dtype 'auto': bfloat16 must move the mean probe R^2 of the game state by no more
+DTYPE_R2_TOLERANCE = 0.01  # vlm.dtype 'auto': the most bfloat16 may move the mean probe R^2 of the game state
 CALIBRATION_FRAMES = 512  # recorded frames the dtype check embeds twice, spread over every episode
 
 

@@ -17,18 +17,15 @@ from gymnasium.vector.utils import batch_space
 
 from envenc_ray.config import EnvEncConfig
 from envenc_ray.envs.atari import make_env_from_config
-from envenc_ray.errors import ConfigError
 from envenc_ray.rl.encoder_source import encoder_source
 from envenc_ray.rl.observations import LATENT_KEY, PIXELS_KEY, EpisodeObserver, observation_space
 
 
 def build_observer(config: EnvEncConfig, encoder=None) -> EpisodeObserver:
-    """An observer for `config.rl.obs_mode`; the encoder is built from the config unless one is given."""
+    """An observer for `config.rl.obs_mode`; the encoder is built from the config unless one is given. With
+    stage2.method 'joint' its observations are the adapter's input (windows of per-patch vision features), which
+    the PPO RLModule of rl/joint.py turns into latents (`envenc evaluate` plays it through this wrapper)."""
     rl = config.rl
-    if config.stage2.method == "joint":
-        raise ConfigError("stage2.method 'joint' trains the VLM's projector inside RLlib's PPO RLModule; the gymnasium "
-                          "and Stable-Baselines3 wrappers would hand an agent the raw vision features instead: set "
-                          "stage2.method to pretrained or finetuned here, or train with `envenc train`")
     if encoder is None and rl.obs_mode != "pixels":
         encoder = encoder_source(config).build()
     return EpisodeObserver(rl.obs_mode, encoder if rl.obs_mode != "pixels" else None, rl.frame_stack, rl.pixel_size)

@@ -96,11 +96,14 @@ def joint_module_spec(config: EnvEncConfig) -> RLModuleSpec:
     if inputs == "vision":
         raise ConfigError(f"the encoder in {layout.agent_encoder} reads encoder.inputs 'vision', which never "
                           "passes the projector stage2.method 'joint' trains; use an encoder of inputs llm or both")
+    # vlm.dtype 'auto': the dtype the encoder's training states were computed in (data/embed.py decides), so the
+    # module starts at the latents the frozen pipeline gives
+    dtype = description.get("vlm_dtype") or "float32" if config.vlm.dtype == "auto" else config.vlm.dtype
     joint = {
         "model_path": resolve_model_path(config),
         # loaded on the CPU: RLlib moves the module to its Learner's device, and the frozen decoder follows the
         # features there (ImageAdapter.forward); the process's torch threads stay as RLlib set them
-        "vlm": config.vlm.model_dump(mode="json") | {"device": "cpu", "num_threads": None},
+        "vlm": config.vlm.model_dump(mode="json") | {"device": "cpu", "num_threads": None, "dtype": dtype},
         "game": layout.game,
         "encoder_dir": str(layout.agent_encoder.resolve()),
         "inputs": inputs,

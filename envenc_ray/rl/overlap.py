@@ -31,7 +31,11 @@ class OverlappedEnvRunner(SingleAgentEnvRunner):
 
     def __init__(self, *, config, **kwargs):
         group_config = config.copy(copy_frozen=False)
-        group_config.env_runners(num_envs_per_env_runner=config.num_envs_per_env_runner // 2)
+        # each group steps every sub-env as often as the plain runner would: the fragment length is the plain
+        # runner's ('auto' would double it for half the sub-envs, and the iteration would sample twice its batch)
+        group_config.env_runners(num_envs_per_env_runner=config.num_envs_per_env_runner // 2,
+                                 rollout_fragment_length=config.get_rollout_fragment_length(
+                                     kwargs.get("worker_index") or 0))
         super().__init__(config=group_config, **kwargs)
         self._other: SingleAgentEnvRunner | None = None
         self._thread: ThreadPoolExecutor | None = None

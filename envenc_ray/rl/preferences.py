@@ -48,6 +48,7 @@ from envenc_ray.envs.atari import game_name, make_env
 from envenc_ray.errors import DataError
 from envenc_ray.files import read_json, write_json_atomic
 from envenc_ray.layout import RunLayout
+from envenc_ray.storage import pull, remove
 
 SCHEMA = pa.schema([
     ("episode_id", pa.int64()),
@@ -183,6 +184,7 @@ def make_preferences(config: EnvEncConfig, context: int) -> dict:
     if meta is not None and meta.get("hash") != expected:
         print(f"reward-model: the triples in {folder} were made with other settings; making them again")
         shutil.rmtree(folder)
+        remove(folder)  # on a URI run root, there too: the next sync would bring the old shards back
     if not (folder / META_FILE).is_file():
         env = make_env(config.env.game)
         frame_shape = list(env.observation_space.shape)
@@ -200,6 +202,7 @@ def make_preferences(config: EnvEncConfig, context: int) -> dict:
                 done, pending = ray.wait(pending, num_returns=1)
                 ray.get(done)
                 bar.update(len(done))
+        pull(folder, prune=False)  # on a URI run root, tasks on other nodes wrote into their own copies
     counts = preference_counts(folder, config.reward_model.episodes)
     print(f"reward-model: {counts['pairs']} triples from {counts['branch_points']} branch points of "
           f"{counts['steps']} rollout steps (tie rate {counts['tie_rate']:.2f}), {len(todo)} rollouts played in "

@@ -36,7 +36,7 @@ from envenc_ray.envs.atari import make_env
 from envenc_ray.errors import ConfigError, DataError
 from envenc_ray.files import read_json, write_json_atomic
 from envenc_ray.layout import RunLayout, resolve_model_path
-from envenc_ray.rl.preferences import META_FILE, make_preferences, preference_pairs
+from envenc_ray.rl.preferences import META_FILE, make_preferences, preference_pairs, shard_path
 from envenc_ray.rl.reward_model import (build_reward_model, output_hash, pixel_representation,
                                         representation_identity, save_reward_model)
 from envenc_ray.runtime import (agreed_by_rank0, fit_resumable, note_epoch, report_epoch, tell_user,
@@ -184,7 +184,7 @@ def represent_triples(folder: Path, settings: RewardModelConfig, encoder=None) -
     meta = read_json(folder / META_FILE)
     if meta is None or "frame_shape" not in meta:
         raise DataError(f"{folder} holds no {META_FILE}; rerun `envenc reward-model` to make the triples")
-    shards = sorted(folder.glob("episode-*.parquet"))
+    shards = [shard_path(folder, episode) for episode in range(settings.episodes)]  # this config's rollouts only
     parts = []
     for path in tqdm(shards, desc="reward-model representations", unit="rollout"):
         table = pq.read_table(path)

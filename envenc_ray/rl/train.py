@@ -139,7 +139,8 @@ def agent_config_hash(config: EnvEncConfig) -> str:
     if config.stage2.method == "joint":  # the module holds the projector (and maybe trains the encoder)
         payload["joint"] = config.stage2.model_dump(mode="json")
     if rl.reward != "env":  # what it learned to maximise (absent for the game's reward: older agents keep their hash)
-        payload["reward"] = {"mode": rl.reward, "reward_model": config.section_hash("reward_model")}
+        payload["reward"] = {"mode": rl.reward, "scale": rl.reward_model_scale,
+                             "reward_model": config.section_hash("reward_model")}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -790,10 +790,10 @@ def resolve_dtype(dtype: str, device: str, checked_bfloat16: bool = False) -> st
 
 
 def native_bfloat16(device: str) -> bool:
-    """A CUDA device with bfloat16 support, or a CPU with AVX512-BF16 or AMX (oneDNN's bf16 matmul kernels);
+    """The CUDA device named (Ampere or later), or a CPU with AVX512-BF16 or AMX (oneDNN's bf16 matmul kernels);
     elsewhere bfloat16 is emulated and slower than float32."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if torch.device(device).type == "cuda":  # Ampere (compute capability 8.0) and later; V100/T4 only emulate it
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(torch.device(device)) >= (8, 0)
     if torch.device(device).type != "cpu":
         return False
     try:
