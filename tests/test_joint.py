@@ -195,11 +195,13 @@ def test_bad_joint_setups_are_one_line_errors(tiny_vlm_dir, tmp_path, debug_conf
         ("vlm.pooling=tokens", "encoder.kind=tokens"): "set vlm.pooling to last",
         ("encoder.inputs=vision",): "never reads the projector",
         ("serve.backend=vllm",): "set serve.backend=transformers",
+        ("rl.reward=env+model",): "set reward_model.representation=pixels or rl.reward=env",
     }
     for overrides, message in cases.items():
         with pytest.raises(ConfigError, match=message) as error:
             load_config([], ["stage2.method=joint", *overrides])
         assert "\n" not in str(error.value)
+    load_config([], ["stage2.method=joint", "rl.reward=model", "reward_model.representation=pixels"])  # fine
 
     config = joint_config(tmp_path, tiny_vlm_dir, export_encoder(tiny_vlm_dir, tmp_path / "encoder", "llm"))
     vision_encoder = export_encoder(tiny_vlm_dir, tmp_path / "vision-encoder", "vision")
