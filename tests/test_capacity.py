@@ -33,7 +33,12 @@ def test_predictions_bounds_and_replicas_needed():
     four = predict(terms, runners=4, replicas=1)
     assert four["bound_runners"] == pytest.approx(200.0) and four["bound_replicas"] == pytest.approx(90.0)
     assert four["env_steps_per_s"] == pytest.approx(90.0)  # one replica at batch 8 is the bottleneck
+    # closed loop: a busy replica's next forward takes the calls queued meanwhile, the other E/R - 1 callers' ones
+    unsaturated = terms | {"saturation_batch": 32}
+    assert predict(unsaturated, runners=2, replicas=1)["bound_replicas"] == pytest.approx(90.0)  # one call: 8 frames
+    assert predict(unsaturated, runners=3, replicas=1)["bound_replicas"] == pytest.approx(100.0)  # two: 16 frames
     assert predict(terms, runners=4, replicas=5)["env_steps_per_s"] == pytest.approx(200.0)
     assert replicas_needed(terms, 1) == 1 and replicas_needed(terms, 4) == 3  # 2 x 90 < 200 <= 3 x 90
     assert predict(terms, 4, 3, cores=2)["env_steps_per_s"] == pytest.approx(2 / (0.060 / 8 + 1 / 90))
-    assert autoscaling_target(terms, 1) == 1.0 and autoscaling_target(terms, 2) == 2.0
+    # a caller is away 60 + 11.1 ms between calls whose forward takes 88.9 ms: 1.8 callers keep a replica busy
+    assert autoscaling_target(terms, 1) == pytest.approx(1.8) and autoscaling_target(terms, 2) == pytest.approx(3.6)

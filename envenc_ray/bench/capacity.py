@@ -13,7 +13,9 @@ Terms, all measured (`measure_terms`):
 Predicted sampling env steps/s of E EnvRunners (plain sampler: each steps, then waits for its one call):
   per_runner = k / (t_env + o + k c(k))
   X = min(E per_runner,                   every EnvRunner at its own pace
-          R / c(min(b_sat, E k / R)),     R replicas, each forward over the frames its callers send at once
+          R / c(b),                       R replicas; a busy replica's next forward takes the calls that queued
+                                          while it ran: b = k max(1, E/R - 1), at most b_sat (closed loop: a
+                                          caller sends its next call only after the last came back)
           cores / (t_env / k + c(k)))     the cores the processes share (on a laptop or this 2-core CI box)
 Replicas needed, target_ongoing_requests: `replicas_needed`, `autoscaling_target`.
 """
@@ -68,7 +70,7 @@ def predict(terms: dict[str, Any], runners: int, replicas: int, cores: float | N
     """Predicted sampling env steps/s of `runners` EnvRunners x k sub-envs on `replicas` replicas, and each bound."""
     k, per_frame = terms["k"], terms["per_frame_s"]
     per_runner = k / (terms["t_env_s"] + terms["serve_overhead_s"] + k * cost_per_frame(per_frame, k))
-    batch = min(terms["saturation_batch"], runners * k / replicas)  # frames a replica's callers have in flight
+    batch = min(terms["saturation_batch"], k * max(1.0, runners / replicas - 1))  # calls queued during a forward
     bounds = {"runners": runners * per_runner, "replicas": replicas / cost_per_frame(per_frame, batch)}
     if cores is not None:
         bounds["cores"] = cores / (terms["t_env_s"] / k + cost_per_frame(per_frame, k))
@@ -84,9 +86,13 @@ def replicas_needed(terms: dict[str, Any], runners: int) -> int:
 
 
 def autoscaling_target(terms: dict[str, Any], calls_per_runner: int = 1) -> float:
-    """serve.target_ongoing_requests: the calls in flight that fill a replica's forward to the saturation batch
-    (k frames per call; `calls_per_runner` 2 with rl.overlap), so Serve adds a replica only when one is full."""
-    return max(1.0, terms["saturation_batch"] / (terms["k"] / calls_per_runner))
+    """serve.target_ongoing_requests: the calls in flight per replica at which it never idles. A caller spends
+    t_env + o between its calls and k c(k) in the forward, so a replica stays busy from 1 + (t_env + o) / (k c(k))
+    callers on (twice that with rl.overlap, whose EnvRunners keep two calls in flight); above it calls queue,
+    below it the replica waits, so that is where Serve should add or remove one."""
+    k = terms["k"]
+    forward = k * cost_per_frame(terms["per_frame_s"], k)
+    return calls_per_runner * (1 + (terms["t_env_s"] + terms["serve_overhead_s"]) / forward)
 
 
 def check(terms: dict[str, Any], runs: list[dict[str, Any]], cores: float) -> list[dict[str, Any]]:
