@@ -9,7 +9,25 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from envenc_ray.errors import ModelError
 from envenc_ray.storage import publish
+
+
+def read_export_config(folder: Path, format_name: str, format_version: int, missing: str, rerun: str) -> dict:
+    """config.json of an exported model folder (config.json + model.safetensors), checked to be a dict of
+    `format_name` v`format_version`; a one-line ModelError otherwise: `missing` when a file is absent, else what is
+    wrong with the config and `rerun`."""
+    config_path = Path(folder) / "config.json"
+    if not config_path.is_file() or not (Path(folder) / "model.safetensors").is_file():
+        raise ModelError(missing)
+    try:
+        description = json.loads(config_path.read_text())
+    except ValueError as error:  # not JSON, or not UTF-8 text
+        raise ModelError(f"{config_path} is not valid JSON ({error}); {rerun}") from None
+    if (not isinstance(description, dict) or description.get("format") != format_name
+            or description.get("format_version") != format_version):
+        raise ModelError(f"{config_path} is not a {format_name} v{format_version} config; {rerun}")
+    return description
 
 
 @contextmanager

@@ -244,7 +244,7 @@ def test_overlapped_sampler_sees_what_the_plain_one_sees(ray_session, environmen
     from envenc_ray.rl.encoder_source import encoder_source
 
     _, encoder_dir = environment_encoder
-    chunks, default_steps = {}, {}
+    chunks, default_steps, plain_state = {}, {}, None
     for overlap in (False, True):
         settings = PPO_TINY | {"num_envs_per_env_runner": 4, "rollout_fragment_length": None}  # None: RLlib's 'auto'
         config = make_config(tmp_path, tiny_vlm_dir, encoder_dir, obs_mode="latent", num_env_runners=0,

@@ -15,7 +15,6 @@ import torch
 
 from envenc_ray.encoder.models import WINDOWED_KINDS, Encoder, check_pooling
 from envenc_ray.errors import InputError, ModelError
-from envenc_ray.storage import pull
 from envenc_ray.vlm.preprocess import as_frame_batch
 
 
@@ -174,16 +173,14 @@ def load_environment_encoder(vlm_config, model_path: str, encoder_dir, game: str
     EnvRunners and the encoder benchmark all run. With `vllm_checkpoint` (serve.backend 'vllm') vLLM computes
     the VLM's states from that checkpoint. `joint` (stage2.method 'joint'): `AdapterFeatures` instead."""
     from envenc_ray.encoder.export import load_encoder
-    from envenc_ray.files import read_json
     from envenc_ray.vlm.backbone import resolve_dtype
 
+    encoder = load_encoder(encoder_dir)
     if vlm_config.dtype == "auto":
         # bfloat16 if the encoder was trained on bfloat16 states (embed checked that they read the game as float32
         # ones do; encoders from before that check have none) and this device computes it natively
-        recorded = (read_json(pull(encoder_dir) / "config.json") or {}).get("vlm_dtype")
-        dtype = resolve_dtype("auto", vlm_config.device, checked_bfloat16=recorded == "bfloat16")
+        dtype = resolve_dtype("auto", vlm_config.device, checked_bfloat16=encoder.vlm_dtype == "bfloat16")
         vlm_config = vlm_config.model_copy(update={"dtype": dtype})
-    encoder = load_encoder(encoder_dir)
     output = "patches" if joint else encoder.inputs
     if vllm_checkpoint is not None:
         from envenc_ray.vlm.vllm_backend import VLLMBackend

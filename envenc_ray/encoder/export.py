@@ -13,7 +13,7 @@ from envenc_ray.config import EncoderConfig, EnvEncConfig
 from envenc_ray.encoder.metrics import json_safe
 from envenc_ray.encoder.models import Encoder, build_autoencoder
 from envenc_ray.errors import ConfigError, ModelError
-from envenc_ray.files import replaced_atomically
+from envenc_ray.files import read_export_config, replaced_atomically
 from envenc_ray.storage import pull
 
 FORMAT = "envenc-encoder"
@@ -68,16 +68,10 @@ def load_encoder(encoder_dir: str | Path) -> Encoder:
 
     encoder_dir = pull(encoder_dir)  # an encoder of a URI run root: fresh from the URI on any node
     config_path, weights_path = encoder_dir / "config.json", encoder_dir / "model.safetensors"
-    if not config_path.is_file() or not weights_path.is_file():
-        raise ModelError(f"{encoder_dir} is not an exported encoder (needs config.json and model.safetensors); "
-                         "run `envenc train-encoder` first")
-    try:
-        description = json.loads(config_path.read_text())
-    except ValueError as error:  # not JSON, or not UTF-8 text
-        raise ModelError(f"{config_path} is not valid JSON ({error}); rerun `envenc train-encoder`") from None
-    if (not isinstance(description, dict) or description.get("format") != FORMAT
-            or description.get("format_version") != FORMAT_VERSION):
-        raise ModelError(f"{config_path} is not a {FORMAT} v{FORMAT_VERSION} config; rerun `envenc train-encoder`")
+    description = read_export_config(
+        encoder_dir, FORMAT, FORMAT_VERSION, rerun="rerun `envenc train-encoder`",
+        missing=f"{encoder_dir} is not an exported encoder (needs config.json and model.safetensors); run `envenc "
+        "train-encoder` first")
     try:
         settings = EncoderConfig.model_validate(description["encoder"])
         # exports from before the tokens encoder name only hidden_size: (D,)
@@ -92,6 +86,8 @@ def load_encoder(encoder_dir: str | Path) -> Encoder:
     except (SafetensorError, RuntimeError, OSError) as error:
         raise ModelError(f"{weights_path} does not hold the weights of this {settings.kind} encoder "
                          f"({str(error).splitlines()[0]}); rerun `envenc train-encoder`") from None
+    # the dtype its training states were computed in (absent before vlm.dtype 'auto': float32 ones)
+    encoder.vlm_dtype = description.get("vlm_dtype")
     encoder.eval()
     encoder.requires_grad_(False)
     return encoder

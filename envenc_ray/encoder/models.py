@@ -142,6 +142,7 @@ class Encoder(nn.Module):
         self.kind, self.hidden_shape, self.latent_dim, self.window = kind, tuple(hidden_shape), latent_dim, window
         self.hidden_size = self.hidden_shape[-1]
         self.inputs = "llm"  # encoder.inputs of the states it reads (build_autoencoder sets it)
+        self.vlm_dtype: str | None = None  # the dtype its training states were computed in (load_encoder sets it)
         self.register_buffer("input_mean", torch.zeros(self.hidden_shape))
         self.register_buffer("input_std", torch.ones(self.hidden_shape))
         self.net = net

@@ -93,7 +93,8 @@ def train_encoder(config: EnvEncConfig) -> dict:
     hidden_dir, encoder_dir = layout.hidden, layout.encoder
     shards, hidden_shape, fingerprint = check_shards(hidden_dir)
     check_hidden_kind(config.encoder.kind, len(hidden_shape) == 2, f"{hidden_dir} holds")
-    embedded = (read_json(hidden_dir / EMBED_META) or {}).get("inputs", "llm")  # hidden/ from before inputs: llm
+    embed_meta = read_json(hidden_dir / EMBED_META) or {}
+    embedded = embed_meta.get("inputs", "llm")  # hidden/ from before encoder.inputs: llm
     if embedded != config.encoder.inputs:
         raise DataError(f"{hidden_dir} holds {embedded!r} states but encoder.inputs is {config.encoder.inputs!r}; "
                         "rerun `envenc embed` with this config")
@@ -180,8 +181,7 @@ def train_encoder(config: EnvEncConfig) -> dict:
         "timings": timings,
     }
     # the dtype embed computed the hidden states in (vlm.dtype 'auto' decided there): the VLM serving this encoder uses it
-    vlm_dtype = (read_json(hidden_dir / EMBED_META) or {}).get("vlm_dtype") or resolve_dtype(config.vlm.dtype,
-                                                                                             config.vlm.device)
+    vlm_dtype = embed_meta.get("vlm_dtype") or resolve_dtype(config.vlm.dtype, config.vlm.device)
     export_encoder(best_checkpoint, encoder_dir, config, data.hidden_shape, config_hash, fingerprint, metrics,
                    vlm_dtype)
     timings["export_s"] = time.perf_counter() - started

@@ -27,7 +27,7 @@ from torch import nn
 
 from envenc_ray.config import EnvEncConfig, RewardModelConfig
 from envenc_ray.errors import ConfigError, ModelError
-from envenc_ray.files import replaced_atomically, weights_sha256
+from envenc_ray.files import read_export_config, replaced_atomically, weights_sha256
 from envenc_ray.layout import RunLayout
 from envenc_ray.rl.observations import LATENT_KEY, grayscale_resize
 
@@ -113,17 +113,8 @@ def save_reward_model(model: RewardModel, folder: Path, description: dict, metri
 
 def read_description(folder: Path, rerun: str) -> dict:
     """config.json of an exported reward model, without loading weights; `rerun` says how to make one."""
-    config_path = Path(folder) / "config.json"
-    if not config_path.is_file() or not (Path(folder) / "model.safetensors").is_file():
-        raise ModelError(f"no reward model in {folder} (needs config.json and model.safetensors); {rerun}")
-    try:
-        description = json.loads(config_path.read_text())
-    except ValueError as error:  # not JSON, or not UTF-8 text
-        raise ModelError(f"{config_path} is not valid JSON ({error}); {rerun}") from None
-    if (not isinstance(description, dict) or description.get("format") != FORMAT
-            or description.get("format_version") != FORMAT_VERSION):
-        raise ModelError(f"{config_path} is not a {FORMAT} v{FORMAT_VERSION} config; {rerun}")
-    return description
+    return read_export_config(folder, FORMAT, FORMAT_VERSION, rerun=rerun,
+                              missing=f"no reward model in {folder} (needs config.json and model.safetensors); {rerun}")
 
 
 def load_reward_model(folder: Path) -> RewardModel:
