@@ -28,7 +28,8 @@ from envenc_ray.bench.rollout import MODES as ROLLOUT_MODES  # noqa: E402
 from envenc_ray.bench.rollout import bench_rollout  # noqa: E402
 from envenc_ray.config import EnvEncConfig, load_config  # noqa: E402
 from envenc_ray.errors import ConfigError, EnvEncError  # noqa: E402
-from envenc_ray.layout import RunLayout, synced_run  # noqa: E402
+from envenc_ray.files import remove_orphaned_temporaries  # noqa: E402
+from envenc_ray.layout import RunLayout, shared_dir, synced_run  # noqa: E402
 from envenc_ray.pipeline import STAGES, Stage  # noqa: E402
 from envenc_ray.pipeline import run as run_pipeline  # noqa: E402
 from envenc_ray.rl.experiment import experiment  # noqa: E402
@@ -183,7 +184,13 @@ def _on_config(command: Callable[[EnvEncConfig, argparse.Namespace], Any]) -> Ca
         config = _resolve_config(args)
         with synced_run(config):
             configure_console(RunLayout.of(config).logs, verbose=args.verbose)
-            return command(config, args)
+            try:
+                return command(config, args)
+            except KeyboardInterrupt:  # Ray's workers end with Ray; those killed mid-write left temporaries
+                shutdown_ray()
+                for folder in (config.run_dir, shared_dir(config)):
+                    remove_orphaned_temporaries(folder)
+                raise
 
     return handler
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 from envenc_ray.errors import ModelError
-from envenc_ray.storage import publish
+from envenc_ray.storage import TEMPORARY, publish
 
 
 def read_export_config(folder: Path, format_name: str, format_version: int, missing: str, rerun: str) -> dict:
@@ -36,8 +37,8 @@ def replaced_atomically(path: Path) -> Iterator[Path]:
     renamed over `path` (atomic on one filesystem), when it raises (an error, Ctrl-C, SIGTERM) it is removed.
 
     Every artifact is written this way: a reader sees the old one or the new one, never half of one, and an
-    interrupted stage leaves nothing half-written behind (a SIGKILLed one can leave a dot-file, which no reader
-    lists).
+    interrupted stage leaves nothing half-written behind (a killed process, such as a Ray worker when Ray stops,
+    leaves a dot-file, which no reader lists and the CLI removes after an interrupt: remove_orphaned_temporaries).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -58,6 +59,38 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def remove_orphaned_temporaries(root: Path, wait_s: float = 10.0) -> list[Path]:
+    """Remove what `replaced_atomically` was writing under `root` in processes that have ended, and return it.
+
+    After an interrupt the driver stops Ray, and Ray's workers (collect's tasks, Ray Data's, Train's) die a moment
+    later without running their `finally`s: their temporaries stay. Each name carries its writer's pid, so this
+    waits up to `wait_s` for those writers to end, then removes their files; a writer still running (another
+    command on the same run) keeps its own.
+    """
+    deadline = time.monotonic() + wait_s
+    removed = []
+    for path in sorted(Path(root).rglob(".*.tmp-*")) if Path(root).is_dir() else []:
+        match = TEMPORARY.match(path.name)
+        if match is None or not path.exists():  # inside a temporary folder removed just before
+            continue
+        while _running(int(match.group(1))) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not _running(int(match.group(1))):
+            _remove(path)
+            removed.append(path)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def write_text_atomic(path: Path, text: str) -> None:

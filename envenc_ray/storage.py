@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 MAPPING_VAR = "ENVENC_STORAGE"  # JSON {local root: URI}, for this process and every Ray worker it starts
 LOCAL_RUNS_VAR = "ENVENC_LOCAL_RUNS"
-_TEMPORARY = re.compile(r"^\..+\.tmp-\d+$")  # files.replaced_atomically's and _upload's names while writing
+TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)$")  # files.replaced_atomically's and _upload's names while writing (pid)
 CHUNK = 1 << 20
 
 
@@ -83,7 +83,7 @@ def remote(path: str | Path) -> tuple[FileSystem, str] | None:
 def publish(path: str | Path) -> None:
     """Upload a just-written file or folder to the URI (a folder replaces the one there: extra files go)."""
     located = remote(path)
-    if located is not None and Path(path).exists() and not any(_TEMPORARY.match(p) for p in Path(path).parts):
+    if located is not None and Path(path).exists() and not any(TEMPORARY.match(p) for p in Path(path).parts):
         _upload(Path(path), *located, prune=True, only_newer=False)
 
 
@@ -206,7 +206,7 @@ def _remote_files(filesystem: FileSystem, target: str) -> dict[str, object]:
     found = filesystem.get_file_info(FileSelector(target, recursive=True))
     prefix = target.rstrip("/") + "/"
     files = {i.path[len(prefix):]: i for i in found if i.type == FileType.File}
-    return {rel: i for rel, i in files.items() if not any(_TEMPORARY.match(part) for part in rel.split("/"))}
+    return {rel: i for rel, i in files.items() if not any(TEMPORARY.match(part) for part in rel.split("/"))}
 
 
 def _local_files(path: Path) -> dict[str, Path]:
@@ -217,7 +217,7 @@ def _local_files(path: Path) -> dict[str, Path]:
         for name in names:
             local = Path(root, name)
             relative = local.relative_to(path).as_posix()
-            if not any(_TEMPORARY.match(part) for part in relative.split("/")) and not local.is_symlink():
+            if not any(TEMPORARY.match(part) for part in relative.split("/")) and not local.is_symlink():
                 files[relative] = local
     return files
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from envenc_ray.files import replaced_atomically
+from envenc_ray.files import remove_orphaned_temporaries, replaced_atomically
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = [str(ROOT / "configs" / "pong-tiny.yaml"), str(ROOT / "configs" / "debug.yaml")]
@@ -45,6 +45,23 @@ def test_replaced_atomically_swaps_in_on_success_and_leaves_nothing_on_an_interr
     with replaced_atomically(tmp_path / "file.txt") as staging:
         staging.write_text("text")
     assert (tmp_path / "file.txt").read_text() == "text" and len(list(tmp_path.iterdir())) == 2
+
+
+def test_orphaned_temporaries_of_a_killed_writer_are_removed_and_a_live_writers_kept(tmp_path):
+    writer = subprocess.Popen(  # a Ray worker killed mid-write: its `finally` never runs
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from envenc_ray.files import "
+         "replaced_atomically\nwith replaced_atomically(Path(sys.argv[1])) as tmp:\n    tmp.mkdir(); "
+         "(tmp / 'half').write_text('x'); print(tmp, flush=True); time.sleep(60)", str(tmp_path / "shard")],
+        stdout=subprocess.PIPE, text=True)
+    orphan = Path(writer.stdout.readline().strip())
+    writer.kill()
+    writer.wait()
+    with replaced_atomically(tmp_path / "kept") as live:  # this process still writes it
+        live.write_text("y")
+        assert orphan.is_dir() and HALF_WRITTEN.search(orphan.name)
+        assert remove_orphaned_temporaries(tmp_path, wait_s=0.5) == [orphan]
+        assert not orphan.exists() and live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
 
 
 class Command:
