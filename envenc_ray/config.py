@@ -256,7 +256,8 @@ class ServeConfig(Section):
         600.0, ge=0, description="Autoscaling: how long the load must stay below target before a replica is removed."
     )
     look_back_period_s: float = Field(
-        30.0, gt=0, description="Autoscaling: the window over which in-flight calls are averaged."
+        30.0, gt=0, description="Autoscaling: the window over which in-flight calls are averaged (replicas and "
+        "callers push their counts every half window, or every 10 s when that is shorter)."
     )
     max_batch_calls: int = Field(
         8, ge=1, description="@serve.batch size: concurrent calls (each of many frames) merged into one forward."

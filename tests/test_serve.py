@@ -196,6 +196,21 @@ def test_autoscaling_and_resources_are_applied(temporal_app):
     assert info["num_threads"] == 1
 
 
+def test_metrics_are_pushed_within_the_look_back_window_and_ray_warns_nothing():
+    import warnings
+
+    from envenc_ray.config import ServeConfig
+    from envenc_ray.serve.deployment import configured_deployment
+
+    for look_back, pushed in ((30.0, 10.0), (5.0, 2.5)):  # Ray's 10 s, or half the window when that is shorter
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            deployment = configured_deployment(ServeConfig(look_back_period_s=look_back))
+        applied = deployment._deployment_config.autoscaling_config
+        assert (applied.look_back_period_s, applied.metrics_interval_s) == (look_back, pushed)
+        assert not [str(w.message) for w in caught if "metrics_interval_s" in str(w.message)]
+
+
 def test_bad_inputs_get_clear_errors_and_the_replica_stays_healthy(temporal_app, pong_frames):
     _, client = temporal_app
     handle = client.handle

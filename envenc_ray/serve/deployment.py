@@ -33,12 +33,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from ray import serve as ray_serve
+from ray.serve.config import DEFAULT_METRICS_INTERVAL_S
 
 from envenc_ray.config import EnvEncConfig, ServeConfig, load_config
 from envenc_ray.errors import ConfigError, EnvEncError, InputError, ModelError
@@ -64,6 +66,7 @@ def deployment_options(serve_config: ServeConfig) -> dict[str, Any]:
             "upscale_delay_s": serve_config.upscale_delay_s,
             "downscale_delay_s": serve_config.downscale_delay_s,
             "look_back_period_s": serve_config.look_back_period_s,
+            "metrics_interval_s": metrics_interval_s(serve_config.look_back_period_s),
         },
         # ServeConfig validates max_ongoing_requests >= max_batch_calls: Serve would otherwise never let
         # enough calls into a replica to fill a batch (it silently caps at max_ongoing_requests).
@@ -77,11 +80,25 @@ def deployment_options(serve_config: ServeConfig) -> dict[str, Any]:
     }
 
 
+def metrics_interval_s(look_back_period_s: float) -> float:
+    """How often replicas and callers push their in-flight counts to Serve's controller: Ray's 10 s, or half the
+    look-back window when that is shorter. Ray 2.60 pushes at this interval (the environment variables said to
+    replace it are not read yet), and a window shorter than it averages a single stale push: it warns, will refuse,
+    and here scaled up 27 s into the load with a 10 s upscale delay."""
+    return min(DEFAULT_METRICS_INTERVAL_S, look_back_period_s / 2)
+
+
 def build_app(config: EnvEncConfig, *, model_path: str | Path | None = None,
               encoder_dir: str | Path | None = None):
     """The Serve Application of `config`'s run (or of the given model and encoder directories)."""
-    spec = replica_spec(config, model_path, encoder_dir)
-    return EnvironmentEncoderDeployment.options(**deployment_options(config.serve)).bind(spec)
+    return configured_deployment(config.serve).bind(replica_spec(config, model_path, encoder_dir))
+
+
+def configured_deployment(serve_config: ServeConfig):
+    """The deployment with `deployment_options`."""
+    with warnings.catch_warnings():  # metrics_interval_s "is deprecated" but still what Ray 2.60 reads
+        warnings.filterwarnings("ignore", message=".*metrics_interval_s.*deprecated", category=DeprecationWarning)
+        return EnvironmentEncoderDeployment.options(**deployment_options(serve_config))
 
 
 def app_builder(args: dict[str, Any]):
