@@ -48,7 +48,8 @@ class EnvConfig(Section):
 
 
 class VLMConfig(Section):
-    RUNTIME_ONLY: ClassVar[set[str]] = {"compile"}  # compiled layers compute the eager states (tests/test_vlm.py)
+    # compiled layers compute the eager states (tests/test_vlm.py); threads change only the order of float sums
+    RUNTIME_ONLY: ClassVar[set[str]] = {"compile", "num_threads"}
 
     model: str = Field(
         "builtin:tiny",

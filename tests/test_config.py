@@ -86,3 +86,11 @@ def test_section_hash_tracks_only_named_sections():
     b = load_config([], ["encoder.latent_dim=8", "collect.episodes=9"])
     assert a.section_hash("encoder") == b.section_hash("encoder")
     assert a.section_hash("encoder", "collect") != b.section_hash("encoder", "collect")
+
+
+def test_section_hash_leaves_out_settings_that_change_only_speed():
+    plain = load_config([], [])
+    faster = load_config([], ["vlm.compile=true", "vlm.num_threads=4"])
+    other_layer = load_config([], ["vlm.layer=1"])
+    assert plain.section_hash("vlm", "encoder") == faster.section_hash("vlm", "encoder")
+    assert plain.section_hash("vlm", "encoder") != other_layer.section_hash("vlm", "encoder")
