@@ -75,9 +75,10 @@ def remove_orphaned_temporaries(root: Path, wait_s: float = 10.0) -> list[Path]:
         match = TEMPORARY.match(path.name)
         if match is None or not path.exists():  # inside a temporary folder removed just before
             continue
-        while _running(int(match.group(1))) and time.monotonic() < deadline:
+        writer = int(match.group(1))
+        while _running(writer) and time.monotonic() < deadline:
             time.sleep(0.1)
-        if not _running(int(match.group(1))):
+        if not _running(writer):
             _remove(path)
             removed.append(path)
     return removed

@@ -8,11 +8,11 @@ and the driver's local EnvRunner (which has no env when remote runners sample) n
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from envenc_ray.errors import ModelError
+from envenc_ray.files import read_export_config
 from envenc_ray.runtime import inside_ray_actor
 
 
@@ -68,14 +68,12 @@ class EncoderSource:
 
 def read_encoder_description(encoder_dir: str | Path) -> dict:
     """config.json of an exported encoder (latent_dim, window, kind) without loading any weights."""
-    config_path = Path(encoder_dir) / "config.json"
-    if not config_path.is_file() or not (Path(encoder_dir) / "model.safetensors").is_file():
-        raise ModelError(f"no exported encoder in {encoder_dir} (needs config.json and model.safetensors): run "
-                         "`envenc train-encoder` first, set rl.encoder_dir, or use rl.obs_mode=pixels")
-    try:
-        return json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise ModelError(f"{config_path} is not valid JSON ({error}); rerun `envenc train-encoder`") from None
+    from envenc_ray.encoder.export import FORMAT, FORMAT_VERSION
+
+    return read_export_config(
+        Path(encoder_dir), FORMAT, FORMAT_VERSION, rerun="rerun `envenc train-encoder`",
+        missing=f"no exported encoder in {encoder_dir} (needs config.json and model.safetensors): run `envenc "
+        "train-encoder` first, set rl.encoder_dir, or use rl.obs_mode=pixels")
 
 
 def encoder_source(config) -> EncoderSource | None:

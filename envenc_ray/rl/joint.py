@@ -98,7 +98,7 @@ def joint_module_spec(config: EnvEncConfig) -> RLModuleSpec:
                           "passes the projector stage2.method 'joint' trains; use an encoder of inputs llm or both")
     # vlm.dtype 'auto': the dtype the encoder's training states were computed in (data/embed.py decides), so the
     # module starts at the latents the frozen pipeline gives
-    dtype = description.get("vlm_dtype") or "float32" if config.vlm.dtype == "auto" else config.vlm.dtype
+    dtype = (description.get("vlm_dtype") or "float32") if config.vlm.dtype == "auto" else config.vlm.dtype
     joint = {
         "model_path": resolve_model_path(config),
         # loaded on the CPU: RLlib moves the module to its Learner's device, and the frozen decoder follows the

@@ -445,12 +445,7 @@ class TruncatedVLM:
             torch.set_num_threads(num_threads)
         source = str(pull(path_or_name))  # a model folder of a URI run root: fresh from the URI on any node
         config = _load_config(source, trust_remote_code)
-        family = FAMILIES.get(config.model_type)
-        if family is None:
-            raise ModelError(
-                f"{source} is a {config.model_type!r} image-text-to-text model, which TruncatedVLM has no adapter "
-                f"for yet; supported model types: {', '.join(sorted(FAMILIES))}"
-            )
+        family = _family_of(config, source)
         if output != "llm":
             check_projector_split(family, source)
         local = Path(source)
@@ -739,10 +734,7 @@ def patch_shape_of(source: str, trust_remote_code: bool = False) -> tuple[int, i
     """(P, Dv) of the 'patches' read-out of the model in `source`, from its config alone (checked on a driver
     before anything loads weights); a ModelError for a family that cannot be split at its projector."""
     config = _load_config(str(pull(source)), trust_remote_code)
-    family = FAMILIES.get(config.model_type)
-    if family is None:
-        raise ModelError(f"{source} is a {config.model_type!r} model, which TruncatedVLM has no adapter for yet; "
-                         f"supported model types: {', '.join(sorted(FAMILIES))}")
+    family = _family_of(config, source)
     check_projector_split(family, source)
     return family.patch_shape(config)
 
@@ -802,6 +794,17 @@ def native_bfloat16(device: str) -> bool:
     except OSError:  # not Linux: no cheap way to ask, and float32 is never wrong
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _family_of(config: Any, source: str) -> Family:
+    """The `Family` of a loaded model config, or a ModelError naming the supported model types."""
+    family = FAMILIES.get(config.model_type)
+    if family is None:
+        raise ModelError(
+            f"{source} is a {config.model_type!r} image-text-to-text model, which TruncatedVLM has no adapter "
+            f"for yet; supported model types: {', '.join(sorted(FAMILIES))}"
+        )
+    return family
 
 
 def _load_config(source: str, trust_remote_code: bool):
