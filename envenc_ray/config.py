@@ -542,7 +542,12 @@ class EnvEncConfig(Section):
         that change how fast, not what, a stage computes (a section's RUNTIME_ONLY) are left out."""
         payload = {name: getattr(self, name).model_dump(mode="json", exclude=getattr(self, name).RUNTIME_ONLY)
                    for name in sections}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        return content_hash(payload)
+
+
+def content_hash(payload: Any) -> str:
+    """The short stable hash of a JSON-able payload (keys sorted) that every artifact records to say what made it."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # vlm settings that change what the VLM computes for a frame before any layer is cut: what advice
@@ -564,7 +569,7 @@ def advise_settings_hash(config: EnvEncConfig) -> str:
         "collect": config.collect.model_dump(mode="json"),
         "game": config.env.game,
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return content_hash(payload)
 
 
 def load_config(paths: list[str | Path] = (), overrides: list[str] = ()) -> EnvEncConfig:
