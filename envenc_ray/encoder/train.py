@@ -18,7 +18,6 @@ store each hidden state k times.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from envenc_ray.config import EncoderConfig, EnvEncConfig
+from envenc_ray.config import EncoderConfig, EnvEncConfig, content_hash
 from envenc_ray.data.embed import META_FILE as EMBED_META
 from envenc_ray.data.schema import (hidden_shape_of, hidden_to_array, list_shards, objects_to_table,
                                     wrong_column_types)
@@ -260,7 +259,7 @@ def check_shards(hidden_dir: Path) -> tuple[list[Path], tuple[int, ...], str]:
     if rows == 0:
         raise DataError(f"{hidden_dir} holds no rows; rerun `envenc embed` on recorded frames")
     hidden_shape = hidden_shapes.pop()
-    fingerprint = hashlib.sha256(json.dumps([list(hidden_shape), identity]).encode()).hexdigest()[:16]
+    fingerprint = content_hash([list(hidden_shape), identity])  # no mappings inside: the same as without sorted keys
     return shards, hidden_shape, fingerprint
 
 
