@@ -25,6 +25,13 @@ from envenc_ray.layout import RunLayout  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
+# Mean AtariARI F1 of the paper's reference encoders (Anand et al. 2019, NeurIPS, table 2), beside ours.
+ATARIARI_REFERENCE = {
+    "pong": {"random CNN": 0.17, "ST-DIM": 0.81, "supervised CNN": 0.87},
+    "breakout": {"random CNN": 0.51, "ST-DIM": 0.88, "supervised CNN": 0.94},
+    "boxing": {"random CNN": 0.19, "ST-DIM": 0.58, "supervised CNN": 0.83},
+    "freeway": {"random CNN": 0.50, "ST-DIM": 0.81, "supervised CNN": 0.98},
+}
 
 
 def inputs(layout: RunLayout) -> list[Path]:
@@ -55,8 +62,8 @@ def report(config: EnvEncConfig) -> Path:
              f"(layer {config.vlm.layer}, pooling {config.vlm.pooling}); encoder: {config.encoder.kind}.", ""]
     metrics: dict = {"experiment": config.experiment.name}
 
-    sections = (_data_section, _advice_section, _encoder_section, _representation_section, _agent_section,
-                _service_section)
+    sections = (_data_section, _advice_section, _encoder_section, _representation_section, _atariari_section,
+                _agent_section, _service_section)
     for section in sections:  # each reads its artifacts and writes its plots into <run>/report/
         section_lines, section_metrics = section(config, layout)
         lines += section_lines + [""]
@@ -176,6 +183,25 @@ def _representation_section(config: EnvEncConfig, layout: RunLayout) -> tuple[li
     lines += [f"| **mean** | {_fmt(means['untrained'])} | {_fmt(means['hidden'])} | {_fmt(means['latent'])} |",
               "", "![probes](probes.png)"]
     return lines, {"probe_r2": probes, "probe_r2_mean": means}
+
+
+def _atariari_section(config: EnvEncConfig, layout: RunLayout) -> tuple[list[str], dict]:
+    """AtariARI F1 per RAM variable of the VLM read and the latent, beside the paper's reference encoders."""
+    probes = (read_json(layout.encoder / "metrics.json") or {}).get("atariari_f1")
+    if not probes:
+        return [], {}  # no encoder yet, no RAM recorded, or a game AtariARI does not annotate
+    means = {name: mean_or_none(values) for name, values in probes.items()}
+    lines = ["## AtariARI probes", "",
+             "Per RAM variable of AtariARI (Anand et al. 2019), weighted F1 of a linear classifier of the byte's "
+             "value on the held-out episodes; variables whose label entropy is below 0.6 nats are dropped.", "",
+             "| variable | VLM read | latent |", "|---|---|---|"]
+    lines += [f"| {k} | {_fmt(probes['hidden'].get(k))} | {_fmt(probes['latent'].get(k))} |" for k in sorted(probes["hidden"])]
+    lines += [f"| **mean** | {_fmt(means['hidden'])} | {_fmt(means['latent'])} |", "",
+              "| encoder | mean F1 |", "|---|---|",
+              f"| VLM read ({config.stage2.method}), this run | {_fmt(means['hidden'])} |",
+              f"| encoder latent, this run | {_fmt(means['latent'])} |"]
+    lines += [f"| {name} (Anand et al. 2019) | {value:.2f} |" for name, value in ATARIARI_REFERENCE[layout.game].items()]
+    return lines, {"atariari_f1": probes, "atariari_f1_mean": means}
 
 
 def _advice_section(config: EnvEncConfig, layout: RunLayout) -> tuple[list[str], dict]:
