@@ -195,7 +195,7 @@ def _atariari_section(config: EnvEncConfig, layout: RunLayout) -> tuple[list[str
              "Per RAM variable of AtariARI (Anand et al. 2019), weighted F1 of a linear classifier of the byte's "
              "value on the held-out episodes; variables whose label entropy is below 0.6 nats are dropped.", "",
              "| variable | VLM read | latent |", "|---|---|---|"]
-    lines += [f"| {k} | {_fmt(probes['hidden'].get(k))} | {_fmt(probes['latent'].get(k))} |" for k in sorted(probes["hidden"])]
+    lines += [f"| {k} | {_fmt(probes['hidden'].get(k))} | {_fmt(probes['latent'].get(k))} |" for k in sorted(probes["latent"])]
     lines += [f"| **mean** | {_fmt(means['hidden'])} | {_fmt(means['latent'])} |", "",
               "| encoder | mean F1 |", "|---|---|",
               f"| VLM read ({config.stage2.method}), this run | {_fmt(means['hidden'])} |",

@@ -69,10 +69,17 @@ def test_envenc_run_in_a_fresh_folder_with_the_default_relative_run_root(tmp_pat
     assert set(probes) == {"untrained", "hidden", "latent"}
     assert set(probes["untrained"]) == set(probes["hidden"]) >= set(probes["latent"]) >= {"ball_x", "player_y"}
     assert probes["untrained"] != probes["hidden"]  # the finetuned VLM is not the VLM as given
+    assert {"ball_dx", "ball_dy", "player_dy"} <= set(probes["latent"])  # velocities from consecutive frames
+    # AtariARI: the Pong bytes that move in these 96 frames (paddle x and the scores stay constant: dropped)
+    atariari = metrics["atariari_f1"]
+    assert set(atariari) == set(metrics["atariari_f1_mean"]) == {"hidden", "latent"}
+    assert set(atariari["hidden"]) == set(atariari["latent"]) == {"player_y", "enemy_y", "ball_x", "ball_y"}
+    assert all(0 <= f1 <= 1 for values in atariari.values() for f1 in values.values())
     advice = metrics["advice"]
     assert 0 <= advice["action_accuracy_heldout"] <= 1 and 0 < advice["chance_accuracy"] <= 1
     report = (run_dir / "report" / "report.md").read_text()
     assert "## Advice finetuning (stage 2)" in report and "![probes](probes.png)" in report
+    assert "## AtariARI probes" in report and "| ST-DIM (Anand et al. 2019) | 0.81 |" in report
     assert (run_dir / "report" / "advice.png").is_file() and (run_dir / "report" / "probes.png").is_file()
     hidden_meta = json.loads((run_dir / "hidden" / "_embed.json").read_text())
     assert hidden_meta["model"] == json.loads((run_dir / "advise.json").read_text())["vlm"]

@@ -566,9 +566,9 @@ def encoder_inputs(hidden: np.ndarray, windows: np.ndarray, rows: np.ndarray, wi
 
 def atariari_probes(config: EnvEncConfig, data: HiddenData, windows: np.ndarray, train_rows: np.ndarray,
                     val_rows: np.ndarray) -> dict[str, dict[str, float]]:
-    """AtariARI F1 per RAM variable of the hidden states and of the exported encoder's latents, on the ridge
-    probes' rows; {} for a game without AtariARI variables, or without frames/ to give the RAM (hidden states
-    made elsewhere)."""
+    """AtariARI F1 per RAM variable of the (pooled) hidden states and of the exported encoder's latents, on the
+    ridge probes' rows; {} for a game without AtariARI variables, or without frames/ to give the RAM (hidden
+    states made elsewhere)."""
     import torch
 
     from envenc_ray.encoder.export import load_encoder
@@ -585,7 +585,10 @@ def atariari_probes(config: EnvEncConfig, data: HiddenData, windows: np.ndarray,
     with torch.no_grad():
         latents = np.concatenate([encoder(encoder_inputs(data.hidden, windows, rows[start:start + 1024], windowed)).numpy()
                                   for start in range(0, len(rows), 1024)])
-    return {"hidden": atariari_f1(data.hidden, ram, addresses, train_rows, val_rows),
+    # Per-token states are T*D wide (10^6 for a real VLM): a classifier per byte over them would hold T*D x
+    # values weights; their probe is the ridge one, and AtariARI's is the latent's only.
+    pooled = data.hidden.ndim == 2
+    return {"hidden": atariari_f1(data.hidden, ram, addresses, train_rows, val_rows) if pooled else {},
             "latent": atariari_f1(latents, ram, addresses, train_rows, val_rows)}
 
 
