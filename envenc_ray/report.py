@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from envenc_ray.config import EnvEncConfig  # noqa: E402
-from envenc_ray.encoder.metrics import mean_or_none  # noqa: E402
+from envenc_ray.encoder.metrics import mean_or_none, probe_means  # noqa: E402
 from envenc_ray.errors import DataError  # noqa: E402
 from envenc_ray.files import read_json, write_text_atomic  # noqa: E402
 from envenc_ray.layout import RunLayout  # noqa: E402
@@ -158,14 +158,15 @@ def _representation_section(config: EnvEncConfig, layout: RunLayout) -> tuple[li
         untrained = base_probe_r2(config)
     probes = {"untrained": untrained, "hidden": hidden, "latent": best["probe_r2_latent"]}
     keys = sorted(probes["latent"])
-    means = {name: mean_or_none({k: values[k] for k in keys if k in values}) for name, values in probes.items()}
+    means, velocity_means = ({name: probe_means({k: values[k] for k in keys if k in values})[part]
+                              for name, values in probes.items()} for part in (0, 1))
 
     labels = {"untrained": "VLM as given (untrained)", "hidden": f"VLM the run reads ({config.stage2.method})",
               "latent": "encoder latent"}
     figure, axis = plt.subplots(figsize=(max(7.0, 1.1 * len(keys) + 2), 4.2))
     for offset, name in zip((-0.27, 0.0, 0.27), probes):
         axis.bar([p + offset for p in range(len(keys))], [probes[name].get(k, float("nan")) for k in keys], width=0.27,
-                 label=f"{labels[name]}, mean {_fmt(means[name])}")
+                 label=f"{labels[name]}, mean {_fmt(means[name])} (velocities {_fmt(velocity_means[name])})")
     axis.set_xticks(list(range(len(keys))), keys, rotation=35, ha="right")
     lowest = min([0.0] + [v for values in probes.values() for v in values.values() if v == v])
     axis.set(title="Linear probes of game state on held-out episodes", ylabel="ridge-probe R²",
@@ -180,9 +181,11 @@ def _representation_section(config: EnvEncConfig, layout: RunLayout) -> tuple[li
              "Held-out ridge-probe R² of each annotated variable (1 = linearly decodable, 0 = no better than its mean).",
              "", "| variable | untrained VLM | VLM read | latent |", "|---|---|---|---|"]
     lines += [f"| {k} | {_fmt(untrained.get(k))} | {_fmt(hidden.get(k))} | {_fmt(probes['latent'].get(k))} |" for k in keys]
-    lines += [f"| **mean** | {_fmt(means['untrained'])} | {_fmt(means['hidden'])} | {_fmt(means['latent'])} |",
+    lines += [f"| **mean**, state | {_fmt(means['untrained'])} | {_fmt(means['hidden'])} | {_fmt(means['latent'])} |",
+              f"| **mean**, velocities (`_dx`, `_dy`) | {_fmt(velocity_means['untrained'])} | "
+              f"{_fmt(velocity_means['hidden'])} | {_fmt(velocity_means['latent'])} |",
               "", "![probes](probes.png)"]
-    return lines, {"probe_r2": probes, "probe_r2_mean": means}
+    return lines, {"probe_r2": probes, "probe_r2_mean": means, "probe_r2_velocity_mean": velocity_means}
 
 
 def _atariari_section(config: EnvEncConfig, layout: RunLayout) -> tuple[list[str], dict]:

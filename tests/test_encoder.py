@@ -326,7 +326,8 @@ def test_environment_encoder_is_stateless_for_per_frame_kinds():
 EPOCH_FIELDS = {
     "epoch", "train_loss", "train_mse", "val_mse", "val_explained_variance", "val_consecutive_cosine_latent",
     "val_consecutive_cosine_hidden", "val_consecutive_cosine_hidden_standardized", "probe_r2_latent",
-    "probe_r2_latent_mean", "probe_r2_hidden_mean", "codebook_usage", "codebook_perplexity", "train_seconds",
+    "probe_r2_latent_mean", "probe_r2_hidden_mean", "probe_r2_latent_velocity_mean", "probe_r2_hidden_velocity_mean",
+    "codebook_usage", "codebook_perplexity", "train_seconds",
     "eval_seconds", "epoch_seconds", "started_at", "session",
 }
 

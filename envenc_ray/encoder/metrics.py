@@ -229,6 +229,18 @@ def mean_or_none(values: dict[str, float]) -> float | None:
     return float(np.mean(finite)) if finite else None
 
 
+def is_velocity(name: str) -> bool:
+    """A `with_velocities` variable (`<object>_dx`, `<object>_dy`)."""
+    return name.endswith(("_dx", "_dy"))
+
+
+def probe_means(r2: dict[str, float]) -> tuple[float | None, float | None]:
+    """(mean over the annotated state variables, mean over the velocities): kept apart, so the state mean means what
+    it meant before velocities were probed, and a representation that sees one frame is not hidden in it."""
+    return (mean_or_none({k: v for k, v in r2.items() if not is_velocity(k)}),
+            mean_or_none({k: v for k, v in r2.items() if is_velocity(k)}))
+
+
 def json_safe(value):
     """NaN/inf -> None recursively: metrics.json stays strict JSON."""
     if isinstance(value, dict):

@@ -40,7 +40,7 @@ from envenc_ray.encoder.metrics import (
     consecutive_pairs,
     json_safe,
     mean_cosine,
-    mean_or_none,
+    probe_means,
     probe_targets,
     ridge_probe_r2,
     with_velocities,
@@ -135,7 +135,7 @@ def train_encoder(config: EnvEncConfig) -> dict:
         "val_consecutive_cosine_hidden_standardized": mean_cosine(standardized, val_pairs),
         "probe_r2_hidden": ridge_probe_r2(data.hidden, targets, probe_rows, val_rows),
     }
-    baseline["probe_r2_hidden_mean"] = mean_or_none(baseline["probe_r2_hidden"])
+    baseline["probe_r2_hidden_mean"], baseline["probe_r2_hidden_velocity_mean"] = probe_means(baseline["probe_r2_hidden"])
     timings["read_s"] = time.perf_counter() - started
     logger.info("read %d frames (%d episodes, hidden state shape %s) in %.1f s", len(data.hidden),
                 len(np.unique(data.episode_ids)), data.hidden_shape, timings["read_s"])
@@ -536,7 +536,8 @@ def _evaluate(model, batch, loop: dict, enc: EncoderConfig) -> dict:
         "val_consecutive_cosine_latent_centred": mean_cosine(latents, loop["val_pairs"], centred=True),
         **loop["baseline"],
         "probe_r2_latent": probe,
-        "probe_r2_latent_mean": mean_or_none(probe),
+        "probe_r2_latent_mean": probe_means(probe)[0],
+        "probe_r2_latent_velocity_mean": probe_means(probe)[1],
         "codebook_usage": None,
         "codebook_perplexity": None,
     }
