@@ -335,10 +335,12 @@ class RLConfig(Section):
     algo: Literal["ppo", "dreamerv3"] = Field(
         "ppo", description="RLlib algorithm: PPO (on-policy, every obs mode) or DreamerV3 (model-based, latents only)."
     )
-    obs_mode: Literal["latent", "latent+pixels", "pixels"] = Field(
+    obs_mode: Literal["latent", "latent+pixels", "pixels", "state"] = Field(
         "latent",
         description="What the agent sees: encoder latents, latents plus an 84x84 grayscale frame stack (Dict), "
-        "or the frame stack alone (the baseline without the encoder).",
+        "the frame stack alone (the baseline without the encoder), or 'state': the game's objects read from the "
+        "RAM (rl/state.py; annotated games only), an upper reference for what a perfect encoder could give, not "
+        "a feature of the method.",
     )
     encoder_source: Literal["in_process", "serve"] = Field(
         "in_process",
@@ -382,6 +384,14 @@ class RLConfig(Section):
     gamma: float = Field(0.99, gt=0, le=1, description="Discount per env step.")
     gae_lambda: float = Field(0.95, ge=0, le=1, description="PPO: GAE lambda.")
     entropy_coeff: float = Field(0.01, ge=0, description="PPO: entropy bonus weight (the Atari PPO default).")
+    lr_anneal_steps: int | None = Field(
+        None, ge=1, description="PPO: anneal rl.lr linearly to 0 over this many env steps (CleanRL's anneal_lr, "
+        "over the whole budget); None: a constant learning rate.")
+    clip_param: float = Field(0.3, gt=0, description="PPO: clip range of the policy ratio (RLlib's 0.3; the Atari "
+                              "PPO of CleanRL and Schulman et al. 2017 uses 0.1).")
+    vf_loss_coeff: float = Field(1.0, ge=0, description="PPO: weight of the value loss (RLlib's 1.0; CleanRL 0.5).")
+    grad_clip: float | None = Field(None, gt=0, description="PPO: clip the gradients' global norm at this value "
+                                    "(None: no clipping, RLlib's default; CleanRL 0.5).")
     fcnet_hiddens: list[int] = Field(
         [256, 256], description="MLP widths over latents (latent mode; the latent branch of latent+pixels)."
     )
@@ -422,6 +432,11 @@ class RLConfig(Section):
         "triples) in 'model' and 'env+model'; Pong's env rewards are +-1 per point."
     )
 
+    @property
+    def reads_latents(self) -> bool:
+        """Whether the agent's observation comes from the VLM + encoder (not pixels or the RAM state alone)."""
+        return self.obs_mode in ("latent", "latent+pixels")
+
     @model_validator(mode="after")
     def _check_combination(self) -> "RLConfig":
         if self.overlap and (self.num_envs_per_env_runner < 2 or self.num_envs_per_env_runner % 2):
@@ -429,6 +444,9 @@ class RLConfig(Section):
                              f"rl.num_envs_per_env_runner to an even number >= 2 (got {self.num_envs_per_env_runner})")
         if self.overlap and self.algo != "ppo":
             raise ValueError(f"rl.overlap works with rl.algo 'ppo' (got {self.algo!r}); set rl.overlap to false")
+        if self.reward != "env" and self.obs_mode == "state":
+            raise ValueError("rl.reward model and env+model read frames or latents, which rl.obs_mode 'state' does "
+                             "not make; set rl.reward=env for the state reference")
         if self.algo == "dreamerv3" and self.obs_mode != "latent":
             raise ValueError(f"rl.algo 'dreamerv3' trains on 1-D latents only; set rl.obs_mode to 'latent' "
                              f"(got {self.obs_mode!r}) or use rl.algo 'ppo' for pixels")

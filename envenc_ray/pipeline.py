@@ -2,6 +2,7 @@
 
     preflight (cheap checks: run dir writable, model present, no artifact of another config)
     -> collect -> [advise, with stage2.method 'finetuned' or joint_from 'finetuned'] -> embed -> train-encoder
+    (collect, advise, embed and train-encoder not for rl.obs_mode 'state': it reads the RAM, not frames)
     -> [reward-model, with rl.reward 'model' or 'env+model']
     -> [serve: deploy the encoder service once, for latents from Serve] -> train -> evaluate -> report,
     with manifest.json recording what each stage did and how long it took.
@@ -83,8 +84,14 @@ class StageResult:
     summary: dict
 
 
+def _makes_representation(config: EnvEncConfig) -> bool:
+    """The state reference (rl.obs_mode 'state') reads the objects from the RAM: it needs no frames, VLM or
+    encoder."""
+    return config.rl.obs_mode != "state"
+
+
 def _latents_from_serve(config: EnvEncConfig) -> bool:
-    return config.rl.obs_mode != "pixels" and config.rl.encoder_source == "serve"
+    return config.rl.reads_latents and config.rl.encoder_source == "serve"
 
 
 def _serve_current(config: EnvEncConfig) -> str | None:
@@ -122,15 +129,17 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 STAGES: tuple[Stage, ...] = (
     Stage("collect", "play the game and record frames, RAM annotations and advice to <run>/frames/",
-          run=collect, writes="frames", current=collect_current),
+          run=collect, writes="frames", current=collect_current, in_run=_makes_representation),
     Stage("advise", "finetune the VLM on (frame, text) pairs from the RAM annotations (Ray Train) into a shared, "
           "content-addressed vlm/ that the run reads with stage2.method=finetuned (or joint_from=finetuned)",
           run=advise, reads=("frames",), writes="advise_pointer", current=advise_current,
-          in_run=lambda config: config.stage2.reads_finetuned_vlm),
+          in_run=lambda config: config.stage2.reads_finetuned_vlm and _makes_representation(config)),
     Stage("embed", "run the truncated VLM over recorded frames into <run>/hidden/ (Ray Data)",
-          run=embed, reads=("frames", "advise_pointer"), writes="hidden", current=embed_current),
+          run=embed, reads=("frames", "advise_pointer"), writes="hidden", current=embed_current,
+          in_run=_makes_representation),
     Stage("train-encoder", "train the autoencoder on hidden states (Ray Train), export the encoder to <run>/encoder/",
-          run=train_encoder, reads=("hidden",), writes="encoder", current=encoder_current),
+          run=train_encoder, reads=("hidden",), writes="encoder", current=encoder_current,
+          in_run=_makes_representation),
     Stage("reward-model", "make preference triples by branching the emulator, train the transformer reward model on "
           "them (Ray Train, Bradley-Terry) and export it to <run>/reward_model/ for rl.reward 'model' or 'env+model'",
           run=train_reward_model, reads=("agent_encoder",), writes="reward_model", current=reward_model_current,
@@ -224,7 +233,7 @@ def preflight(config: EnvEncConfig) -> None:
     if model != BUILTIN_TINY and _looks_like_path(model) and not Path(model).expanduser().is_dir():
         raise ModelError(f"vlm.model {model!r} is not a directory; point it at a Hugging Face model folder, a hub "
                          "name (org/model) or use builtin:tiny")
-    if config.rl.obs_mode != "pixels" and config.rl.encoder_dir and not layout.agent_encoder.is_dir():
+    if config.rl.reads_latents and config.rl.encoder_dir and not layout.agent_encoder.is_dir():
         raise ModelError(f"rl.encoder_dir {config.rl.encoder_dir!r} does not exist; unset it to train one in "
                          f"{layout.encoder}")
 

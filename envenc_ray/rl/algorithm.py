@@ -28,7 +28,7 @@ def algorithm_config(config: EnvEncConfig, source: EncoderSource | None, error_k
 def offline_algorithm_config(config: EnvEncConfig):
     """The AlgorithmConfig for what runs no EnvRunner (RLlib's validation, the RLModule spec of a checkpoint):
     its encoder source only says that observations are latents; it is never built."""
-    source = None if config.rl.obs_mode == "pixels" else EncoderSource(kind="description-only", latent_dim=1)
+    source = None if not config.rl.reads_latents else EncoderSource(kind="description-only", latent_dim=1)
     return algorithm_config(config, source)
 
 
@@ -37,6 +37,10 @@ def build_algorithm(config: EnvEncConfig, error_key: str | None = None):
     from envenc_ray.envs.atari import make_env
 
     make_env(config.env.game).close()  # an unknown game fails here, in one line, not inside an EnvRunner
+    if config.rl.obs_mode == "state":
+        from envenc_ray.rl.state import check_state_game
+
+        check_state_game(config.env.game, "env.game")
     source = encoder_source(config)
     rewards = reward_source(config, source.latent_dim if source is not None else None)
     return algorithm_config(config, source, error_key, rewards).build_algo()

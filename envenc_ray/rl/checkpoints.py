@@ -138,10 +138,10 @@ def space_shapes(space):
 
 
 def latents_identity(config: EnvEncConfig) -> dict | None:
-    """The encoder and VLM an agent on latents reads, by the sha256 of their weights (None for pixels): what
+    """The encoder and VLM an agent on latents reads, by the sha256 of their weights (None for pixels and state): what
     train.json and policy.json record, and what resuming and evaluating check. With rl.encoder_source 'serve'
     it is what the running app loaded."""
-    if config.rl.obs_mode == "pixels":
+    if not config.rl.reads_latents:
         return None
     if config.rl.encoder_source == "serve":
         from envenc_ray.serve.client import EncoderClient

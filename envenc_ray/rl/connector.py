@@ -57,7 +57,7 @@ class LatentObservations(ConnectorV2):
     @property
     def observer(self) -> EpisodeObserver:
         if self._observer is None:  # first call: we are inside the EnvRunner now
-            encoder = self.source.build() if self.obs_mode != "pixels" else None
+            encoder = self.source.build() if self.source is not None else None
             self._observer = EpisodeObserver(self.obs_mode, encoder, self.frame_stack, self.pixel_size)
         return self._observer
 
@@ -113,7 +113,10 @@ def make_env_to_module(obs_mode: str, source: EncoderSource | None, frame_stack:
     """The `env_to_module_connector` callable for `AlgorithmConfig.env_runners` (called in every EnvRunner).
 
     With `rewards` (rl.reward 'model' or 'env+model') the reward model's connector joins the pipeline where its
-    representation is: after this one for latents, before it for the raw frames it turns into pixels."""
+    representation is: after this one for latents, before it for the raw frames it turns into pixels.
+    None for rl.obs_mode 'state': the env itself returns the observation (rl/state.py)."""
+    if obs_mode == "state":
+        return None
 
     def build(env=None, spaces=None, device=None):
         observations = LatentObservations(obs_mode=obs_mode, source=source, frame_stack=frame_stack,

@@ -77,13 +77,13 @@ def read_encoder_description(encoder_dir: str | Path) -> dict:
 
 
 def encoder_source(config) -> EncoderSource | None:
-    """Where the agent's latents come from under `config.rl` (None for obs_mode 'pixels').
+    """Where the agent's latents come from under `config.rl` (None for obs_mode 'pixels' and 'state').
 
     Runs on the driver: checks that the encoder exists (cheaply, without loading weights) and resolves
     every path to an absolute one, since EnvRunner actors need not share the driver's working directory.
     """
     rl = config.rl
-    if rl.obs_mode == "pixels":
+    if not rl.reads_latents:
         return None
     if rl.encoder_source == "serve":
         return serve_encoder_source(config)

@@ -42,6 +42,9 @@ def evaluate(config: EnvEncConfig, checkpoint: str | Path | None = None, episode
     episodes = config.rl.eval_episodes if episodes is None else episodes
     if episodes < 1:
         raise InputError(f"episodes must be >= 1, got {episodes}")
+    if gif and config.rl.obs_mode == "state":
+        raise InputError("--gif records the frames the agent saw, but an agent on rl.obs_mode 'state' sees the RAM's "
+                         "object vector; evaluate it without --gif")
     if checkpoint is None:
         latest = latest_checkpoint(RunLayout.of(config).agent)
         if latest is None:

@@ -16,9 +16,9 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from envenc_ray.config import EnvEncConfig
-from envenc_ray.envs.atari import make_env_from_config
 from envenc_ray.rl.encoder_source import encoder_source
 from envenc_ray.rl.observations import LATENT_KEY, PIXELS_KEY, EpisodeObserver, observation_space
+from envenc_ray.rl.state import make_agent_env
 
 
 def build_observer(config: EnvEncConfig, encoder=None) -> EpisodeObserver:
@@ -26,9 +26,17 @@ def build_observer(config: EnvEncConfig, encoder=None) -> EpisodeObserver:
     stage2.method 'joint' its observations are the adapter's input (windows of per-patch vision features), which
     the PPO RLModule of rl/joint.py turns into latents (`envenc evaluate` plays it through this wrapper)."""
     rl = config.rl
-    if encoder is None and rl.obs_mode != "pixels":
+    if encoder is None and rl.reads_latents:
         encoder = encoder_source(config).build()
-    return EpisodeObserver(rl.obs_mode, encoder if rl.obs_mode != "pixels" else None, rl.frame_stack, rl.pixel_size)
+    return EpisodeObserver(rl.obs_mode, encoder if rl.reads_latents else None, rl.frame_stack, rl.pixel_size)
+
+
+def agent_space(config: EnvEncConfig, env: gym.Env, observer: EpisodeObserver) -> gym.Space:
+    """What the agent sees of `env`: the env's own space in 'state' mode (rl/state.py), else the observer's."""
+    if config.rl.obs_mode == "state":
+        return env.observation_space
+    latent_dim = observer.encoder.latent_dim if observer.uses_encoder else None
+    return observation_space(config.rl.obs_mode, latent_dim, config.rl.frame_stack, config.rl.pixel_size)
 
 
 class EnvEncEnv(gym.Env):
@@ -37,11 +45,9 @@ class EnvEncEnv(gym.Env):
     metadata = {"render_modes": ["rgb_array"], "render_fps": 15}
 
     def __init__(self, config: EnvEncConfig, encoder=None, render_mode: str | None = None):
-        self.env = make_env_from_config(config.env, render_mode=render_mode)
+        self.env = make_agent_env(config.env, config.rl.obs_mode, render_mode=render_mode)
         self.observer = build_observer(config, encoder)
-        latent_dim = self.observer.encoder.latent_dim if self.observer.uses_encoder else None
-        self.observation_space = observation_space(config.rl.obs_mode, latent_dim, config.rl.frame_stack,
-                                                   config.rl.pixel_size)
+        self.observation_space = agent_space(config, self.env, self.observer)
         self.action_space = self.env.action_space
         self.render_mode = render_mode
         self.last_frame: np.ndarray | None = None
@@ -76,12 +82,10 @@ class EnvEncVectorEnv(VectorEnv):
     metadata = {"autoreset_mode": AutoresetMode.NEXT_STEP, "render_modes": []}
 
     def __init__(self, config: EnvEncConfig, num_envs: int, encoder=None):
-        self.envs = [make_env_from_config(config.env) for _ in range(num_envs)]
+        self.envs = [make_agent_env(config.env, config.rl.obs_mode) for _ in range(num_envs)]
         self.observer = build_observer(config, encoder)
         self.num_envs = num_envs
-        latent_dim = self.observer.encoder.latent_dim if self.observer.uses_encoder else None
-        self.single_observation_space = observation_space(config.rl.obs_mode, latent_dim, config.rl.frame_stack,
-                                                          config.rl.pixel_size)
+        self.single_observation_space = agent_space(config, self.envs[0], self.observer)
         self.single_action_space = self.envs[0].action_space
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self.action_space = batch_space(self.single_action_space, num_envs)

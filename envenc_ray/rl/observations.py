@@ -18,12 +18,14 @@ import numpy as np
 
 from envenc_ray.errors import InputError, ModelError
 
-OBS_MODES = ("latent", "latent+pixels", "pixels")
+OBS_MODES = ("latent", "latent+pixels", "pixels", "state")
+LATENT_MODES = ("latent", "latent+pixels")  # the modes that call the encoder
 LATENT_KEY, PIXELS_KEY = "latent", "pixels"
 
 
 def observation_space(obs_mode: str, latent_dim: int | None, frame_stack: int = 4, pixel_size: int = 84) -> gym.Space:
-    """The agent's observation space: Box(latent_dim,) float32, Box(84, 84, k) uint8, or a Dict of both."""
+    """The agent's observation space: Box(latent_dim,) float32, Box(84, 84, k) uint8, or a Dict of both (for
+    'state' the env's own space is the agent's: StateObservation.observation_space)."""
     if obs_mode not in OBS_MODES:
         raise InputError(f"unknown observation mode {obs_mode!r}; use one of {', '.join(OBS_MODES)}")
     pixels = gym.spaces.Box(0, 255, (pixel_size, pixel_size, frame_stack), np.uint8)
@@ -44,10 +46,10 @@ def grayscale_resize(frame_uint8: np.ndarray, size: int) -> np.ndarray:
 
 
 def check_obs_mode(obs_mode: str, encoder, what: str) -> None:
-    """A known observation mode, with the encoder (or its source) every mode but 'pixels' needs."""
+    """A known observation mode, with the encoder (or its source) the latent modes need."""
     if obs_mode not in OBS_MODES:
         raise InputError(f"unknown observation mode {obs_mode!r}; use one of {', '.join(OBS_MODES)}")
-    if obs_mode != "pixels" and encoder is None:
+    if obs_mode in LATENT_MODES and encoder is None:
         raise ModelError(f"observation mode {obs_mode!r} needs {what}; none was given")
 
 
@@ -55,7 +57,8 @@ class EpisodeObserver:
     """Turns the newest RGB frame of many episodes into their observations, with one encoder call for all.
 
     Keys name episodes (RLlib episode ids, or sub-env indices in the gym wrapper). `fresh[i]` says frame i
-    is its episode's first (reset) frame: its temporal window and frame stack start over.
+    is its episode's first (reset) frame: its temporal window and frame stack start over. In 'state' mode the
+    env already returns the observation (rl/state.py) and it passes through.
     """
 
     def __init__(self, obs_mode: str, encoder=None, frame_stack: int = 4, pixel_size: int = 84):
@@ -71,11 +74,13 @@ class EpisodeObserver:
 
     @property
     def uses_encoder(self) -> bool:
-        return self.obs_mode != "pixels"
+        return self.obs_mode in LATENT_MODES
 
     def observe(self, keys: list[Hashable], frames: list[np.ndarray], fresh: list[bool]) -> list[Any]:
         if not keys:
             return []
+        if self.obs_mode == "state":
+            return list(frames)
         latents = self._latents(keys, frames, fresh) if self.uses_encoder else None
         stacks = self._stacks(keys, frames, fresh) if self.obs_mode != "latent" else None
         if self.obs_mode == "latent":

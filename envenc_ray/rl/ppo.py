@@ -22,6 +22,9 @@ def build_ppo_config(config: EnvEncConfig, source: EncoderSource | None,
     """
     rl = config.rl
     learners = max(1, rl.num_learners)
+    # RLlib's schedule format: [[env steps, value], ...], linear in between (its lifetime env-step count, which
+    # a checkpoint restores, so a resumed run continues the schedule where it was).
+    lr = rl.lr if rl.lr_anneal_steps is None else [[0, rl.lr], [rl.lr_anneal_steps, 0.0]]
     connector = make_env_to_module(rl.obs_mode, source, rl.frame_stack, rl.pixel_size, error_key, rewards)
     # stage2.method 'joint': the module also holds the VLM's projector, the frozen decoder and the encoder
     module_spec = joint_module_spec(config) if config.stage2.method == "joint" else ppo_module_spec(rl)
@@ -31,10 +34,13 @@ def build_ppo_config(config: EnvEncConfig, source: EncoderSource | None,
             train_batch_size_per_learner=max(1, rl.train_batch_size // learners),
             minibatch_size=rl.minibatch_size,
             num_epochs=rl.num_epochs,
-            lr=rl.lr,
+            lr=lr,
             gamma=rl.gamma,
             lambda_=rl.gae_lambda,
             entropy_coeff=rl.entropy_coeff,
+            clip_param=rl.clip_param,
+            vf_loss_coeff=rl.vf_loss_coeff,
+            grad_clip=rl.grad_clip,  # None: RLlib clips nothing
         )
         .rl_module(rl_module_spec=module_spec)
     )

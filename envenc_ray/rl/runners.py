@@ -12,23 +12,20 @@ from envenc_ray.runtime import inside_ray_actor
 
 
 def env_creator(env_context) -> gym.Env:
-    """The env of every RLlib EnvRunner: an ALE v5 env with RGB frames (the connector does the rest).
+    """The env of every RLlib EnvRunner: an ALE v5 env with RGB frames (the connector does the rest), or for
+    rl.obs_mode 'state' with the RAM's state vector (rl/state.py; no connector).
 
     Runs inside the EnvRunner before its RLModule is built, so it is also where a remote EnvRunner's torch
     threads are pinned (the driver's, when it samples itself, are left alone).
     """
-    from envenc_ray.envs.atari import make_env
+    from envenc_ray.config import EnvConfig
+    from envenc_ray.rl.state import make_agent_env
     from envenc_ray.runtime import set_torch_threads
 
     if inside_ray_actor():
         set_torch_threads(env_context.get("torch_threads"))
-    return make_env(
-        env_context["game"],
-        repeat_action_probability=env_context["repeat_action_probability"],
-        frameskip=env_context["frameskip"],
-        full_action_space=env_context["full_action_space"],
-        max_episode_steps=env_context["max_episode_steps"],
-    )
+    env_settings = EnvConfig(**{key: env_context[key] for key in EnvConfig.model_fields})
+    return make_agent_env(env_settings, env_context["obs_mode"])
 
 
 ENV_NAME = "envenc-ale"
@@ -43,8 +40,9 @@ def register_env() -> str:
 
 
 def env_config(config) -> dict:
-    """`env_config` for `env_creator`: the env section plus the EnvRunner's torch threads."""
-    return config.env.model_dump(mode="json") | {"torch_threads": config.rl.torch_threads}
+    """`env_config` for `env_creator`: the env section plus the EnvRunner's torch threads and observation mode."""
+    return config.env.model_dump(mode="json") | {"torch_threads": config.rl.torch_threads,
+                                                 "obs_mode": config.rl.obs_mode}
 
 
 def with_common_settings(algo_config, config, env_to_module, rollout_fragment_length):

@@ -132,7 +132,7 @@ def agent_config_hash(config: EnvEncConfig) -> str:
         "rl": rl.model_dump(mode="json", include={"algo", "obs_mode", "fcnet_hiddens", "frame_stack",
                                                   "pixel_size", "dreamer_model_size"}),
     }
-    if rl.obs_mode != "pixels":
+    if rl.reads_latents:
         payload["latents"] = config.section_hash("vlm", "encoder")
     if config.stage2.method == "joint":  # the module holds the projector (and maybe trains the encoder)
         payload["joint"] = config.stage2.model_dump(mode="json")

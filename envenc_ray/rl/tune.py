@@ -262,7 +262,7 @@ def trial_bundles(config: EnvEncConfig) -> list[dict[str, float]]:
 
 def serve_reservation(config: EnvEncConfig, candidates: list[EnvEncConfig]) -> dict[str, float]:
     """CPUs/GPUs the shared encoder deployment may hold at its autoscaling maximum (none without Serve)."""
-    uses_serve = config.rl.encoder_source == "serve" and any(c.rl.obs_mode != "pixels" for c in candidates)
+    uses_serve = config.rl.encoder_source == "serve" and any(c.rl.reads_latents for c in candidates)
     if not uses_serve:
         return {"CPU": 0.0, "GPU": 0.0}
     s = config.serve
@@ -330,7 +330,7 @@ def tune(config: EnvEncConfig, sweep_path: str) -> dict:
     base = absolute_paths(config)
     out_dir = RunLayout.of(base).tune
     out_dir.mkdir(parents=True, exist_ok=True)
-    needs_latents = any(c.rl.obs_mode != "pixels" for c in candidates)
+    needs_latents = any(c.rl.reads_latents for c in candidates)
     deployed_here = False
     if needs_latents:
         deployed_here = prepare_encoder(base)
