@@ -32,7 +32,7 @@ from envenc_ray.files import remove_orphaned_temporaries  # noqa: E402
 from envenc_ray.layout import RunLayout, shared_dir, synced_run  # noqa: E402
 from envenc_ray.pipeline import STAGES, Stage  # noqa: E402
 from envenc_ray.pipeline import run as run_pipeline  # noqa: E402
-from envenc_ray.rl.experiment import experiment  # noqa: E402
+from envenc_ray.rl.experiment import experiment, experiment_status  # noqa: E402
 from envenc_ray.rl.tune import tune as tune_sweep  # noqa: E402
 from envenc_ray.runtime import configure_console, received_signal, shutdown_ray, stop_on_signals  # noqa: E402
 from envenc_ray.storage import is_uri, local_root, pull  # noqa: E402
@@ -100,9 +100,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "experiment",
         help="compare arms (named config overrides) over seeds at an equal env-step budget, as Ray Tune trials",
         description="Every (arm, seed) trains exactly --steps env steps as one Ray Tune trial (in turn or a few at "
-        "once here, in parallel on a cluster), then plays greedy full-length episodes. Frames, VLMs, hidden states "
+        "once here, in parallel on a cluster), with a checkpoint and greedy full-length episodes at every evaluation "
+        "point (the arms file's eval_every, and the end). Frames, VLMs, hidden states "
         "and encoders are built once, before the trials, and shared by the arms that need them. A rerun resumes: "
-        "finished trials and current artifacts are skipped. Writes <run>/experiments/<arms file stem>/results.json "
+        "finished trials and current artifacts are skipped, unfinished trials continue from their last "
+        "evaluation point. Writes <run>/experiments/<arms file stem>/results.json "
         "and plots (mean return vs env steps with a 95% bootstrap band over seeds, final evaluation returns).",
         epilog="e.g. envenc experiment configs/pong-tiny.yaml --arms configs/experiments/obs-mode.yaml --seeds 3 "
         "--steps 51200",
@@ -116,6 +118,9 @@ def _build_parser() -> argparse.ArgumentParser:
                             help="env steps per trial, a whole number of iterations (default: the arms file's steps)")
     experiment.add_argument("--concurrent", type=int,
                             help="trials at once (default: as many as fit the Ray cluster)")
+    experiment.add_argument("--status", action="store_true",
+                            help="print each trial's progress (env steps, evaluations, last evaluation return, done / "
+                            "partial / not started) from the files on disk, without starting Ray, and exit")
     experiment.set_defaults(handler=_on_config(_experiment))
     bench = commands.add_parser(
         "bench",
@@ -227,6 +232,9 @@ def _stage_handler(stage: Stage):
 
 
 def _experiment(config: EnvEncConfig, args: argparse.Namespace) -> None:
+    if args.status:
+        experiment_status(config, args.arms, seeds=args.seeds, steps=args.steps)
+        return
     experiment(config, args.arms, seeds=args.seeds, steps=args.steps, concurrent=args.concurrent,
                command="envenc " + " ".join(sys.argv[1:]))
 

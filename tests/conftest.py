@@ -74,6 +74,26 @@ def debug_config(tmp_path):
     return make
 
 
+def kill_when(args: list[str], env: dict, log: Path, ready, timeout_s: float, what: str) -> None:
+    """Run the command `args` in its own process group until `ready()` holds, then SIGKILL the whole group (the
+    command and the Ray it started), as a session that ends would. Fails if it ends first or takes too long."""
+    import signal
+    import subprocess
+    import time
+
+    with log.open("w") as output:
+        process = subprocess.Popen(args, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not ready():
+            assert process.poll() is None, f"the command ended before {what}: {log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no {what} within {timeout_s:.0f} s"
+            time.sleep(0.1)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """For modules that check values, not speed: one intra-op thread keeps them quick on a shared 2-core box."""

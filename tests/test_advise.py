@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import kill_when
 
 from envenc_ray.errors import DataError, ModelError
 
@@ -179,18 +178,8 @@ def test_killed_advise_job_resumes_from_its_last_epoch(tmp_path):
     env = {**os.environ, "RAY_ADDRESS": ""}
     subprocess.run([sys.executable, "-m", "envenc_ray.cli", "collect", *args[4:]], check=True, env=env,
                    capture_output=True, timeout=300)
-    log = tmp_path / "killed-advise.log"
-    with log.open("w") as output:
-        process = subprocess.Popen(args, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while not list(tmp_path.glob("_shared/advise-*.train/run/epoch-0001")):
-            assert process.poll() is None, f"advise ended before its first checkpoint: {log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "no checkpoint within 240 s"
-            time.sleep(0.5)
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
+    kill_when(args, env, tmp_path / "killed-advise.log",
+              lambda: list(tmp_path.glob("_shared/advise-*.train/run/epoch-0001")), 240, "its first checkpoint")
     assert not list(tmp_path.glob("_shared/advise-*/metrics.json")), "a killed job must leave no finished artifact"
 
     finished = subprocess.run(args, env=env, capture_output=True, text=True, timeout=400)

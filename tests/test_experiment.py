@@ -3,18 +3,26 @@
 The arms are PPO on pixels and PPO on latents (the untrained tiny VLM + a 2-epoch encoder, built once before
 the trials). Assertions are on what the experiment wrote: results.json's structure, every trial ending at
 exactly the budget, seeds that give different agents, and a rerun after one trial's result is lost (as after
-a kill) that runs that trial only and rebuilds no artifact. The error tests need no Ray: a bad arms file fails
-before anything starts.
+a kill) that runs that trial only and rebuilds no artifact. Then `envenc experiment` as a subprocess on the
+state reference and pixels, killed (SIGKILL, Ray included) after its first evaluation point and rerun: the
+trials continue from their checkpoints, every evaluation point once, and `--status` tells before, mid and
+after. The error tests need no Ray: a bad arms file fails before anything starts.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import kill_when
 
 from envenc_ray.errors import ConfigError
 
@@ -144,3 +152,141 @@ def test_a_budget_that_is_not_a_whole_number_of_iterations_is_refused(debug_conf
     arms = write_arms(tmp_path, ARMS)
     with pytest.raises(ConfigError, match=r"--steps 100 is not a whole number of iterations of 64 .*--steps 64 or 128"):
         experiment(debug_config(), str(arms), seeds=1, steps=100)
+
+
+RESUME_STEPS, RESUME_EVERY = 640, 128  # 10 PPO iterations of 64 env steps, evaluated every 2
+RESUME_ARMS = {"question": "State reference and pixels, killed and resumed (test)", "eval_every": RESUME_EVERY,
+               "threshold": -5.0, "common": {"rl.lr_anneal_steps": RESUME_STEPS},  # a schedule to resume too
+               "arms": {"state": {"rl.obs_mode": "state"}, "pixels": {"rl.obs_mode": "pixels"}}}
+
+
+def _refuse_ray(monkeypatch) -> None:
+    """`--status` reads files only: starting Ray (or RLlib's algorithm) would fail the test."""
+    import ray
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("experiment --status started Ray")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setattr("envenc_ray.runtime.ensure_ray", refuse)
+
+
+@pytest.mark.slow
+def test_a_killed_experiment_resumes_every_trial_from_its_last_evaluation_point(debug_config, tmp_path, monkeypatch):
+    from envenc_ray.rl.experiment import experiment_status
+
+    root = Path(__file__).resolve().parents[1]
+    arms = write_arms(tmp_path, RESUME_ARMS)
+    overrides = [f"experiment.run_root={tmp_path}", *TINY]
+    args = [sys.executable, "-m", "envenc_ray.cli", "experiment", str(root / "configs/pong-tiny.yaml"),
+            str(root / "configs/debug.yaml"), "--arms", str(arms), "--seeds", "1", "--steps", str(RESUME_STEPS),
+            *[item for setting in overrides for item in ("--set", setting)]]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    config = debug_config(*TINY)
+    trials = config.run_dir / "experiments" / "tiny" / "trials"
+    _refuse_ray(monkeypatch)
+
+    assert [row["state"] for row in experiment_status(config, str(arms), seeds=1, steps=RESUME_STEPS)] == [
+        "not started", "not started"]
+
+    kill_when(args, env, tmp_path / "killed-experiment.log", lambda: list(trials.glob("*/seed-0/progress.json")),
+              150, "its first evaluation point")
+    time.sleep(2)  # Ray's own processes end with their driver
+    before = {arm: json.loads(path.read_text()) for arm in ("state", "pixels")
+              if (path := trials / arm / "seed-0" / "progress.json").is_file()}
+    assert before and all(record["evals"] and record["env_steps"] < RESUME_STEPS for record in before.values())
+    assert not list(trials.glob("*/seed-0/result.json")), "killed after the first evaluation point, before the end"
+    mid = subprocess.run([*args, "--status"], env=env, capture_output=True, text=True, timeout=60)
+    assert mid.returncode == 0, mid.stderr[-2000:]
+    for arm, record in before.items():  # e.g. "state  0  128/640  1/5  -3  partial"
+        assert re.search(rf"^{arm} +0 +{record['env_steps']}/{RESUME_STEPS} .* partial *$", mid.stdout, re.M), mid.stdout
+
+    finished = subprocess.run(args, env=env, capture_output=True, text=True, timeout=240)
+    assert finished.returncode == 0, (finished.stdout + finished.stderr)[-3000:]
+    assert f"{len(before)} resumed from their last evaluation point" in finished.stdout
+
+    points = list(range(RESUME_EVERY, RESUME_STEPS + 1, RESUME_EVERY))
+    summary = json.loads((config.run_dir / "experiments" / "tiny" / "results.json").read_text())
+    for arm in ("state", "pixels"):
+        result = json.loads((trials / arm / "seed-0" / "result.json").read_text())
+        assert [row["point"] for row in result["evals"]] == points  # every evaluation point, once
+        assert [row["env_steps"] for row in result["evals"]] == points
+        assert all(row["episodes"] == 1 and row["lengths"] == [40] for row in result["evals"])
+        curve_steps = [step for step, _ in result["curve"]]
+        assert curve_steps == list(range(64, RESUME_STEPS + 1, 64))  # continued, not restarted nor repeated
+        assert result["env_steps"] == RESUME_STEPS and result["iterations"] == RESUME_STEPS // 64
+        if arm in before:  # the rows written before the kill are kept as they were
+            assert result["evals"][:len(before[arm]["evals"])] == before[arm]["evals"]
+            assert result["curve"][:len(before[arm]["curve"])] == before[arm]["curve"]
+        record = summary["arms"][arm]
+        assert record["eval_curve"]["points"] == points and record["steps_to_threshold"]["threshold"] == -5.0
+        assert record["eval_return_auc_mean"] == pytest.approx(
+            sum((a + b) / 2 for a, b in zip(record["eval_curve"]["mean"], record["eval_curve"]["mean"][1:]))
+            / (len(points) - 1))
+    assert summary["arms"]["state"]["obs_mode"] == "state"
+    assert summary["arms"]["state"]["diagnostics"]["encoder"] is None  # no VLM, no encoder
+    assert not (config.run_dir / "artifacts").exists()  # nothing built for state and pixels arms
+    assert set(summary["references"]["pong"]) >= {"random", "heuristic"}
+    assert (config.run_dir / "experiments" / "tiny" / "eval_curves.png").stat().st_size > 0
+
+    after = experiment_status(config, str(arms), seeds=1, steps=RESUME_STEPS)
+    assert [(row["state"], row["env_steps"], row["evaluations"]) for row in after] == [
+        ("done", RESUME_STEPS, f"{len(points)}/{len(points)}")] * 2
+
+
+def test_state_observation_is_the_fixed_size_object_vector_of_the_ram():
+    import numpy as np
+
+    from envenc_ray.config import EnvConfig
+    from envenc_ray.rl.state import make_agent_env
+
+    env = make_agent_env(EnvConfig(game="pong"), "state")
+    observation, _ = env.reset(seed=0)
+    positions = len(env.positions)
+    assert observation.shape == env.observation_space.shape == (2 * positions + 1,)  # + the ball's presence flag
+    assert not observation[positions:2 * positions].any()  # no change at an episode's first step
+    seen = [observation]
+    for _ in range(300):
+        observation, *_ = env.step(env.action_space.sample())
+        seen.append(observation)
+    seen = np.array(seen)
+    assert seen.dtype == np.float32 and np.abs(seen).max() <= 2.0  # about [-1, 1]
+    ball = [env.positions.index("ball_x"), env.positions.index("ball_y")]
+    missing = seen[:, -1] == 0
+    assert missing.any() and (~missing).any()  # points are scored: the ball leaves the screen and comes back
+    assert not seen[missing][:, ball].any() and not seen[missing][:, [positions + i for i in ball]].any()
+    assert seen[:, positions:2 * positions].any()  # things move
+    env.close()
+
+
+def test_state_arms_need_an_annotated_game_and_the_pipeline_builds_no_representation_for_them(debug_config, tmp_path):
+    from envenc_ray.pipeline import stages_of
+    from envenc_ray.rl.experiment import experiment
+
+    arms = write_arms(tmp_path, {"question": "q", "arms": {"state": {"rl.obs_mode": "state",
+                                                                     "env.game": "space_invaders"}}})
+    with pytest.raises(ConfigError, match=r"arm 'state'.*annotated for pong, breakout, boxing, freeway only"):
+        experiment(debug_config(), str(arms), seeds=1, steps=64)
+    names = [stage.name for stage in stages_of(debug_config("rl.obs_mode=state", "rl.encoder_source=in_process"))]
+    assert names == ["train", "evaluate", "report"]
+    with pytest.raises(ConfigError, match=r"rl.reward=env for the state reference"):
+        debug_config("rl.obs_mode=state", "rl.reward=model")
+
+
+@pytest.mark.parametrize("name", ["freeway-300k", "breakout-300k"])
+def test_the_300k_protocols_check_out_before_anything_runs(debug_config, name):
+    """Every arm of the protocol validates (keys, RLlib's batch rules, budget and interval in whole iterations)."""
+    from envenc_ray.config import load_config
+    from envenc_ray.rl.experiment import evaluation_points, load_experiment
+    from envenc_ray.rl.tune import check_rllib_settings
+
+    root = Path(__file__).resolve().parents[1]
+    config = load_config([root / "configs/pong-tiny.yaml"], [f"experiment.run_root={debug_config().experiment.run_root}"])
+    path = root / "configs/experiments" / f"{name}.yaml"
+    spec, arm_configs, seeds, steps, _ = load_experiment(config, path, None, None)
+    assert set(arm_configs) == {"pixels", "state", "latent", "latent-pooled"} and seeds == 3
+    assert len(evaluation_points(steps, spec.eval_every)) == 12 and spec.threshold == 10
+    for arm, arm_config in arm_configs.items():
+        check_rllib_settings(arm_config, spec.overrides(arm), arm)
+        assert (arm_config.rl.clip_param, arm_config.rl.vf_loss_coeff, arm_config.rl.grad_clip) == (0.1, 0.5, 0.5)
+    assert arm_configs["latent-pooled"].vlm.pooling == "last"

@@ -8,21 +8,35 @@
        of the same config reuse them
     -> Tuner.fit over the (arm, seed) pairs without a current result: each trial trains the same whole number
        of iterations, --steps env steps (RLlib can add < num_envs steps per iteration where episodes end; the
-       count is recorded), saves its policy, plays greedy full-length episodes, writes result.json atomically
-    -> results.json (per arm and seed: learning curve, evaluation return, wall time; per arm: diagnostics),
-       curves.png (mean training return vs env steps, 95% bootstrap band over seeds) and eval_returns.png.
+       count is recorded); at every evaluation point (each `eval_every` env steps, and the budget) it saves a
+       checkpoint, plays greedy full-length episodes and writes progress.json; at the end its policy and
+       result.json, atomically
+    -> the random and RAM-heuristic policies' returns on each game (the reference lines)
+    -> results.json (per arm and seed: learning curve, evaluation returns at the points, wall time; per arm: final
+       evaluation return with a 95% bootstrap CI over seeds, area under the evaluation curve, env steps to reach
+       `threshold`, diagnostics), curves.png (mean training return vs env steps, 95% bootstrap band over seeds),
+       eval_curves.png (greedy evaluation return vs env steps, with the reference lines) and eval_returns.png.
 
 Layout under the config's run directory:
 
     artifacts/<data key>/                       frames/, vlm/, hidden/ of one data config (collect, advise, embed)
     artifacts/<data key>/encoders/<encoder key>/  one exported encoder per encoder section
     experiments/<arms file stem>/               results.json, *.png, trials/<arm>/seed-<s>/, tune/ (Tune's own)
+    trials/<arm>/seed-<s>/                      progress.json, checkpoint_<iteration>/ (the newest two), policy/,
+                                                result.json (when done)
 
 Seeds: trial seed s becomes experiment.seed of the agent only (RLlib's seed, env resets, evaluation). The
 artifacts are built with the config's experiment.seed, and a trial reads its arm's VLM and encoder by path
 (vlm.model, rl.encoder_dir), so all seeds of an arm see the same latents and the spread over seeds is the
-agent's. Resuming: rerunning the same command skips every trial whose result.json matches its config and
-budget (a killed trial restarts from its first step) and every current artifact.
+agent's.
+
+Resuming: rerunning the same command skips every trial whose result.json matches its config and budget and
+every current artifact, and continues every unfinished trial from its last evaluation point. progress.json
+names the checkpoint of that point and holds the curve and the evaluations up to it; it is rewritten (whole,
+atomically) only after the checkpoint is complete and the evaluation played, so a kill at any moment leaves
+the trial at its previous point: the rerun restores that checkpoint (RLlib's state: weights, optimizer,
+iteration and env-step counters, the learning-rate schedule) and trains on, appending to the rows kept.
+`--status` reads these files and prints each trial's progress without starting Ray.
 """
 
 from __future__ import annotations
@@ -31,6 +45,7 @@ import textwrap
 import math
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,9 +74,10 @@ from envenc_ray.rl.tune import (  # noqa: E402
 )
 from envenc_ray.storage import train_storage  # noqa: E402
 
-RESULT_FILE = "result.json"
+RESULT_FILE, PROGRESS_FILE = "result.json", "progress.json"
 BOOTSTRAP_RESAMPLES = 2000
 CURVE_POINTS = 100  # learning-curve points per trial, at most
+EVAL_KEYS = ("episodes", "return_mean", "return_std", "returns", "lengths")  # what a trial keeps of an evaluation
 SAMPLING_TIMERS = ("env_runner_sampling_timer", "sample")  # RLlib's names in PPO's and DreamerV3's results
 ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")  # becomes a folder name
 # Keys an arm may not set, because the experiment sets them for every trial.
@@ -71,6 +87,7 @@ SET_BY_EXPERIMENT = {
     "rl.encoder_dir": "each arm trains (or reuses) its own encoder",
     "rl.iterations": "the budget is --steps env steps",
     "rl.eval_max_steps": "evaluation plays full-length episodes",
+    "rl.keep_checkpoints": "a trial keeps the checkpoint its progress.json names until the next one is complete",
 }
 
 
@@ -91,6 +108,11 @@ class ArmsSpec(BaseModel):
     question: str = Field(..., description="What the arms compare; the plot's title.")
     steps: int | None = Field(None, ge=1, description="Env steps per trial when --steps is not given.")
     seeds: int | None = Field(None, ge=1, description="Seeds per arm (0 .. seeds-1) when --seeds is not given.")
+    eval_every: int | None = Field(None, ge=1, description="Env steps between a trial's greedy evaluations (each "
+                                   "also a checkpoint to resume from), a whole number of iterations; None: only "
+                                   "at the end of its budget.")
+    threshold: float | None = Field(None, description="Evaluation return whose first crossing (env steps) results.json "
+                                    "reports per arm; None: not reported.")
     common: dict[str, Any] = Field({}, description="Dotted overrides of every arm, applied before the arm's own.")
     arms: dict[str, dict[str, Any]] = Field(..., min_length=1, description="Arm name -> dotted config overrides "
                                             "(and optionally the ARM_KEYS steps, init_from, encoder_from).")
@@ -135,9 +157,10 @@ def load_arms(path: Path) -> ArmsSpec:
     return spec
 
 
-def check_budget(config: EnvEncConfig, steps: int, origin: str) -> None:
+def check_budget(config: EnvEncConfig, steps: int, origin: str, what: str = "--steps") -> None:
     """Every trial stops at the iteration that reaches `steps` env steps, so `steps` must be a whole number of
-    iterations (then all trials train the same number of iterations).
+    iterations (then all trials train the same number of iterations); so must `eval_every` (`what`), so that
+    every evaluation point falls on one iteration's end.
 
     RLlib samples in rounds of (EnvRunners x sub-envs x rollout fragment) env steps. PPO takes exactly
     train_batch_size steps per iteration when that is a whole number of rounds; DreamerV3 first fills its
@@ -155,8 +178,8 @@ def check_budget(config: EnvEncConfig, steps: int, origin: str) -> None:
         first = math.ceil(rl.dreamer_batch_size_B * rl.dreamer_batch_length_T / round_steps) * round_steps
     if steps < first or steps % per_iteration:
         lower = max(first, steps - steps % per_iteration)
-        raise ConfigError(f"{origin}: --steps {steps} is not a whole number of iterations of {per_iteration} env "
-                          f"steps ({rl.algo}, at least {first}); use --steps {lower} or {lower + per_iteration}, "
+        raise ConfigError(f"{origin}: {what} {steps} is not a whole number of iterations of {per_iteration} env "
+                          f"steps ({rl.algo}, at least {first}); use {what} {lower} or {lower + per_iteration}, "
                           "or change rl.train_batch_size / rl.num_envs_per_env_runner")
 
 
@@ -190,7 +213,7 @@ def artifact_config(config: EnvEncConfig, artifacts_root: Path) -> EnvEncConfig:
 def build_artifacts(arm_configs: dict[str, EnvEncConfig], artifacts_root: Path,
                     latents_of: dict[str, str] | None = None) -> dict[str, Path | None]:
     """collect -> [advise] -> embed -> train-encoder for every arm that sees latents; arm -> its encoder folder
-    (None for pixels). The stages skip themselves when their output is current, so arms that share a data key
+    (None for pixels and state). The stages skip themselves when their output is current, so arms that share a data key
     share frames, VLM and hidden states; each distinct encoder section is trained once and kept under its key.
     An arm whose `latents_of` is another arm (encoder_from) builds nothing and reads that arm's encoder."""
     latents_of = latents_of or {}
@@ -200,7 +223,7 @@ def build_artifacts(arm_configs: dict[str, EnvEncConfig], artifacts_root: Path,
 
     encoders: dict[str, Path | None] = {}
     for arm, config in arm_configs.items():
-        if config.rl.obs_mode == "pixels" or latents_of.get(arm, arm) != arm:
+        if not config.rl.reads_latents or latents_of.get(arm, arm) != arm:
             encoders[arm] = None
             continue
         located = artifact_config(config, artifacts_root)
@@ -223,13 +246,13 @@ def build_artifacts(arm_configs: dict[str, EnvEncConfig], artifacts_root: Path,
             os.replace(layout.encoder, target)
         encoders[arm] = target
     for arm, source in latents_of.items():
-        if source != arm and arm_configs[arm].rl.obs_mode != "pixels":
+        if source != arm and arm_configs[arm].rl.reads_latents:
             encoders[arm] = encoders[source]
     return encoders
 
 
 def encoder_diagnostics(encoder_dir: Path | None) -> dict | None:
-    """What the encoder's metrics.json says of its latent at the best epoch (None for pixels arms)."""
+    """What the encoder's metrics.json says of its latent at the best epoch (None for pixels and state arms)."""
     if encoder_dir is None:
         return None
     metrics = read_json(encoder_dir / "metrics.json") or {}
@@ -251,22 +274,44 @@ def encoder_diagnostics(encoder_dir: Path | None) -> dict | None:
 class Trial:
     arm: str
     seed: int
-    config: EnvEncConfig  # what this trial trains and evaluates
-    directory: Path  # its result.json and policy/
-    fingerprint: str  # config + budget (+ the init_from trial's): a result.json with another fingerprint is stale
+    config: EnvEncConfig  # what this trial trains and evaluates (its VLM and encoder by path once they are built)
+    directory: Path  # its progress.json, checkpoints, policy/ and result.json
+    fingerprint: str  # config + budget + evaluation points (+ the init_from trial's): files with another are stale
     steps: int  # its env-step budget
+    eval_points: tuple[int, ...]  # env steps at which it evaluates; the last is the budget
     init_from: Trial | None = None  # the trial whose final policy it starts from
 
     @property
     def key(self) -> str:
         return f"{self.arm}/{self.seed}"
 
+    def result(self) -> dict | None:
+        """result.json when it is this trial's (then the trial is done), else None."""
+        return _own(read_json(self.directory / RESULT_FILE), self.fingerprint)
+
+    def progress(self) -> dict | None:
+        """progress.json when it is this trial's (an unfinished trial resumes from it), else None."""
+        return _own(read_json(self.directory / PROGRESS_FILE), self.fingerprint)
+
     def is_done(self) -> bool:
-        return (read_json(self.directory / RESULT_FILE) or {}).get("fingerprint") == self.fingerprint
+        return self.result() is not None
 
 
-def plan_trials(spec: ArmsSpec, arm_configs: dict[str, EnvEncConfig], encoders: dict[str, Path | None], seeds: int,
-                steps: int, artifacts_root: Path, out_dir: Path) -> list[Trial]:
+def _own(record: dict | None, fingerprint: str) -> dict | None:
+    return record if record is not None and record.get("fingerprint") == fingerprint else None
+
+
+def evaluation_points(steps: int, eval_every: int | None) -> tuple[int, ...]:
+    """Every eval_every env steps below the budget, then the budget (0: the zero-shot evaluation only)."""
+    every = eval_every or max(steps, 1)
+    return (*range(every, steps, every), steps)
+
+
+def plan_trials(spec: ArmsSpec, arm_configs: dict[str, EnvEncConfig], seeds: int, steps: int, out_dir: Path,
+                encoders: dict[str, Path | None] | None = None, artifacts_root: Path | None = None) -> list[Trial]:
+    """Every (arm, seed) with its config, folder and fingerprint. With `encoders` (built) each latent arm's config
+    reads its VLM and encoder by path; without (`--status`), nothing is resolved and nothing built: the
+    fingerprint depends only on the settings, which determine those paths."""
     from envenc_ray.layout import resolve_model_path
 
     trials = []
@@ -276,7 +321,17 @@ def plan_trials(spec: ArmsSpec, arm_configs: dict[str, EnvEncConfig], encoders: 
         planned: dict[str, Trial] = {}
         for arm in sorted(arm_configs, key=lambda name: "init_from" in spec.arms[name]):
             config = arm_configs[arm].model_copy(deep=True)
-            if encoders[arm] is not None:
+            config.experiment.seed = seed
+            config.rl.encoder_source = "in_process"
+            config.rl.eval_max_steps = None
+            config.rl.keep_checkpoints = 2  # the one progress.json names survives until the next is named
+            budget = spec.arms[arm].get("steps", steps)
+            points = evaluation_points(budget, spec.eval_every)
+            source = planned[spec.arms[arm]["init_from"]] if "init_from" in spec.arms[arm] else None
+            identity = {"config": config.model_dump(mode="json"), "steps": budget, "eval_points": points}
+            if source is not None:
+                identity["init_from"] = source.fingerprint
+            if encoders is not None and encoders[arm] is not None:
                 # The VLM that embed read (the built-in tiny one, or the finetuned one its advise.json names),
                 # given by path: the trial loads it as is, so nothing about it depends on the trial seed.
                 latents = arm_configs[spec.source(arm, "encoder_from")]
@@ -285,63 +340,82 @@ def plan_trials(spec: ArmsSpec, arm_configs: dict[str, EnvEncConfig], encoders: 
                     config.stage2.method = "pretrained"
                 config.stage2.joint_from = "pretrained"  # a joint arm's adapter starts from that VLM too
                 config.rl.encoder_dir = str(encoders[arm])
-            config.experiment.seed = seed
-            config.rl.encoder_source = "in_process"
-            config.rl.eval_max_steps = None
-            budget = spec.arms[arm].get("steps", steps)
-            source = planned[spec.arms[arm]["init_from"]] if "init_from" in spec.arms[arm] else None
-            identity = {"config": config.model_dump(mode="json"), "steps": budget}
-            if source is not None:
-                identity["init_from"] = source.fingerprint
             planned[arm] = Trial(arm, seed, config, out_dir / "trials" / arm / f"seed-{seed}", content_hash(identity),
-                                 budget, source)
+                                 budget, points, source)
         trials += [planned[arm] for arm in arm_configs]
     return trials
 
 
 def run_trial(params: dict, *, plans: dict[str, dict]) -> None:
-    """One (arm, seed), inside its Tune actor: `steps` env steps of training (whole iterations), then greedy
-    evaluation."""
+    """One (arm, seed), inside its Tune actor: whole iterations up to `steps` env steps, with a checkpoint and
+    greedy evaluation at every evaluation point; resumed from progress.json when a run before stopped."""
+    from envenc_ray.files import remove_orphaned_temporaries
     from envenc_ray.rl.algorithm import build_algorithm, train_iteration
-    from envenc_ray.rl.checkpoints import latents_identity, save_policy
+    from envenc_ray.rl.checkpoints import latents_identity, save_checkpoint, save_policy
     from envenc_ray.rl.evaluate import evaluate
     from envenc_ray.rl.runner_errors import new_error_key
     from envenc_ray.rl.train import metrics_row
-    from envenc_ray.runtime import set_torch_threads
+    from envenc_ray.runtime import set_torch_threads, tell_user
 
     plan = plans[params["trial"]]
     config = EnvEncConfig.model_validate(plan["config"])
     directory, budget = Path(plan["directory"]), plan["steps"]
     set_torch_threads(config.rl.torch_threads)  # this process holds the learner (rl.num_learners=0)
+    remove_orphaned_temporaries(directory)  # a checkpoint or file a killed run was writing
+    progress = _own(read_json(directory / PROGRESS_FILE), plan["fingerprint"])
+    if progress is None:  # a fresh start: what runs with other settings left here is stale
+        shutil.rmtree(directory, ignore_errors=True)
+        progress = {"fingerprint": plan["fingerprint"], "arm": plan["arm"], "seed": config.experiment.seed,
+                    "steps": budget, "env_steps": 0, "iterations": 0, "checkpoint": None, "curve": [], "evals": [],
+                    "seconds": {"wall": 0.0, "eval": 0.0, "loop": 0.0, "encode": 0.0, "sampling": 0.0}}
+    seconds = progress["seconds"]
     started = time.perf_counter()
+    wall_before = seconds["wall"]
     error_key = new_error_key()
+    latents = latents_identity(config)
     algo = build_algorithm(config, error_key)
-    if plan["init_policy"]:
+    if progress["checkpoint"]:
+        algo.restore_from_path(str(directory / progress["checkpoint"]))
+        tell_user(f"experiment: {params['trial']} resumes at {progress['env_steps']} env steps "
+                  f"({progress['checkpoint']})")
+    elif plan["init_policy"]:
         start_from_policy(algo, Path(plan["init_policy"]))
     # At most CURVE_POINTS points (and Tune reports): DreamerV3 samples one round of a few env steps per iteration.
     report_every = max(1, budget // CURVE_POINTS)
-    curve, steps, loop_s, encode_s, sampling_s = [], 0, 0.0, 0.0, 0.0
+    steps, curve = progress["env_steps"], list(progress["curve"])
+    points = [point for point in plan["eval_points"] if point > (progress["evals"][-1]["point"]
+                                                                  if progress["evals"] else -1)]
     try:
-        while steps < budget:
-            result = train_iteration(algo, error_key)
-            row = metrics_row(result)
-            steps = int(row["env_steps_lifetime"])
-            loop_s += row["seconds"]
-            if row["encoder_calls"]:
-                encode_s += row["encoder_calls"] * row["encoder_call_ms"] / 1000
-            timers = result.get("timers", {})
-            sampling_s += next((timers[key] for key in SAMPLING_TIMERS if key in timers), 0.0)
-            reported = curve[-1][0] if curve else 0
-            if steps // report_every > reported // report_every or steps >= budget:
-                curve.append([steps, row["episode_return_mean"]])
-                ray_tune.report({"env_steps": steps, "env_steps_per_s": row["env_steps_per_s"] or math.nan,
-                                 "episode_return_mean": _nan_if_none(row["episode_return_mean"])})
-        if budget == 0:  # evaluation only (zero-shot): one report, so Tune records the trial
-            ray_tune.report({"env_steps": 0, "env_steps_per_s": math.nan, "episode_return_mean": math.nan})
+        while points:
+            if steps < points[0]:
+                result = train_iteration(algo, error_key)
+                row = metrics_row(result)
+                steps = int(row["env_steps_lifetime"])
+                seconds["loop"] += row["seconds"]
+                if row["encoder_calls"]:
+                    seconds["encode"] += row["encoder_calls"] * row["encoder_call_ms"] / 1000
+                timers = result.get("timers", {})
+                seconds["sampling"] += next((timers[key] for key in SAMPLING_TIMERS if key in timers), 0.0)
+                reported = curve[-1][0] if curve else 0
+                if steps // report_every > reported // report_every or steps >= budget:
+                    curve.append([steps, row["episode_return_mean"]])
+                    ray_tune.report({"env_steps": steps, "env_steps_per_s": row["env_steps_per_s"] or math.nan,
+                                     "episode_return_mean": _nan_if_none(row["episode_return_mean"])})
+                continue
+            evaluation_started = time.perf_counter()
+            checkpoint = save_checkpoint(algo, config, directory, algo.iteration, latents)
+            evaluation = evaluate(config, checkpoint=checkpoint)
+            seconds["eval"] += time.perf_counter() - evaluation_started
+            seconds["wall"] = wall_before + time.perf_counter() - started
+            progress.update(env_steps=steps, iterations=algo.iteration, checkpoint=checkpoint.name, curve=curve,
+                            evals=[*progress["evals"], {"point": points.pop(0), "env_steps": steps,
+                                                        **{key: evaluation[key] for key in EVAL_KEYS}}])
+            write_json_atomic(directory / PROGRESS_FILE, progress)
+            if budget == 0:  # evaluation only (zero-shot): one report, so Tune records the trial
+                ray_tune.report({"env_steps": 0, "env_steps_per_s": math.nan, "episode_return_mean": math.nan})
         policy_dir = directory / "policy"
         policy_dir.mkdir(parents=True, exist_ok=True)
-        save_policy(algo, policy_dir, config, latents_identity(config))
-        iterations = algo.iteration
+        save_policy(algo, policy_dir, config, latents)
     finally:
         algo.stop()
     # RLlib samples whole vector steps, and a sub-env whose episode ended resets on the next one without counting
@@ -349,23 +423,25 @@ def run_trial(params: dict, *, plans: dict[str, dict]) -> None:
     # iteration that reaches the budget and records the env steps it took (Atari-100k Pong: 100,409 of 100,000).
     if steps < budget:
         raise DataError(f"trial {params['trial']} stopped at {steps} env steps, short of its budget {budget}")
-    train_s = time.perf_counter() - started
-    evaluation = evaluate(config, checkpoint=policy_dir)
     # Encoder calls happen in the EnvRunners, in parallel: their summed time over the EnvRunners' sampling time.
     # RLlib's sampling timer is a moving average of the iterations', so the share is approximate.
     runners = max(1, config.rl.num_env_runners)
+    wall_s = wall_before + time.perf_counter() - started
     write_json_atomic(directory / RESULT_FILE, {
         "arm": plan["arm"],
         "seed": config.experiment.seed,
         "fingerprint": plan["fingerprint"],
         "env_steps": steps,
-        "iterations": iterations,
+        "iterations": progress["iterations"],
         "curve": curve,
-        "eval": {key: evaluation[key] for key in ("episodes", "return_mean", "return_std", "returns", "lengths")},
-        "wall_s": time.perf_counter() - started,
-        "train_s": train_s,
-        "env_steps_per_s": steps / loop_s if loop_s else None,  # sampling and learning, without building the algorithm
-        "encoder_share_of_sampling": encode_s / (runners * sampling_s) if encode_s and sampling_s else None,
+        "evals": progress["evals"],
+        "eval": progress["evals"][-1],  # the final evaluation: the one at the budget
+        "wall_s": wall_s,
+        "train_s": wall_s - seconds["eval"],
+        # sampling and learning, without building the algorithm
+        "env_steps_per_s": steps / seconds["loop"] if seconds["loop"] else None,
+        "encoder_share_of_sampling": (seconds["encode"] / (runners * seconds["sampling"])
+                                      if seconds["encode"] and seconds["sampling"] else None),
     })
 
 
@@ -412,7 +488,7 @@ def run_trials(trials: list[Trial], concurrent: int, out_dir: Path) -> None:
     from ray.tune import PlacementGroupFactory
 
     plans = {t.key: {"arm": t.arm, "config": t.config.model_dump(mode="json"), "steps": t.steps,
-                     "directory": str(t.directory), "fingerprint": t.fingerprint,
+                     "directory": str(t.directory), "fingerprint": t.fingerprint, "eval_points": list(t.eval_points),
                      "init_policy": str(t.init_from.directory / "policy") if t.init_from else None} for t in trials}
     bundles = {t.key: trial_bundles(t.config) for t in trials}
     trainable = ray_tune.with_resources(
@@ -439,15 +515,12 @@ def run_trials(trials: list[Trial], concurrent: int, out_dir: Path) -> None:
 # ----------------------------------------------------------------------------- the stage
 
 
-def experiment(config: EnvEncConfig, arms_path: str, seeds: int | None = None, steps: int | None = None,
-               concurrent: int | None = None, command: str | None = None) -> dict:
-    """Run (or resume) the experiment of `arms_path` on `config`; returns the summary also in results.json."""
-    import ray
+def load_experiment(config: EnvEncConfig, path: Path, seeds: int | None,
+                    steps: int | None) -> tuple[ArmsSpec, dict[str, EnvEncConfig], int, int, Path]:
+    """(arms file, one config per arm, seeds, steps, the experiment's folder), checked: keys and values, the budget
+    and the evaluation interval in whole iterations, state arms on annotated games. Starts nothing."""
+    from envenc_ray.rl.state import check_state_game
 
-    from envenc_ray.runtime import ensure_ray
-
-    started = time.perf_counter()
-    path = Path(arms_path)
     spec = load_arms(path)
     steps = spec.steps if steps is None else steps
     seeds = spec.seeds if seeds is None else seeds
@@ -459,26 +532,44 @@ def experiment(config: EnvEncConfig, arms_path: str, seeds: int | None = None, s
     arm_configs = {}
     for arm in spec.arms:
         origin = f"arms file {path}, arm {arm!r}"
-        overrides = spec.overrides(arm)
-        arm_config = trial_config(base_dump, overrides, origin)
-        check_rllib_settings(arm_config, overrides, origin)
+        arm_config = trial_config(base_dump, spec.overrides(arm), origin)
         if spec.arms[arm].get("steps", steps):  # 0: a zero-shot evaluation, no training
             check_budget(arm_config, spec.arms[arm].get("steps", steps), origin)
+            if spec.eval_every:
+                check_budget(arm_config, spec.eval_every, origin, "eval_every")
+        if arm_config.rl.obs_mode == "state":
+            check_state_game(arm_config.env.game, origin)
         arm_configs[arm] = arm_config
+    return spec, arm_configs, seeds, steps, RunLayout.of(base).experiments / path.stem
+
+
+def experiment(config: EnvEncConfig, arms_path: str, seeds: int | None = None, steps: int | None = None,
+               concurrent: int | None = None, command: str | None = None) -> dict:
+    """Run (or resume) the experiment of `arms_path` on `config`; returns the summary also in results.json."""
+    import ray
+
+    from envenc_ray.runtime import ensure_ray
+
+    started = time.perf_counter()
+    path = Path(arms_path)
+    spec, arm_configs, seeds, steps, out_dir = load_experiment(config, path, seeds, steps)
+    for arm, arm_config in arm_configs.items():
+        check_rllib_settings(arm_config, spec.overrides(arm), f"arms file {path}, arm {arm!r}")
 
     ensure_ray()
     # A trial that can never be placed would make Tune wait forever: fail now, before building anything.
     largest, fit = check_resources(list(arm_configs.values()), {"CPU": 0.0, "GPU": 0.0}, ray.cluster_resources(),
                                    path)
-    artifacts_root = RunLayout.of(base).artifacts
-    out_dir = RunLayout.of(base).experiments / path.stem
+    artifacts_root = RunLayout.of(absolute_paths(config)).artifacts
     encoders = build_artifacts(arm_configs, artifacts_root, {arm: spec.source(arm, "encoder_from") for arm in spec.arms})
-    trials = plan_trials(spec, arm_configs, encoders, seeds, steps, artifacts_root, out_dir)
+    trials = plan_trials(spec, arm_configs, seeds, steps, out_dir, encoders, artifacts_root)
     pending = [t for t in trials if not t.is_done()]
+    resumed = [t for t in pending if t.progress() is not None]
     concurrent = concurrent or fit
     print(f"experiment: {path}: {len(spec.arms)} arms x {seeds} seeds x {steps} env steps; "
-          f"{len(trials) - len(pending)} trials already done, {len(pending)} to run, {concurrent} at once "
-          f"({sum(b['CPU'] for b in largest):g} CPUs each)", flush=True)
+          f"{len(trials) - len(pending)} trials already done, {len(pending)} to run ({len(resumed)} resumed from "
+          f"their last evaluation point), {concurrent} at once ({sum(b['CPU'] for b in largest):g} CPUs each)",
+          flush=True)
     # Trials that start from another trial's policy run after every other trial has saved its own.
     for phase in ([t for t in pending if t.init_from is None], [t for t in pending if t.init_from is not None]):
         if phase:
@@ -490,17 +581,45 @@ def experiment(config: EnvEncConfig, arms_path: str, seeds: int | None = None, s
         "command": command,
         "steps": steps,
         "seeds": list(range(seeds)),
-        "evaluation": {"episodes": eval_episodes(arm_configs), "max_steps": None, "policy": "greedy"},
+        "evaluation": {"episodes": eval_episodes(arm_configs), "max_steps": None, "policy": "greedy",
+                       "every": spec.eval_every},
+        "threshold": spec.threshold,
         "curve": "(env steps, RLlib's mean return of the recent training episodes) after each iteration",
+        "references": reference_lines(trials),
         "trials_run": [t.key for t in pending],
         "arms": summarize_arms(spec, arm_configs, encoders, trials),
         "seconds": time.perf_counter() - started,
     }
     write_json_atomic(out_dir / "results.json", summary)
     plot_curves(summary, out_dir / "curves.png")
+    plot_eval_curves(summary, out_dir / "eval_curves.png")
     plot_eval_returns(summary, out_dir / "eval_returns.png")
     print_table(summary, out_dir)
     return summary
+
+
+def experiment_status(config: EnvEncConfig, arms_path: str, seeds: int | None = None,
+                      steps: int | None = None) -> list[dict]:
+    """Each trial's progress, read from its files (no Ray, nothing built): arm, seed, env steps done of its budget,
+    the last evaluation return, and whether it is done, partial (resumes from its last evaluation point) or not
+    started. Printed as a table and returned."""
+    path = Path(arms_path)
+    spec, arm_configs, seeds, steps, out_dir = load_experiment(config, path, seeds, steps)
+    rows = []
+    for trial in plan_trials(spec, arm_configs, seeds, steps, out_dir):
+        result = trial.result()
+        record = result or trial.progress()
+        rows.append({"arm": trial.arm, "seed": trial.seed, "env_steps": record["env_steps"] if record else 0,
+                     "steps": trial.steps,
+                     "last_eval_return": record["evals"][-1]["return_mean"] if record and record["evals"] else None,
+                     "evaluations": f"{len(record['evals']) if record else 0}/{len(trial.eval_points)}",
+                     "state": "done" if result else "partial" if record else "not started"})
+    _print_rows(["arm", "seed", "env steps", "evaluations", "last eval return", "state"],
+                [[row["arm"], str(row["seed"]), f"{row['env_steps']}/{row['steps']}", row["evaluations"],
+                  _fmt(row["last_eval_return"]), row["state"]] for row in rows])
+    done = sum(row["state"] == "done" for row in rows)
+    print(f"experiment: {path}: {done} of {len(rows)} trials done; trial folders under {out_dir / 'trials'}")
+    return rows
 
 
 # ----------------------------------------------------------------------------- results
@@ -517,11 +636,14 @@ def summarize_arms(spec: ArmsSpec, arm_configs: dict[str, EnvEncConfig], encoder
     rng = np.random.default_rng(0)
     arms = {}
     for arm, arm_config in arm_configs.items():
-        results = {t.seed: read_json(t.directory / RESULT_FILE) for t in trials if t.arm == arm}
+        results = {t.seed: t.result() for t in trials if t.arm == arm}
         seeds = {str(seed): result for seed, result in results.items() if result is not None}
         returns = np.array([[result["eval"]["return_mean"] for result in seeds.values()]])
+        areas = np.array([[curve_area(result["evals"]) for result in seeds.values()]])
         shares = [r["encoder_share_of_sampling"] for r in seeds.values() if r["encoder_share_of_sampling"]]
         low, high = bootstrap_ci(returns, rng) if seeds else (None, None)
+        area_low, area_high = bootstrap_ci(areas, rng) if seeds else (None, None)
+        curve = eval_curve(list(seeds.values()), rng)
         arms[arm] = {
             "overrides": spec.overrides(arm),
             "steps": next(t.steps for t in trials if t.arm == arm),
@@ -531,11 +653,63 @@ def summarize_arms(spec: ArmsSpec, arm_configs: dict[str, EnvEncConfig], encoder
             "seeds": seeds,
             "eval_return_mean": float(returns.mean()) if seeds else None,
             "eval_return_ci95": [float(low[0]), float(high[0])] if seeds else None,
+            "eval_curve": curve,
+            # the mean evaluation return over the run: the area under the evaluation curve over its env-step span
+            "eval_return_auc_mean": float(areas.mean()) if seeds else None,
+            "eval_return_auc_ci95": [float(area_low[0]), float(area_high[0])] if seeds else None,
+            "steps_to_threshold": steps_to_threshold(curve, list(seeds.values()), spec.threshold),
             "wall_s_mean": float(np.mean([r["wall_s"] for r in seeds.values()])) if seeds else None,
             "diagnostics": {"encoder": encoder_diagnostics(encoders[arm]),
                             "encoder_share_of_sampling": float(np.mean(shares)) if shares else None},
         }
     return arms
+
+
+def curve_area(evals: list[dict]) -> float:
+    """A trial's mean evaluation return over its run: the trapezoid area under (env steps, return) divided by the
+    env steps it spans (the one return when it evaluated once)."""
+    steps = np.array([row["env_steps"] for row in evals], dtype=float)
+    returns = np.array([row["return_mean"] for row in evals], dtype=float)
+    if len(evals) == 1 or steps[-1] == steps[0]:
+        return float(returns.mean())
+    return float(np.sum((returns[1:] + returns[:-1]) / 2 * np.diff(steps)) / (steps[-1] - steps[0]))
+
+
+def eval_curve(results: list[dict], rng: np.random.Generator) -> dict | None:
+    """The arm's evaluation curve: at each evaluation point, the mean greedy return over seeds and its 95%
+    bootstrap CI (every seed of an arm evaluates at the same points)."""
+    if not results:
+        return None
+    values = np.array([[row["return_mean"] for row in result["evals"]] for result in results]).T  # (points, seeds)
+    low, high = bootstrap_ci(values, rng)
+    return {"points": [row["point"] for row in results[0]["evals"]], "mean": values.mean(axis=1).tolist(),
+            "ci95": [[float(a), float(b)] for a, b in zip(low, high)]}
+
+
+def steps_to_threshold(curve: dict | None, results: list[dict], threshold: float | None) -> dict | None:
+    """Where the arm first reaches `threshold`: the first evaluation point whose mean over seeds does, and each
+    seed's first (None: not reached within the budget, itself a result)."""
+    if threshold is None or curve is None:
+        return None
+    first = next((point for point, mean in zip(curve["points"], curve["mean"]) if mean >= threshold), None)
+    per_seed = [next((row["env_steps"] for row in result["evals"] if row["return_mean"] >= threshold), None)
+                for result in results]
+    return {"threshold": threshold, "mean_curve": first, "per_seed": per_seed,
+            "seeds_reached": sum(steps is not None for steps in per_seed)}
+
+
+def reference_lines(trials: list[Trial]) -> dict[str, dict]:
+    """The random and RAM-heuristic policies' returns on each game of the experiment (the reference lines), over
+    as many full-length episodes as a trial's evaluation, on its env settings."""
+    from envenc_ray.envs.atari import game_name
+    from envenc_ray.rl.evaluate import reference_returns
+
+    references = {}
+    for trial in trials:
+        game = game_name(trial.config.env.game)
+        if game not in references:
+            references[game] = reference_returns(trial.config)
+    return references
 
 
 def bootstrap_ci(values: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -583,6 +757,35 @@ def plot_curves(summary: dict, path: Path) -> None:
     plt.close(figure)
 
 
+def plot_eval_curves(summary: dict, path: Path) -> None:
+    """Greedy evaluation return vs env steps per arm (mean over seeds, 95% bootstrap band), with the random and
+    RAM-heuristic policies' returns and the threshold as horizontal lines."""
+    figure, axis = plt.subplots(figsize=(7.5, 4.5))
+    for arm, record in summary["arms"].items():
+        curve = record["eval_curve"]
+        if curve is None:
+            continue
+        line, = axis.plot(curve["points"], curve["mean"], marker="o", markersize=3,
+                          label=f"{arm} ({len(record['seeds'])} seeds)")
+        axis.fill_between(curve["points"], *zip(*curve["ci95"]), color=line.get_color(), alpha=0.2, linewidth=0)
+    styles = {"random": ("dimgrey", "--"), "heuristic": ("darkgoldenrod", ":")}
+    for game, reference in summary["references"].items():
+        for policy, (color, style) in styles.items():
+            if policy in reference:
+                axis.axhline(reference[policy]["return_mean"], color=color, linestyle=style,
+                             label=f"{policy} policy ({game})")
+    if summary["threshold"] is not None:
+        axis.axhline(summary["threshold"], color="black", linewidth=0.8, label=f"threshold {summary['threshold']:g}")
+    axis.set_title(textwrap.fill(summary["question"], 80), fontsize=10)
+    axis.set(xlabel="env steps (agent steps; frameskip 4)", ylabel=f"greedy evaluation return "
+             f"({summary['evaluation']['episodes']} full episodes)")
+    axis.legend(title="shaded: 95% bootstrap CI over seeds", fontsize="small", title_fontsize="small")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def plot_eval_returns(summary: dict, path: Path) -> None:
     figure, axis = plt.subplots(figsize=(7.5, 4.0))
     names = list(summary["arms"])
@@ -608,20 +811,31 @@ def plot_eval_returns(summary: dict, path: Path) -> None:
 
 
 def print_table(summary: dict, out_dir: Path) -> None:
-    header = ["arm", "seeds", "eval return", "95% CI", "env steps/s", "probe R2", "encoder share"]
+    header = ["arm", "seeds", "eval return", "95% CI", "mean over run", "steps to threshold", "env steps/s",
+              "probe R2", "encoder share"]
     lines = []
     for arm, record in summary["arms"].items():
         speeds = [seed["env_steps_per_s"] for seed in record["seeds"].values() if seed["env_steps_per_s"]]
         encoder = record["diagnostics"]["encoder"] or {}
         share = record["diagnostics"]["encoder_share_of_sampling"]
         ci = record["eval_return_ci95"]
+        reached = record["steps_to_threshold"]
         lines.append([arm, str(len(record["seeds"])), _fmt(record["eval_return_mean"]),
-                      f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "-", _fmt(np.mean(speeds) if speeds else None),
+                      f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "-", _fmt(record["eval_return_auc_mean"]),
+                      "-" if reached is None else "not reached" if reached["mean_curve"] is None
+                      else str(reached["mean_curve"]), _fmt(np.mean(speeds) if speeds else None),
                       _fmt(encoder.get("probe_r2_latent_mean")), _fmt(share)])
+    _print_rows(header, lines)
+    for game, reference in summary["references"].items():
+        print(f"experiment: {game}: random policy {reference['random']['return_mean']:.3g}"
+              + (f", RAM heuristic {reference['heuristic']['return_mean']:.3g}" if "heuristic" in reference else ""))
+    print(f"experiment: results in {out_dir / 'results.json'}, plots curves.png, eval_curves.png and eval_returns.png")
+
+
+def _print_rows(header: list[str], lines: list[list[str]]) -> None:
     widths = [max(len(cell) for cell in column) for column in zip(header, *lines)]
     for line in [header, *lines]:
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)))
-    print(f"experiment: results in {out_dir / 'results.json'}, plots curves.png and eval_returns.png")
 
 
 def _fmt(value) -> str:
