@@ -40,10 +40,10 @@ from envenc_ray.data.embed import output_hash as hidden_hash
 from envenc_ray.encoder.train import encoder_current, train_encoder
 from envenc_ray.encoder.train import output_hash as encoder_hash
 from envenc_ray.errors import ConfigError, DataError, ModelError
-from envenc_ray.files import read_json, write_text_atomic
+from envenc_ray.files import read_json, write_json_atomic, write_text_atomic
 from envenc_ray.layout import BUILTIN_TINY, RunLayout, synced_run
 from envenc_ray.report import report, report_current
-from envenc_ray.rl.evaluate import evaluate, evaluation_current, reference_returns
+from envenc_ray.rl.evaluate import REFERENCE_FILE, evaluate, evaluation_current, reference_returns
 from envenc_ray.rl.reward_model import output_hash as reward_model_hash
 from envenc_ray.rl.reward_train import reward_model_current, train_reward_model
 from envenc_ray.rl.train import agent_config_hash, train, training_current
@@ -112,7 +112,7 @@ def _deploy_for_agent(config: EnvEncConfig) -> dict:
 def _evaluate_with_references(config: EnvEncConfig) -> dict:
     """Greedy evaluation of the newest checkpoint plus the random / heuristic reference returns."""
     result = evaluate(config)
-    reference_returns(config)
+    write_json_atomic(RunLayout.of(config).agent / REFERENCE_FILE, reference_returns(config))
     return result
 
 

@@ -156,7 +156,8 @@ def evaluation_current(config: EnvEncConfig) -> str | None:
 
 def reference_returns(config: EnvEncConfig, episodes: int | None = None) -> dict:
     """Returns of the random and the RAM-heuristic policy on the agent's env settings: a learning curve's
-    floor and a simple bar. Same episode count, seed and step cap as `evaluate`; written to reference.json."""
+    floor and a simple bar. Same episode count, seed and step cap as `evaluate` (the pipeline writes them to
+    <run>/agent/reference.json; an experiment into its results.json)."""
     from envenc_ray.envs.annotate import get_annotator
     from envenc_ray.envs.atari import make_env_from_config
     from envenc_ray.errors import UnsupportedGameError
@@ -191,7 +192,4 @@ def reference_returns(config: EnvEncConfig, episodes: int | None = None) -> dict
         env.close()
         result[policy] = {"return_mean": float(np.mean(returns)), "return_std": float(np.std(returns)),
                           "returns": returns}
-    out = RunLayout.of(config).agent / REFERENCE_FILE
-    if out.parent.is_dir():
-        write_json_atomic(out, result)
     return result
