@@ -411,6 +411,8 @@ def run_trial(params: dict, *, plans: dict[str, dict]) -> None:
                             evals=[*progress["evals"], {"point": points.pop(0), "env_steps": steps,
                                                         **{key: evaluation[key] for key in EVAL_KEYS}}])
             write_json_atomic(directory / PROGRESS_FILE, progress)
+            tell_user(f"experiment: {params['trial']} evaluated at {steps} env steps: greedy return "
+                      f"{evaluation['return_mean']:.2f} over {evaluation['episodes']} episodes")
             if budget == 0:  # evaluation only (zero-shot): one report, so Tune records the trial
                 ray_tune.report({"env_steps": 0, "env_steps_per_s": math.nan, "episode_return_mean": math.nan})
         policy_dir = directory / "policy"
@@ -468,14 +470,15 @@ def _trial_dirname(trial) -> str:
 
 
 class TrialLines(ray_tune.Callback):
-    """One line per trial iteration and per failed trial, instead of Tune's periodic status tables."""
+    """One line per trial report and per failed trial, instead of Tune's periodic status tables. Env steps, not
+    Tune's report count, say how far a trial is: a resumed trial's count starts over, its env steps do not."""
 
     def __init__(self, budgets: dict[str, int]):
         self.budgets = budgets
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         episode_return, speed = result.get("episode_return_mean"), result.get("env_steps_per_s")
-        print(f"experiment: {trial.config['trial']} iteration {result.get('training_iteration')}: "
+        print(f"experiment: {trial.config['trial']}: "
               f"{int(result.get('env_steps', 0))}/{self.budgets[trial.config['trial']]} env steps, return "
               f"{'-' if math.isnan(episode_return) else f'{episode_return:.2f}'}, "
               f"{'-' if math.isnan(speed) else f'{speed:.0f}'} env steps/s", flush=True)
