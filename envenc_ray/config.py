@@ -329,6 +329,9 @@ class ServeConfig(Section):
         return self
 
 
+LATENT_OBS_MODES = ("latent", "latent+pixels")  # the rl.obs_mode values whose observation the encoder makes
+
+
 class RLConfig(Section):
     """RLlib agent training (stage `train`) and evaluation on latents, pixels or both."""
 
@@ -435,7 +438,7 @@ class RLConfig(Section):
     @property
     def reads_latents(self) -> bool:
         """Whether the agent's observation comes from the VLM + encoder (not pixels or the RAM state alone)."""
-        return self.obs_mode in ("latent", "latent+pixels")
+        return self.obs_mode in LATENT_OBS_MODES
 
     @model_validator(mode="after")
     def _check_combination(self) -> "RLConfig":

@@ -16,10 +16,10 @@ from typing import Any, Hashable
 import gymnasium as gym
 import numpy as np
 
+from envenc_ray.config import LATENT_OBS_MODES
 from envenc_ray.errors import InputError, ModelError
 
 OBS_MODES = ("latent", "latent+pixels", "pixels", "state")
-LATENT_MODES = ("latent", "latent+pixels")  # the modes that call the encoder
 LATENT_KEY, PIXELS_KEY = "latent", "pixels"
 
 
@@ -49,7 +49,7 @@ def check_obs_mode(obs_mode: str, encoder, what: str) -> None:
     """A known observation mode, with the encoder (or its source) the latent modes need."""
     if obs_mode not in OBS_MODES:
         raise InputError(f"unknown observation mode {obs_mode!r}; use one of {', '.join(OBS_MODES)}")
-    if obs_mode in LATENT_MODES and encoder is None:
+    if obs_mode in LATENT_OBS_MODES and encoder is None:
         raise ModelError(f"observation mode {obs_mode!r} needs {what}; none was given")
 
 
@@ -74,7 +74,7 @@ class EpisodeObserver:
 
     @property
     def uses_encoder(self) -> bool:
-        return self.obs_mode in LATENT_MODES
+        return self.obs_mode in LATENT_OBS_MODES
 
     def observe(self, keys: list[Hashable], frames: list[np.ndarray], fresh: list[bool]) -> list[Any]:
         if not keys:
