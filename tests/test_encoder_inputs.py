@@ -40,7 +40,7 @@ def test_split_at_the_projector_equals_the_full_path(tiny_vlm_dir, pong_frames, 
 
 def test_bad_combinations_are_one_line_config_errors():
     cases = {
-        ("encoder.inputs=both", "vlm.pooling=tokens"): "set vlm.pooling to last, mean or image_mean",
+        ("encoder.inputs=both", "vlm.pooling=tokens"): "set vlm.pooling to last, mean, image_mean or spatial",
         ("encoder.inputs=vision", "serve.backend=vllm"): "set serve.backend=transformers",
         ("encoder.inputs=bogus",): "encoder.inputs",
     }
