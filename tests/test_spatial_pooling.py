@@ -81,33 +81,15 @@ def test_image_poolings_never_run_the_prompt_after_the_image(tiny_vlm_dir, pooli
 
 
 @pytest.mark.slow
-def test_spatial_runs_through_embed_train_encoder_serve_and_ppo(ray_session, debug_config):
+def test_spatial_runs_through_embed_train_encoder_serve_and_ppo(ray_session, debug_config, served_run):
     """`envenc run` with vlm.pooling spatial: embed stores the 2 x D read-out, the encoder is trained on and
     records it, the Serve app computes it from frames as embed did, and PPO trains one iteration on its latents."""
-    from ray import serve
-
-    from envenc_ray.data.schema import frames_to_array, hidden_to_array, read_table
-    from envenc_ray.pipeline import run
-    from envenc_ray.serve.client import EncoderClient
-
     config = debug_config("vlm.pooling=spatial", "vlm.layer=2")
-    try:
-        manifest = run(config)
-        client = EncoderClient.connect(app_name=config.rl.serve_app)
-        hidden = read_table(config.run_dir / "hidden", "hidden", ("episode_id", "step", "hidden"))
-        frames = read_table(config.run_dir / "frames", "frames", ("episode_id", "step", "frame"))
-        hidden = hidden.sort_by([("episode_id", "ascending"), ("step", "ascending")])
-        frames = frames.sort_by([("episode_id", "ascending"), ("step", "ascending")])
-        frames_uint8 = frames_to_array(frames["frame"][:6], (210, 160, 3))
-        served = client.hidden(frames_uint8)
-        info = client.info
-    finally:
-        serve.shutdown()
-    assert not any(stage["skipped"] for stage in manifest["stages"].values())
-    stored = hidden_to_array(hidden["hidden"])
-    assert stored.shape[1:] == (SPATIAL_FEATURES * 128,)  # expected x and y of each of layer 2's 128 channels
+    result = served_run(config)
+    assert not any(stage["skipped"] for stage in result.manifest["stages"].values())
+    assert result.stored.shape[1:] == (SPATIAL_FEATURES * 128,)  # expected x and y of layer 2's 128 channels
     exported = json.loads((config.run_dir / "encoder" / "config.json").read_text())
-    assert exported["hidden_size"] == info["hidden_size"] == SPATIAL_FEATURES * 128
-    np.testing.assert_allclose(served, stored[:6], atol=1e-6)  # as embed read them (features ~1e-3)
+    assert exported["hidden_size"] == result.info["hidden_size"] == SPATIAL_FEATURES * 128
+    np.testing.assert_allclose(result.served, result.stored[:6], atol=1e-6)  # as embed read them (features ~1e-3)
     train = json.loads((config.run_dir / "agent" / "train.json").read_text())
     assert train["summary"]["iterations"] == 1 and train["summary"]["env_steps_lifetime"] > 0
