@@ -96,6 +96,10 @@ class VLMConfig(Section):
         "frame); 'none': the whole frame resized to the crop size (no effect for processors that do not crop).",
     )
     tiny_seed: int = Field(0, description="Seed of the built-in tiny VLM's random weights and tokenizer.")
+    tiny_patch_size: Literal[8, 16] = Field(
+        16, description="Patch size of the built-in tiny VLM: 16 gives 8x8 image tokens, 8 gives 16x16, which place "
+        "Pong's ball better under vlm.pooling 'spatial' (benchmarks/bench_encoder_spatial.json) at ~4x the vision cost.",
+    )
 
 
 class CollectConfig(Section):
@@ -520,7 +524,7 @@ class EnvEncConfig(Section):
 
 # vlm settings that change what the VLM computes for a frame before any layer is cut: what advice
 # finetuning depends on (layer, pooling, dtype, device and threads only change how it is read out).
-ADVISE_VLM_KEYS = ("model", "prompt", "trust_remote_code", "tiny_seed", "crop")
+ADVISE_VLM_KEYS = ("model", "prompt", "trust_remote_code", "tiny_seed", "tiny_patch_size", "crop")
 # advise settings that change where and how fast it runs, not what it learns.
 ADVISE_PLACEMENT_KEYS = ("num_workers", "cpus_per_worker", "use_gpu", "report_poll_s")
 

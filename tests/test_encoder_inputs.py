@@ -60,11 +60,11 @@ def test_both_runs_through_embed_train_encoder_serve_and_ppo(ray_session, debug_
     result = served_run(config)
     stored, info = result.stored, result.info
     assert not any(stage["skipped"] for stage in result.manifest["stages"].values())
-    assert stored.shape[1:] == (256,)  # 128 (LLM at layer 2) + 128 (vision tower)
+    assert stored.shape[1:] == (384,)  # 2 x 128 (LLM at layer 2, spatial pooling) + 128 (vision tower)
     assert json.loads((config.run_dir / "hidden" / "_embed.json").read_text())["inputs"] == "both"
     exported = json.loads((config.run_dir / "encoder" / "config.json").read_text())
-    assert exported["hidden_size"] == 256 and exported["encoder"]["inputs"] == "both"
-    assert info["hidden_size"] == 256 and info["output"] == "both"
+    assert exported["hidden_size"] == 384 and exported["encoder"]["inputs"] == "both"
+    assert info["hidden_size"] == 384 and info["output"] == "both"
     np.testing.assert_allclose(result.served, stored[:6], atol=1e-4)  # the service reads frames the way embed did
     vlm = TruncatedVLM.from_config(config.vlm, model_path=str(config.run_dir / "vlm"), output="both")
     np.testing.assert_allclose(vlm.embed(result.frames).numpy(), stored[:6], atol=1e-4)

@@ -72,6 +72,19 @@ def test_the_tiny_vlm_follows_a_dot_across_the_frame(tiny_vlm_dir):
     assert monotone.float().mean().item() > 0.85
 
 
+def test_the_tiny_vlm_is_built_at_the_configs_patch_size(debug_config):
+    """vlm.tiny_patch_size 8 (the embedded default's): a 16x16 grid read at layer 0 with no decoder layer; a run
+    whose patch size changes gets its tiny VLM rebuilt, not the other size's."""
+    from envenc_ray.layout import base_model_path
+
+    fine = debug_config("vlm.tiny_patch_size=8", "vlm.layer=0", "vlm.pooling=spatial")
+    vlm = TruncatedVLM.from_config(fine.vlm, model_path=base_model_path(fine))
+    assert (vlm.grid, vlm.num_image_tokens, vlm.num_layers) == ((16, 16), 256, 0)
+    assert vlm.embed(np.zeros((2, 210, 160, 3), dtype=np.uint8)).shape == (2, SPATIAL_FEATURES * 128)
+    coarse = debug_config("vlm.tiny_patch_size=16", "vlm.pooling=spatial")  # the same run folder
+    assert TruncatedVLM.from_config(coarse.vlm, model_path=base_model_path(coarse)).grid == (8, 8)
+
+
 @pytest.mark.parametrize("pooling", ["spatial", "image_mean"])
 def test_image_poolings_never_run_the_prompt_after_the_image(tiny_vlm_dir, pooling):
     vlm = TruncatedVLM.from_pretrained(tiny_vlm_dir, layer=2, pooling=pooling)

@@ -4,7 +4,7 @@ For each read-out (the tiny VLM built at a patch size, `vlm.layer`, `vlm.pooling
 (`envenc collect`, annotated): ms/frame of `TruncatedVLM.embed` at batch 32 with the config's torch threads, timed
 in interleaved rounds so that every read-out sees the same load of a shared machine, and the held-out ridge-probe
 R^2 of every annotated variable (train-encoder's episode split and probe rows: the same rows for every read-out).
-The first row is the config's own read-out at the tiny VLM's default patch size: the baseline. Every read-out uses
+The first row is the config's own read-out (with its vlm.tiny_patch_size): the baseline. Every read-out uses
 the tiny VLM's random weights (`vlm.tiny_seed`), also for a config that finetunes it (stage2.method finetuned).
 """
 
@@ -22,7 +22,7 @@ from envenc_ray.encoder.diagnostics import AnnotatedFrames
 from envenc_ray.errors import ConfigError
 from envenc_ray.layout import RunLayout
 from envenc_ray.vlm.backbone import BUILTIN_TINY, TruncatedVLM
-from envenc_ray.vlm.tiny import MARKER_FILE, TinySpec, build_tiny_vlm
+from envenc_ray.vlm.tiny import MARKER_FILE, build_tiny_vlm
 
 # (patch size, vlm.layer, vlm.pooling): layer 0 is the projected vision-tower output (no decoder layer runs)
 READOUTS = (
@@ -46,7 +46,7 @@ def bench_readouts(config: EnvEncConfig, json_out: str | None = None, command: s
     started = time.perf_counter()
     layout = RunLayout.of(config)
     frames = AnnotatedFrames.of(config)
-    options = [(TinySpec.patch_size, config.vlm.layer, config.vlm.pooling), *READOUTS]
+    options = [(config.vlm.tiny_patch_size, config.vlm.layer, config.vlm.pooling), *READOUTS]
     models = {patch: tiny_model(layout.bench / f"tiny-patch{patch}", config.vlm.tiny_seed, patch)
               for patch in sorted({patch for patch, _, _ in options})}
     vlms = [TruncatedVLM.from_config(config.vlm.model_copy(update={"layer": layer, "pooling": pooling}),
