@@ -482,7 +482,8 @@ class EnvEncConfig(Section):
         inputs, stage2 = self.encoder.inputs, self.stage2
         if inputs != "llm" and self.vlm.pooling == "tokens":
             raise ValueError(f"encoder.inputs {inputs!r} reads one pooled vector per frame, but vlm.pooling 'tokens' "
-                             "keeps per-token states; set vlm.pooling to last, mean, image_mean or spatial, or encoder.inputs=llm")
+                             "keeps per-token states; set vlm.pooling to last, mean, image_mean or spatial, or "
+                             "encoder.inputs=llm")
         if inputs != "llm" and self.serve.backend == "vllm":
             raise ValueError(f"serve.backend 'vllm' returns the LLM's hidden state only, not encoder.inputs {inputs!r}; "
                              "set serve.backend=transformers or encoder.inputs=llm")
@@ -491,7 +492,8 @@ class EnvEncConfig(Section):
         refusals = [
             (self.rl.algo != "ppo", f"rl.algo {self.rl.algo!r}: joint training is built on PPO's RLModule; set rl.algo=ppo"),
             (self.rl.obs_mode != "latent", f"rl.obs_mode {self.rl.obs_mode!r}: set rl.obs_mode=latent"),
-            (self.vlm.pooling == "tokens", "vlm.pooling 'tokens': set vlm.pooling to last, mean, image_mean or spatial"),
+            (self.vlm.pooling == "tokens",
+             "vlm.pooling 'tokens': set vlm.pooling to last, mean, image_mean or spatial"),
             (inputs == "vision", "encoder.inputs 'vision' never reads the projector it would train; set encoder.inputs "
              "to llm or both"),
             (self.serve.backend == "vllm", "serve.backend 'vllm' cannot return the vision tower's output; set "

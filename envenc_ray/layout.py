@@ -129,7 +129,8 @@ def synced_run(config: EnvEncConfig):
 
 
 def base_model_path(config: EnvEncConfig) -> str:
-    """'builtin:tiny' -> <run>/vlm (built there on first use); anything else is used as given."""
+    """'builtin:tiny' -> <run>/vlm (built there on first use, and again when vlm.tiny_seed or vlm.tiny_patch_size
+    differs from its build); anything else is used as given."""
     if config.vlm.model != BUILTIN_TINY:
         return config.vlm.model
     from envenc_ray.vlm.tiny import MARKER_FILE, build_tiny_vlm

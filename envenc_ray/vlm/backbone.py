@@ -48,7 +48,7 @@ from envenc_ray.vlm.preprocess import CROPS, FramePreprocessor, ReferencePreproc
 log = logging.getLogger(__name__)
 
 POOLINGS = ("last", "mean", "image_mean", "spatial", "tokens")
-# spatial pooling reads image tokens only: the prompt after the image is never run for these
+# the poolings that read the image tokens only: the prompt after the image never runs for them
 IMAGE_POOLINGS = ("image_mean", "spatial")
 # What `embed` returns: the LLM's hidden state (pooled as `pooling` says), or, split at the multimodal projector
 # (see `ImageAdapter`), the vision tower's output averaged over patches ('vision'), both concatenated
@@ -592,8 +592,7 @@ class TruncatedVLM:
         """uint8 RGB frames (N, H, W, 3) -> float32 hidden states on `self.device`.
 
         Shape (N, D) for 'last', 'mean', 'image_mean' and 'spatial' pooling (D: `hidden_size`), (N, T, D) for
-        'tokens'. Returned tensors
-        are inference tensors: `.clone()` them before using them in autograd.
+        'tokens'. Returned tensors are inference tensors: `.clone()` them before using them in autograd.
         """
         return self.embed_frames(as_frame_batch(frames_uint8))
 
