@@ -11,27 +11,50 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from envenc_ray.errors import ConfigError
+
+
+def _absolute_unless_uri(path: str) -> str:
+    """A local path made absolute against the working directory of the process that loads the config. Ray
+    tasks, actors, Train workers and Serve replicas run elsewhere, so a relative path handed to them would name
+    another folder (or none); URIs (s3://...) are left as they are."""
+    return path if "://" in path else str(Path(path).expanduser().absolute())
+
+
+def _absolute_if_local(name: str) -> str:
+    """A model named by an existing local folder becomes absolute (as `_absolute_unless_uri`); a hub name, the
+    built-in model or a URI stays as given."""
+    return _absolute_unless_uri(name) if "://" not in name and Path(name).expanduser().exists() else name
+
+
+# a folder or file of the user's: absolute from the moment the config is loaded
+LocalPath = Annotated[str, AfterValidator(_absolute_unless_uri)]
 
 
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors, assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-    # fields that change how fast a stage runs, not its output: left out of `EnvEncConfig.section_hash`
+    # fields that change how fast or where a stage runs, not its output: left out of `EnvEncConfig.section_hash`
     RUNTIME_ONLY: ClassVar[set[str]] = set()
 
 
 class ExperimentConfig(Section):
+    # where the runs live is not what they compute: the same run under `runs` and under `$PWD/runs` is one run
+    RUNTIME_ONLY: ClassVar[set[str]] = {"run_root"}
+
     name: str = Field("pong-tiny", description="Run name; artifacts go to <run_root>/<name>/.")
-    run_root: str = Field("runs", description="Folder that holds one run directory per experiment name, or a "
-                          "filesystem URI (s3://bucket/runs, gs://..., file:///mnt/runs) that every node reaches; "
-                          "each process then works in a local copy (see docs/architecture.md, run storage).")
+    run_root: LocalPath = Field("runs", validate_default=True,
+                                description="Folder that holds one run directory per experiment name (a relative "
+                                "folder is taken from the working directory and made absolute on load), or a "
+                                "filesystem URI (s3://bucket/runs, gs://..., file:///mnt/runs) that every node "
+                                "reaches; each process then works in a local copy (see docs/architecture.md, run "
+                                "storage).")
     seed: int = Field(0, description="Seed of every random choice (envs, model init, data splits).")
 
 
@@ -51,9 +74,10 @@ class VLMConfig(Section):
     # compiled layers compute the eager states (tests/test_vlm.py); threads change only the order of float sums
     RUNTIME_ONLY: ClassVar[set[str]] = {"compile", "num_threads"}
 
-    model: str = Field(
+    model: Annotated[str, AfterValidator(_absolute_if_local)] = Field(
         "builtin:tiny",
-        description="'builtin:tiny' (created locally in <run>/vlm), a local HF model directory or a hub name.",
+        description="'builtin:tiny' (created locally in <run>/vlm), a local HF model directory (made absolute on "
+        "load) or a hub name.",
     )
     layer: int = Field(
         -1,
@@ -159,10 +183,10 @@ class AdviseConfig(Section):
         description="Annotated games whose frames train the VLM; [] means env.game only. Games other than env.game "
         "are recorded with the collect settings into a shared folder under experiment.run_root.",
     )
-    data: str | None = Field(
+    data: LocalPath | None = Field(
         None,
-        description="A Parquet or JSONL file of (image, text) rows to train on instead of recorded frames; "
-        "`image` is a path (relative to the file) or encoded bytes.",
+        description="A Parquet or JSONL file of (image, text) rows to train on instead of recorded frames (made "
+        "absolute on load); `image` is a path (relative to the file) or encoded bytes.",
     )
     question: str = Field(
         "", description="Text asked after the image; '' uses vlm.prompt (so the embed read-out sees the same prompt)."
@@ -291,6 +315,9 @@ class ServeConfig(Section):
     cache_size: int = Field(
         4096, ge=0, description="Content-hash cache of hidden states for identical frames (entries; 0: off)."
     )
+    deploy_timeout_s: float = Field(
+        300.0, gt=0, description="Seconds a (re)deploy may take until every replica runs this deploy's VLM and "
+        "encoder (checked through each replica's info); past it the deploy fails instead of serving old weights.")
     http: bool = Field(False, description="Also serve POST /encode (.npy in, .npy out); off: handle calls only.")
     http_host: str = Field("127.0.0.1", description="HTTP bind address; loopback unless you mean to expose it.")
     http_port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
@@ -323,7 +350,8 @@ class RLConfig(Section):
         description="Where latents come from: an EnvironmentEncoder loaded inside each EnvRunner (tests, tiny "
         "runs) or the Ray Serve deployment shared by all EnvRunners (envenc serve).",
     )
-    encoder_dir: str | None = Field(None, description="Exported encoder to load; None: <run>/encoder.")
+    encoder_dir: LocalPath | None = Field(None, description="Exported encoder to load (made absolute on load); "
+                                          "None: <run>/encoder.")
     serve_app: str = Field("envenc-encoder", description="Serve app the EnvRunners call (encoder_source=serve).")
     encoder_timeout_s: float = Field(
         60.0, gt=0, description="Serve client: seconds one encode call may take before it is retried."
@@ -521,7 +549,12 @@ class EnvEncConfig(Section):
         that change how fast, not what, a stage computes (a section's RUNTIME_ONLY) are left out."""
         payload = {name: getattr(self, name).model_dump(mode="json", exclude=getattr(self, name).RUNTIME_ONLY)
                    for name in sections}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        return content_hash(payload)
+
+
+def content_hash(payload: Any) -> str:
+    """The short stable hash of a JSON-able payload (keys sorted) that every artifact records to say what made it."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # vlm settings that change what the VLM computes for a frame before any layer is cut: what advice
@@ -543,7 +576,7 @@ def advise_settings_hash(config: EnvEncConfig) -> str:
         "collect": config.collect.model_dump(mode="json"),
         "game": config.env.game,
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return content_hash(payload)
 
 
 def load_config(paths: list[str | Path] = (), overrides: list[str] = ()) -> EnvEncConfig:

@@ -18,13 +18,20 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from envenc_ray.config import EnvEncConfig  # noqa: E402
-from envenc_ray.encoder.metrics import mean_or_none  # noqa: E402
+from envenc_ray.encoder.metrics import mean_or_none, probe_means  # noqa: E402
 from envenc_ray.errors import DataError  # noqa: E402
 from envenc_ray.files import read_json, write_text_atomic  # noqa: E402
 from envenc_ray.layout import RunLayout  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
+# Mean AtariARI F1 of the paper's reference encoders (Anand et al. 2019, NeurIPS, table 2), beside ours.
+ATARIARI_REFERENCE = {
+    "pong": {"random CNN": 0.17, "ST-DIM": 0.81, "supervised CNN": 0.87},
+    "breakout": {"random CNN": 0.51, "ST-DIM": 0.88, "supervised CNN": 0.94},
+    "boxing": {"random CNN": 0.19, "ST-DIM": 0.58, "supervised CNN": 0.83},
+    "freeway": {"random CNN": 0.50, "ST-DIM": 0.81, "supervised CNN": 0.98},
+}
 
 
 def inputs(layout: RunLayout) -> list[Path]:
@@ -55,8 +62,8 @@ def report(config: EnvEncConfig) -> Path:
              f"(layer {config.vlm.layer}, pooling {config.vlm.pooling}); encoder: {config.encoder.kind}.", ""]
     metrics: dict = {"experiment": config.experiment.name}
 
-    sections = (_data_section, _advice_section, _encoder_section, _representation_section, _agent_section,
-                _service_section)
+    sections = (_data_section, _advice_section, _encoder_section, _representation_section, _atariari_section,
+                _agent_section, _service_section)
     for section in sections:  # each reads its artifacts and writes its plots into <run>/report/
         section_lines, section_metrics = section(config, layout)
         lines += section_lines + [""]
@@ -151,14 +158,15 @@ def _representation_section(config: EnvEncConfig, layout: RunLayout) -> tuple[li
         untrained = base_probe_r2(config)
     probes = {"untrained": untrained, "hidden": hidden, "latent": best["probe_r2_latent"]}
     keys = sorted(probes["latent"])
-    means = {name: mean_or_none({k: values[k] for k in keys if k in values}) for name, values in probes.items()}
+    means, velocity_means = ({name: probe_means({k: values[k] for k in keys if k in values})[part]
+                              for name, values in probes.items()} for part in (0, 1))
 
     labels = {"untrained": "VLM as given (untrained)", "hidden": f"VLM the run reads ({config.stage2.method})",
               "latent": "encoder latent"}
     figure, axis = plt.subplots(figsize=(max(7.0, 1.1 * len(keys) + 2), 4.2))
     for offset, name in zip((-0.27, 0.0, 0.27), probes):
         axis.bar([p + offset for p in range(len(keys))], [probes[name].get(k, float("nan")) for k in keys], width=0.27,
-                 label=f"{labels[name]}, mean {_fmt(means[name])}")
+                 label=f"{labels[name]}, mean {_fmt(means[name])} (velocities {_fmt(velocity_means[name])})")
     axis.set_xticks(list(range(len(keys))), keys, rotation=35, ha="right")
     lowest = min([0.0] + [v for values in probes.values() for v in values.values() if v == v])
     axis.set(title="Linear probes of game state on held-out episodes", ylabel="ridge-probe R²",
@@ -173,9 +181,30 @@ def _representation_section(config: EnvEncConfig, layout: RunLayout) -> tuple[li
              "Held-out ridge-probe R² of each annotated variable (1 = linearly decodable, 0 = no better than its mean).",
              "", "| variable | untrained VLM | VLM read | latent |", "|---|---|---|---|"]
     lines += [f"| {k} | {_fmt(untrained.get(k))} | {_fmt(hidden.get(k))} | {_fmt(probes['latent'].get(k))} |" for k in keys]
-    lines += [f"| **mean** | {_fmt(means['untrained'])} | {_fmt(means['hidden'])} | {_fmt(means['latent'])} |",
+    lines += [f"| **mean**, state | {_fmt(means['untrained'])} | {_fmt(means['hidden'])} | {_fmt(means['latent'])} |",
+              f"| **mean**, velocities (`_dx`, `_dy`) | {_fmt(velocity_means['untrained'])} | "
+              f"{_fmt(velocity_means['hidden'])} | {_fmt(velocity_means['latent'])} |",
               "", "![probes](probes.png)"]
-    return lines, {"probe_r2": probes, "probe_r2_mean": means}
+    return lines, {"probe_r2": probes, "probe_r2_mean": means, "probe_r2_velocity_mean": velocity_means}
+
+
+def _atariari_section(config: EnvEncConfig, layout: RunLayout) -> tuple[list[str], dict]:
+    """AtariARI F1 per RAM variable of the VLM read and the latent, beside the paper's reference encoders."""
+    probes = (read_json(layout.encoder / "metrics.json") or {}).get("atariari_f1")
+    if not probes:
+        return [], {}  # no encoder yet, no RAM recorded, or a game AtariARI does not annotate
+    means = {name: mean_or_none(values) for name, values in probes.items()}
+    lines = ["## AtariARI probes", "",
+             "Per RAM variable of AtariARI (Anand et al. 2019), weighted F1 of a linear classifier of the byte's "
+             "value on the held-out episodes; variables whose label entropy is below 0.6 nats are dropped.", "",
+             "| variable | VLM read | latent |", "|---|---|---|"]
+    lines += [f"| {k} | {_fmt(probes['hidden'].get(k))} | {_fmt(probes['latent'].get(k))} |" for k in sorted(probes["latent"])]
+    lines += [f"| **mean** | {_fmt(means['hidden'])} | {_fmt(means['latent'])} |", "",
+              "| encoder | mean F1 |", "|---|---|",
+              f"| VLM read ({config.stage2.method}), this run | {_fmt(means['hidden'])} |",
+              f"| encoder latent, this run | {_fmt(means['latent'])} |"]
+    lines += [f"| {name} (Anand et al. 2019) | {value:.2f} |" for name, value in ATARIARI_REFERENCE[layout.game].items()]
+    return lines, {"atariari_f1": probes, "atariari_f1_mean": means}
 
 
 def _advice_section(config: EnvEncConfig, layout: RunLayout) -> tuple[list[str], dict]:

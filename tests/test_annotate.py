@@ -11,7 +11,9 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from envenc_ray.envs.annotate import ADVICE_PHRASES, ANNOTATED_GAMES, Annotation, advice_corpus, get_annotator
+from envenc_ray.encoder.metrics import ATARIARI_MIN_ENTROPY, label_entropy
+from envenc_ray.envs.annotate import (ADVICE_PHRASES, ANNOTATED_GAMES, ATARIARI_RAM, Annotation, advice_corpus,
+                                      get_annotator)
 from envenc_ray.envs.atari import make_env
 from envenc_ray.errors import InputError, UnsupportedGameError
 
@@ -214,6 +216,21 @@ def _score_text(game: str, objects) -> str:
     if game == "boxing":
         return f"{objects['player_score']}-{objects['enemy_score']}"  # white first, as on screen
     return str(objects["score"])
+
+
+# The AtariARI positions that move in our rollouts
+ATARIARI_MOVING = {"pong": {"player_y", "enemy_y", "ball_x", "ball_y"}, "breakout": {"player_x", "ball_x", "ball_y"},
+                   "boxing": {"player_x", "player_y", "enemy_x", "enemy_y"}, "freeway": {"player_y", "enemy_car_x_0"}}
+
+
+@pytest.mark.parametrize("game", ANNOTATED_GAMES)
+def test_atariari_position_bytes_carry_the_game_state_of_a_rollout(game):
+    """AtariARI's address list (ATARIARI_RAM) against real play: its position bytes pass the entropy filter."""
+    rams = np.stack(rollout(game).rams)
+    kept = {name for name, address in ATARIARI_RAM[game].items() if label_entropy(rams[:, address]) >= ATARIARI_MIN_ENTROPY}
+    assert ATARIARI_MOVING[game] <= kept, ATARIARI_MOVING[game] - kept
+    if game == "pong":  # the paddles' x bytes never move in ALE v5: the filter drops them
+        assert not {"player_x", "enemy_x"} & kept
 
 
 @pytest.mark.parametrize("game", ANNOTATED_GAMES)

@@ -94,3 +94,25 @@ def test_section_hash_leaves_out_settings_that_change_only_speed():
     other_layer = load_config([], ["vlm.layer=1"])
     assert plain.section_hash("vlm", "encoder") == faster.section_hash("vlm", "encoder")
     assert plain.section_hash("vlm", "encoder") != other_layer.section_hash("vlm", "encoder")
+
+
+def test_relative_paths_are_made_absolute_on_load_and_uris_stay(tmp_path, monkeypatch):
+    """Ray's workers do not run in the driver's working directory: every path a config names is absolute from the
+    moment it is loaded, taken from the directory the user ran envenc in."""
+    (tmp_path / "models" / "my-vlm").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    config = load_config([CONFIGS / "pong-tiny.yaml"], ["rl.encoder_dir=encoders/a", "advise.data=pairs.jsonl",
+                                                        "vlm.model=models/my-vlm"])
+    assert config.experiment.run_root == str(tmp_path / "runs")  # the default, relative 'runs'
+    assert config.run_dir == tmp_path / "runs" / "pong-tiny"
+    assert config.rl.encoder_dir == str(tmp_path / "encoders" / "a")
+    assert config.advise.data == str(tmp_path / "pairs.jsonl")
+    assert config.vlm.model == str(tmp_path / "models" / "my-vlm")
+    assert load_config([], ["vlm.model=llava-hf/llava-1.5-7b-hf"]).vlm.model == "llava-hf/llava-1.5-7b-hf"  # hub name
+    assert load_config([]).vlm.model == "builtin:tiny"
+    assert load_config([], ["experiment.run_root=file:///mnt/runs"]).experiment.run_root == "file:///mnt/runs"
+    # where the runs live is not what they compute: the same run spelled relative or absolute has one hash
+    absolute = load_config([CONFIGS / "pong-tiny.yaml"], [f"experiment.run_root={tmp_path / 'runs'}"])
+    elsewhere = load_config([CONFIGS / "pong-tiny.yaml"], ["experiment.run_root=/somewhere/else"])
+    assert config.section_hash("experiment", "env") == absolute.section_hash("experiment", "env") \
+        == elsewhere.section_hash("experiment", "env")

@@ -1,12 +1,18 @@
 """`envenc run` end to end at tiny sizes (real Ray, Serve, Ray Train, RLlib, ALE), and its preflight."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from envenc_ray.errors import ConfigError, DataError, ModelError
 from envenc_ray.pipeline import preflight, run
 
+REPO = Path(__file__).resolve().parents[1]
 STAGES = ["collect", "embed", "train-encoder", "serve", "train", "evaluate", "report"]
 
 
@@ -40,28 +46,51 @@ def test_reduced_pipeline_end_to_end_then_everything_skips(ray_session, tmp_path
 
 
 @pytest.mark.slow
-def test_finetuned_stage2_runs_advise_and_reports_all_three_probes(ray_session, debug_config):
-    from ray import serve
+def test_envenc_run_in_a_fresh_folder_with_the_default_relative_run_root(tmp_path):
+    """What a new user does, through the CLI: in a fresh working directory with a copy of configs/, `envenc run`
+    with the default run root `runs` (relative) and every stage: advise's Ray Train workers, embed's Ray Data actors,
+    the Serve replica and the EnvRunners all run outside that directory, so they must be handed absolute paths.
+    Then a second run skips every stage. It also checks what advise adds to the report (all three probes)."""
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    command = [sys.executable, "-m", "envenc_ray.cli", "run", "configs/pong-tiny.yaml", "configs/debug.yaml",
+               "--set", "stage2.method=finetuned", "--set", "advise.epochs=1", "--set", "advise.batch_size=8",
+               "--set", "advise.eval_pairs=4", "--set", "advise.cpus_per_worker=0.5"]
+    fresh_ray = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
+    first = subprocess.run(command, cwd=tmp_path, env=fresh_ray, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "debug"  # the default experiment.run_root, taken from the working directory
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert list(manifest["stages"]) == ["collect", "advise", "embed", "train-encoder", "serve", "train", "evaluate",
+                                        "report"]
+    assert not any(stage["skipped"] for stage in manifest["stages"].values())
 
-    config = debug_config("stage2.method=finetuned", "advise.epochs=1", "advise.batch_size=8", "advise.eval_pairs=4",
-                          "advise.cpus_per_worker=0.5", "rl.encoder_source=in_process")
-    try:
-        manifest = run(config)
-    finally:
-        serve.shutdown()
-    assert list(manifest["stages"])[:3] == ["collect", "advise", "embed"]
-    metrics = json.loads((config.run_dir / "report" / "metrics.json").read_text())
+    metrics = json.loads((run_dir / "report" / "metrics.json").read_text())
     probes = metrics["probe_r2"]
     assert set(probes) == {"untrained", "hidden", "latent"}
     assert set(probes["untrained"]) == set(probes["hidden"]) >= set(probes["latent"]) >= {"ball_x", "player_y"}
     assert probes["untrained"] != probes["hidden"]  # the finetuned VLM is not the VLM as given
+    assert {"ball_dx", "ball_dy", "player_dy"} <= set(probes["latent"])  # velocities from consecutive frames
+    assert set(metrics["probe_r2_velocity_mean"]) == set(metrics["probe_r2_mean"]) == set(probes)  # kept apart
+    # AtariARI: the Pong bytes that move in these 96 frames (paddle x and the scores stay constant: dropped)
+    atariari = metrics["atariari_f1"]
+    assert set(atariari) == set(metrics["atariari_f1_mean"]) == {"hidden", "latent"}
+    assert set(atariari["hidden"]) == set(atariari["latent"]) == {"player_y", "enemy_y", "ball_x", "ball_y"}
+    assert all(0 <= f1 <= 1 for values in atariari.values() for f1 in values.values())
     advice = metrics["advice"]
     assert 0 <= advice["action_accuracy_heldout"] <= 1 and 0 < advice["chance_accuracy"] <= 1
-    report = (config.run_dir / "report" / "report.md").read_text()
+    report = (run_dir / "report" / "report.md").read_text()
     assert "## Advice finetuning (stage 2)" in report and "![probes](probes.png)" in report
-    assert (config.run_dir / "report" / "advice.png").is_file() and (config.run_dir / "report" / "probes.png").is_file()
-    hidden_meta = json.loads((config.run_dir / "hidden" / "_embed.json").read_text())
-    assert hidden_meta["model"] == json.loads((config.run_dir / "advise.json").read_text())["vlm"]
+    assert "## AtariARI probes" in report and "| ST-DIM (Anand et al. 2019) | 0.81 |" in report
+    assert (run_dir / "report" / "advice.png").is_file() and (run_dir / "report" / "probes.png").is_file()
+    hidden_meta = json.loads((run_dir / "hidden" / "_embed.json").read_text())
+    assert hidden_meta["model"] == json.loads((run_dir / "advise.json").read_text())["vlm"]
+    assert hidden_meta["model"].startswith(str(tmp_path / "runs" / "_shared"))
+
+    second = subprocess.run(command, cwd=tmp_path, env=fresh_ray, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    again = json.loads((run_dir / "manifest.json").read_text())
+    assert all(stage["skipped"] for stage in again["stages"].values()), again["stages"]
+    assert "every stage was already done" in second.stdout
 
 
 def test_preflight_rejects_bad_setups_before_work(tmp_path, debug_config):

@@ -28,14 +28,15 @@ MLP = EncoderConfig(kind="mlp", latent_dim=6, hidden_dims=[32])
 MAX_FRAMES = 16  # serve.max_frames_per_call of the test app: small, so "too many frames" is cheap
 
 
-def save_untrained_encoder(settings: EncoderConfig, encoder_dir: Path, hidden_size: int = HIDDEN_SIZE) -> Path:
+def save_untrained_encoder(settings: EncoderConfig, encoder_dir: Path, hidden_size: int = HIDDEN_SIZE,
+                           seed: int = 0) -> Path:
     """An exported encoder with seeded random weights, as `envenc train-encoder` writes one."""
     import torch
 
     from envenc_ray.encoder.export import FORMAT, FORMAT_VERSION, save_encoder
     from envenc_ray.encoder.models import build_autoencoder
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     encoder = build_autoencoder(settings, hidden_size).encoder_module()
     description = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": settings.kind,
                    "hidden_size": hidden_size, "hidden_shape": [hidden_size], "latent_dim": settings.latent_dim,
@@ -174,6 +175,39 @@ def test_per_frame_encoder_app(temporal_app, tiny_vlm_dir, pong_frames, tmp_path
         assert windows is None and client.window == 1 and latents.shape == (6, MLP.latent_dim)
     finally:
         shutdown("envenc-mlp")  # the temporal app stays, so Serve does too
+
+
+@pytest.mark.slow
+def test_redeploying_with_another_encoder_replaces_every_replica(temporal_app, tiny_vlm_dir, pong_frames, tmp_path):
+    """Three swaps of a running app's encoder in a row: when `deploy_encoder` returns, every call reaches a replica
+    of the new encoder (its identity, and its latents), never one left from the deploy before."""
+    from ray import serve
+
+    from envenc_ray.encoder.environment import EnvironmentEncoder
+    from envenc_ray.encoder.export import load_encoder
+    from envenc_ray.files import weights_sha256
+    from envenc_ray.serve.client import deploy_encoder, shutdown
+    from envenc_ray.vlm.backbone import TruncatedVLM
+
+    config = make_config(tmp_path, tiny_vlm_dir, MLP, "swap")
+    vlm = TruncatedVLM.from_config(config.vlm, model_path=tiny_vlm_dir)
+    identities = []
+    try:
+        for seed in (1, 2, 3):
+            encoder_dir = save_untrained_encoder(MLP, tmp_path / f"encoder-{seed}", seed=seed)
+            client = deploy_encoder(config, app_name="envenc-swap", encoder_dir=str(encoder_dir))
+            handle = serve.get_app_handle("envenc-swap")
+            answers = [handle.info.remote().result(timeout_s=60) for _ in range(8)]
+            assert {a["encoder_dir"] for a in answers} == {str(encoder_dir.resolve())}
+            assert {a["encoder_sha256"] for a in answers} == {weights_sha256(encoder_dir)}
+            assert len({a["deploy_id"] for a in answers}) == 1
+            local = EnvironmentEncoder(vlm, load_encoder(encoder_dir))
+            np.testing.assert_allclose(client.encode(pong_frames[:4], [None] * 4)[0],
+                                       local.encode(pong_frames[:4])[0], atol=1e-5)
+            identities.append((answers[0]["encoder_sha256"], answers[0]["deploy_id"]))
+        assert len(set(identities)) == 3, "each swap serves a new encoder from a new deploy"
+    finally:
+        shutdown("envenc-swap")  # the temporal app stays, so Serve does too
 
 
 def test_autoscaling_and_resources_are_applied(temporal_app):

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from envenc_ray.config import EnvEncConfig, advise_settings_hash
+from envenc_ray.config import EnvEncConfig, advise_settings_hash, content_hash
 from envenc_ray.data.collect import collect, read_frame_shape
 from envenc_ray.data.schema import frames_to_array, list_shards, read_table
 from envenc_ray.encoder.metrics import json_safe
@@ -197,7 +197,7 @@ def game_frames_dir(config: EnvEncConfig, game: str) -> Path:
     env = config.env.model_copy(update={"game": game})
     recipe = {"seed": config.experiment.seed, "env": env.model_dump(mode="json"),
               "collect": config.collect.model_dump(mode="json")}
-    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    digest = content_hash(recipe)[:12]
     name = f"{game}-{digest}"
     frames_dir = shared_dir(config) / "frames" / name / "frames"
     if not (frames_dir / "_collect.json").is_file() or len(list(frames_dir.glob("episode-*.parquet"))) < config.collect.episodes:

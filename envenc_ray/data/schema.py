@@ -133,12 +133,15 @@ def list_shards(directory: Path, what: str) -> list[Path]:
     return shards
 
 
-def read_table(directory: Path, what: str, required: tuple[str, ...]) -> pa.Table:
-    """Read every shard of an artifact folder, checking it parses and holds the required columns."""
+def read_table(directory: Path, what: str, required: tuple[str, ...], only_required: bool = False) -> pa.Table:
+    """Read every shard of an artifact folder, checking it parses and holds the required columns.
+
+    only_required reads just those columns (frames/ without its frame bytes: a fraction of the decoding)."""
     tables = []
     for shard in list_shards(directory, what):
         try:
-            table = pq.read_table(shard)
+            names = pq.read_schema(shard).names
+            table = pq.read_table(shard, columns=[name for name in required if name in names] if only_required else None)
         except (pa.ArrowInvalid, OSError) as error:
             raise DataError(f"{shard} is not a readable Parquet file ({error}); delete it and rerun the stage") from None
         missing = [name for name in required if name not in table.column_names]

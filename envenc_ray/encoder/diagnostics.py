@@ -17,7 +17,7 @@ from tqdm import tqdm
 from envenc_ray.config import EnvEncConfig
 from envenc_ray.data.collect import read_frame_shape
 from envenc_ray.data.schema import frames_to_array, objects_to_table, read_table
-from envenc_ray.encoder.metrics import probe_targets, ridge_probe_r2
+from envenc_ray.encoder.metrics import probe_targets, ridge_probe_r2, with_velocities
 from envenc_ray.encoder.train import probe_subsample, split_by_episode
 from envenc_ray.layout import RunLayout, base_model_path
 
@@ -62,7 +62,8 @@ class AnnotatedFrames:
         rows (the same rows for any two features of one rank, so read-outs compare on equal data)."""
         train_rows, val_rows = split_by_episode(self.episode_ids, config.encoder.val_fraction, config.experiment.seed)
         objects = objects_to_table([text or "{}" for text in self.table["objects"].to_pylist()])
-        targets = probe_targets(objects, train_rows, val_rows)
+        targets = probe_targets(with_velocities(objects, self.episode_ids, self.table["step"].to_numpy()), train_rows,
+                                val_rows)
         probe_rows = probe_subsample(train_rows, features.shape[1:], config.experiment.seed)
         return ridge_probe_r2(features, targets, probe_rows, val_rows)
 

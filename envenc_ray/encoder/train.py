@@ -9,6 +9,8 @@ Read top to bottom, `train_encoder` is:
               same training is started again (Ray Train restores it from <run>/encoder_train/<key>/)
   3. export   the best epoch's encoder (decoder dropped) + config.json + metrics.json into encoder/,
               written under a temporary name and renamed when complete
+  4. atariari the AtariARI probes (per RAM byte, weighted F1 on the validation episodes) of the hidden
+              states and of the exported encoder's latents, from the RAM frames/ recorded with each frame
 
 Data path: the Train dataset holds row indices, not windows. Each worker gets the (N, D) hidden-state
 matrix ((N, T, D) per-token states for the tokens encoder) once through the object store (zero-copy) and
@@ -18,7 +20,6 @@ store each hidden state k times.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -30,18 +31,21 @@ from pathlib import Path
 
 import numpy as np
 
-from envenc_ray.config import EncoderConfig, EnvEncConfig
+from envenc_ray.config import EncoderConfig, EnvEncConfig, content_hash
 from envenc_ray.data.embed import META_FILE as EMBED_META
-from envenc_ray.data.schema import (hidden_shape_of, hidden_to_array, list_shards, objects_to_table,
+from envenc_ray.data.schema import (hidden_shape_of, hidden_to_array, list_shards, objects_to_table, read_table,
                                     wrong_column_types)
 from envenc_ray.encoder.metrics import (
+    atariari_f1,
     consecutive_pairs,
     json_safe,
     mean_cosine,
-    mean_or_none,
+    probe_means,
     probe_targets,
     ridge_probe_r2,
+    with_velocities,
 )
+from envenc_ray.envs.annotate import ATARIARI_RAM
 from envenc_ray.errors import ConfigError, DataError
 from envenc_ray.files import read_json, write_json_atomic
 from envenc_ray.layout import RunLayout
@@ -122,7 +126,7 @@ def train_encoder(config: EnvEncConfig) -> dict:
     train_rows, val_rows = split_by_episode(data.episode_ids, config.encoder.val_fraction, config.experiment.seed)
     mean, std = data.hidden[train_rows].mean(0), data.hidden[train_rows].std(0)
     val_pairs = consecutive_pairs(data.episode_ids, val_rows)
-    targets = probe_targets(data.objects, train_rows, val_rows)
+    targets = probe_targets(with_velocities(data.objects, data.episode_ids, data.steps), train_rows, val_rows)
     probe_rows = probe_subsample(train_rows, hidden_shape, config.experiment.seed)
     standardized = (data.hidden - mean) / np.where(std > 1e-6, std, 1.0)
     baseline = {
@@ -131,7 +135,7 @@ def train_encoder(config: EnvEncConfig) -> dict:
         "val_consecutive_cosine_hidden_standardized": mean_cosine(standardized, val_pairs),
         "probe_r2_hidden": ridge_probe_r2(data.hidden, targets, probe_rows, val_rows),
     }
-    baseline["probe_r2_hidden_mean"] = mean_or_none(baseline["probe_r2_hidden"])
+    baseline["probe_r2_hidden_mean"], baseline["probe_r2_hidden_velocity_mean"] = probe_means(baseline["probe_r2_hidden"])
     timings["read_s"] = time.perf_counter() - started
     logger.info("read %d frames (%d episodes, hidden state shape %s) in %.1f s", len(data.hidden),
                 len(np.unique(data.episode_ids)), data.hidden_shape, timings["read_s"])
@@ -185,7 +189,12 @@ def train_encoder(config: EnvEncConfig) -> dict:
     export_encoder(best_checkpoint, encoder_dir, config, data.hidden_shape, config_hash, fingerprint, metrics,
                    vlm_dtype)
     timings["export_s"] = time.perf_counter() - started
-    write_json_atomic(encoder_dir / "metrics.json", json_safe(metrics))  # now with the export time
+
+    # 4. atariari
+    started = time.perf_counter()
+    metrics["atariari_f1"] = atariari_probes(config, data, windows, probe_rows, val_rows)
+    timings["atariari_s"] = time.perf_counter() - started
+    write_json_atomic(encoder_dir / "metrics.json", json_safe(metrics))  # now with the AtariARI probes and times
 
     best = _best(metrics)
     # Wall time per epoch includes waiting for Ray Train to take the report: its controller takes one
@@ -260,7 +269,7 @@ def check_shards(hidden_dir: Path) -> tuple[list[Path], tuple[int, ...], str]:
     if rows == 0:
         raise DataError(f"{hidden_dir} holds no rows; rerun `envenc embed` on recorded frames")
     hidden_shape = hidden_shapes.pop()
-    fingerprint = hashlib.sha256(json.dumps([list(hidden_shape), identity]).encode()).hexdigest()[:16]
+    fingerprint = content_hash([list(hidden_shape), identity])  # no mappings inside: the same as without sorted keys
     return shards, hidden_shape, fingerprint
 
 
@@ -423,8 +432,7 @@ def train_loop_per_worker(loop: dict) -> None:
     windowed = enc.kind in WINDOWED_KINDS
 
     def batch(rows: np.ndarray) -> torch.Tensor:
-        x = hidden[windows[rows]]  # (B, k, D) or (B, k, T, D), a copy
-        return torch.from_numpy(x if windowed else x[:, -1])
+        return encoder_inputs(hidden, windows, rows, windowed)
 
     torch.manual_seed(loop["seed"])  # identical initial weights on every worker
     model = build_autoencoder(enc, hidden.shape[1:])
@@ -528,7 +536,8 @@ def _evaluate(model, batch, loop: dict, enc: EncoderConfig) -> dict:
         "val_consecutive_cosine_latent_centred": mean_cosine(latents, loop["val_pairs"], centred=True),
         **loop["baseline"],
         "probe_r2_latent": probe,
-        "probe_r2_latent_mean": mean_or_none(probe),
+        "probe_r2_latent_mean": probe_means(probe)[0],
+        "probe_r2_latent_velocity_mean": probe_means(probe)[1],
         "codebook_usage": None,
         "codebook_perplexity": None,
     }
@@ -543,6 +552,56 @@ def _evaluate(model, batch, loop: dict, enc: EncoderConfig) -> dict:
 
 def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
+
+
+def encoder_inputs(hidden: np.ndarray, windows: np.ndarray, rows: np.ndarray, windowed: bool):
+    """The encoder's input for `rows`: their (B, k, D) or (B, k, T, D) windows, or the frames' own states."""
+    import torch
+
+    x = hidden[windows[rows]]  # a copy
+    return torch.from_numpy(x if windowed else x[:, -1])
+
+
+# ---------------------------------------------------------------------------------------------- atariari
+
+
+def atariari_probes(config: EnvEncConfig, data: HiddenData, windows: np.ndarray, train_rows: np.ndarray,
+                    val_rows: np.ndarray) -> dict[str, dict[str, float]]:
+    """AtariARI F1 per RAM variable of the (pooled) hidden states and of the exported encoder's latents, on the
+    ridge probes' rows; {} for a game without AtariARI variables, or without frames/ to give the RAM (hidden
+    states made elsewhere)."""
+    import torch
+
+    from envenc_ray.encoder.export import load_encoder
+    from envenc_ray.encoder.models import WINDOWED_KINDS
+
+    layout = RunLayout.of(config)
+    addresses = ATARIARI_RAM.get(layout.game)
+    if addresses is None or not any(layout.frames.glob("*.parquet")):
+        logger.info("AtariARI probes skipped: no AtariARI variables for %s, or no RAM in %s", layout.game, layout.frames)
+        return {}
+    ram = read_ram(layout.frames, data.episode_ids, data.steps)
+    encoder, windowed = load_encoder(layout.encoder), config.encoder.kind in WINDOWED_KINDS
+    rows = np.arange(len(data.hidden))
+    with torch.no_grad():
+        latents = np.concatenate([encoder(encoder_inputs(data.hidden, windows, rows[start:start + 1024], windowed)).numpy()
+                                  for start in range(0, len(rows), 1024)])
+    # Per-token states are T*D wide (10^6 for a real VLM): a classifier per byte over them would hold T*D x
+    # values weights; their probe is the ridge one, and AtariARI's is the latent's only.
+    pooled = data.hidden.ndim == 2
+    return {"hidden": atariari_f1(data.hidden, ram, addresses, train_rows, val_rows) if pooled else {},
+            "latent": atariari_f1(latents, ram, addresses, train_rows, val_rows)}
+
+
+def read_ram(frames_dir: Path, episode_ids: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """(N, 128) uint8: the RAM frames/ recorded with each of the rows (sorted by episode and step) of hidden/."""
+    table = read_table(frames_dir, "frames (envenc collect)", ("episode_id", "step", "ram"), only_required=True)
+    frame_episodes, frame_steps = table["episode_id"].to_numpy(), table["step"].to_numpy()
+    order = np.lexsort((frame_steps, frame_episodes))
+    if not (np.array_equal(frame_episodes[order], episode_ids) and np.array_equal(frame_steps[order], steps)):
+        raise DataError(f"{frames_dir} and the hidden states hold different frames; rerun `envenc embed`")
+    ram = np.frombuffer(b"".join(table["ram"].to_pylist()), dtype=np.uint8).reshape(-1, 128)
+    return ram[order]
 
 
 # ------------------------------------------------------------------------------------------ checkpoints

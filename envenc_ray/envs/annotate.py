@@ -129,6 +129,21 @@ FREEWAY_CHICKEN_Y = 14  # grows as the chicken walks up the screen
 FREEWAY_SCORE = 103  # ALE Freeway.cpp: BCD
 FREEWAY_CAR_X = 108  # 108..117: one car per lane, lane 0 (RAM 108) at the bottom, lane 9 at the top
 
+# The AtariARI benchmark's own variables (Anand et al. 2019, atariari/benchmark/ram_annotations.py at
+# mila-iqia/atari-representation-learning), copied as published so its probe numbers compare with the paper's:
+# a multi-byte variable is one variable per byte, named <name>_<i>, as AtariARI splits them. They differ from
+# the decoded objects above where AtariARI kept raw bytes (Breakout's score at 84, ALE reads 76-77) or bytes
+# that do not move in ALE v5 (Pong's paddle x, 45 and 46; the low-entropy filter drops those).
+ATARIARI_RAM: dict[str, dict[str, int]] = {
+    "pong": {"player_y": 51, "player_x": 46, "enemy_y": 50, "enemy_x": 45, "ball_x": 49, "ball_y": 54,
+             "enemy_score": 13, "player_score": 14},
+    "breakout": {"ball_x": 99, "ball_y": 101, "player_x": 72, "blocks_hit_count": 77, "score": 84,
+                 **{f"block_bit_map_{i}": i for i in range(30)}},
+    "boxing": {"player_x": 32, "player_y": 34, "enemy_x": 33, "enemy_y": 35, "enemy_score": 19, "clock": 17,
+               "player_score": 18},
+    "freeway": {"player_y": 14, "score": 103, **{f"enemy_car_x_{i}": 108 + i for i in range(10)}},
+}
+
 # ---------------------------------------------------------------------------------------------------
 
 

@@ -47,7 +47,7 @@ def evaluate(config: EnvEncConfig, checkpoint: str | Path | None = None, episode
         if latest is None:
             raise DataError(f"no checkpoint in {RunLayout.of(config).agent}; run `envenc train` first or pass one")
         checkpoint = latest[1]
-    checkpoint = Path(checkpoint)
+    checkpoint = Path(checkpoint).absolute()  # recorded in eval.json: the same folder whatever the working directory
     slots = min(episodes, config.rl.num_envs_per_env_runner)
     env = EnvEncVectorEnv(config, num_envs=slots)
     module = load_policy(config, checkpoint, env.single_observation_space, env.single_action_space)

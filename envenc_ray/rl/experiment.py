@@ -27,8 +27,6 @@ budget (a killed trial restarts from its first step) and every current artifact.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import textwrap
 import math
 import os
@@ -47,7 +45,7 @@ import numpy as np  # noqa: E402
 from pydantic import BaseModel, ConfigDict, Field, ValidationError  # noqa: E402
 from ray import tune as ray_tune  # noqa: E402
 
-from envenc_ray.config import EnvEncConfig, read_yaml_mapping  # noqa: E402
+from envenc_ray.config import EnvEncConfig, content_hash, read_yaml_mapping  # noqa: E402
 from envenc_ray.errors import ConfigError, DataError, EnvEncError  # noqa: E402
 from envenc_ray.files import read_json, write_json_atomic  # noqa: E402
 from envenc_ray.layout import RunLayout  # noqa: E402
@@ -173,15 +171,11 @@ def data_key(config: EnvEncConfig) -> str:
     if config.stage2.reads_finetuned_vlm:  # the advise settings matter only when a finetuned VLM is made
         payload["advise"] = config.advise.model_dump(mode="json")
         payload["encoder.val_fraction"] = config.encoder.val_fraction  # advise holds out the probes' episodes
-    return _hash(payload)
+    return content_hash(payload)
 
 
 def encoder_key(config: EnvEncConfig) -> str:
-    return _hash({"data": data_key(config), "encoder": config.encoder.model_dump(mode="json")})
-
-
-def _hash(payload: dict) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return content_hash({"data": data_key(config), "encoder": config.encoder.model_dump(mode="json")})
 
 
 def artifact_config(config: EnvEncConfig, artifacts_root: Path) -> EnvEncConfig:
@@ -299,7 +293,7 @@ def plan_trials(spec: ArmsSpec, arm_configs: dict[str, EnvEncConfig], encoders: 
             identity = {"config": config.model_dump(mode="json"), "steps": budget}
             if source is not None:
                 identity["init_from"] = source.fingerprint
-            planned[arm] = Trial(arm, seed, config, out_dir / "trials" / arm / f"seed-{seed}", _hash(identity),
+            planned[arm] = Trial(arm, seed, config, out_dir / "trials" / arm / f"seed-{seed}", content_hash(identity),
                                  budget, source)
         trials += [planned[arm] for arm in arm_configs]
     return trials

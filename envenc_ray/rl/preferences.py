@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from envenc_ray.config import EnvConfig, EnvEncConfig, RewardModelConfig
+from envenc_ray.config import EnvConfig, EnvEncConfig, RewardModelConfig, content_hash
 from envenc_ray.data.collect import episode_seed
 from envenc_ray.data.schema import write_parquet_atomic
 from envenc_ray.envs.annotate import BreakoutAnnotator, PongAnnotator, get_annotator
@@ -160,8 +160,6 @@ def play_and_branch(env_config: EnvConfig, settings: RewardModelConfig, seed: in
 def preferences_hash(config: EnvEncConfig, context: int) -> str:
     """What the triples depend on: the game and its emulation, the rollout and branching settings, the seed and
     how many frames before each branch point are kept."""
-    import hashlib
-
     settings = config.reward_model
     payload = {
         "seed": config.experiment.seed,
@@ -170,7 +168,7 @@ def preferences_hash(config: EnvEncConfig, context: int) -> str:
                                                           "reach_steps"}),
         "context": context,
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return content_hash(payload)
 
 
 def make_preferences(config: EnvEncConfig, context: int) -> dict:

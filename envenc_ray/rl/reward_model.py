@@ -16,7 +16,6 @@ the spread of a model that barely separates its triples would blow up its reward
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from envenc_ray.config import EnvEncConfig, RewardModelConfig
+from envenc_ray.config import EnvEncConfig, RewardModelConfig, content_hash
 from envenc_ray.errors import ConfigError, ModelError
 from envenc_ray.files import read_export_config, replaced_atomically, weights_sha256
 from envenc_ray.layout import RunLayout
@@ -93,7 +92,7 @@ def output_hash(config: EnvEncConfig) -> str:
     payload = {"seed": config.experiment.seed,
                "env": config.env.model_dump(mode="json", include={"game", "frameskip", "full_action_space"}),
                "reward_model": settings}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return content_hash(payload)
 
 
 # ----------------------------------------------------------------------------------------- save / load

@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from envenc_ray.config import EnvEncConfig, RewardModelConfig
+from envenc_ray.config import EnvEncConfig, RewardModelConfig, content_hash
 from envenc_ray.data.schema import frames_to_array
 from envenc_ray.encoder.metrics import json_safe
 from envenc_ray.envs.atari import make_env
@@ -279,12 +279,9 @@ def _check_resources(settings: RewardModelConfig) -> None:
 def resume_key(config: EnvEncConfig) -> str:
     """Names the Ray Train run folder: the same training (the config minus RESUMABLE_SETTINGS, the same
     representations)."""
-    import hashlib
-
     neutral = {name: getattr(RewardModelConfig(), name) for name in RESUMABLE_SETTINGS}
     training = config.model_copy(update={"reward_model": config.reward_model.model_copy(update=neutral)})
-    payload = json.dumps([output_hash(training), representation_identity(config)], sort_keys=True)
-    return f"reward-{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
+    return f"reward-{content_hash([output_hash(training), representation_identity(config)])}"
 
 
 def _fit(config: EnvEncConfig, triples: Triples, train_rows: np.ndarray, val_rows: np.ndarray):

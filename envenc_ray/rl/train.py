@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from envenc_ray.config import EnvEncConfig
+from envenc_ray.config import EnvEncConfig, content_hash
 from envenc_ray.errors import DataError
 from envenc_ray.files import write_json_atomic
 from envenc_ray.layout import RunLayout
@@ -125,8 +125,6 @@ def agent_config_hash(config: EnvEncConfig) -> str:
     Resources, batch sizes, learning rates and the iteration budget are left out: changing them continues
     training the same agent.
     """
-    import hashlib
-
     rl = config.rl
     payload: dict[str, Any] = {
         "game": config.env.game,
@@ -141,7 +139,7 @@ def agent_config_hash(config: EnvEncConfig) -> str:
     if rl.reward != "env":  # what it learned to maximise (absent for the game's reward: older agents keep their hash)
         payload["reward"] = {"mode": rl.reward, "scale": rl.reward_model_scale,
                              "reward_model": config.section_hash("reward_model")}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return content_hash(payload)
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -226,10 +226,40 @@ def run_app(config: EnvEncConfig, *, http: bool = False, app_name: str = APP_NAM
     ensure_ray()
     http = http or config.serve.http
     start_serve(config.serve, http)
-    app = build_app(config, model_path=model_path, encoder_dir=encoder_dir)
+    spec = replica_spec(config, model_path, encoder_dir)
+    app = configured_deployment(config.serve).bind(spec)
     # our app owns "/" (POST /encode); another app beside it (other model, other run) gets /<its name>/
     route_prefix = ("/" if app_name == APP_NAME else f"/{app_name}") if http else None
-    return ray_serve.run(app, name=app_name, route_prefix=route_prefix)
+    handle = ray_serve.run(app, name=app_name, route_prefix=route_prefix)
+    wait_for_replicas_of(handle, spec, app_name, config.serve.deploy_timeout_s)
+    return handle
+
+
+def wait_for_replicas_of(handle, spec: ReplicaSpec, app_name: str, timeout_s: float) -> None:
+    """Return once every replica of `app_name` runs `spec` (its `deploy_id`, read back through `info`).
+
+    `serve.run` of an app that already runs can return while the replicas of the earlier deploy still serve:
+    Serve may read the app as RUNNING before it has taken the new target, and keeps old replicas until new ones
+    start. An agent would then get latents of the previous encoder or VLM without a word.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        replicas = deployment_details(app_name)["replicas"]
+        running = [r for r in replicas if r["state"] == "RUNNING"]
+        if len(running) == len(replicas):  # no replica of an earlier deploy is starting, updating or stopping
+            if not running:  # scaled to zero: whatever starts next is of this deploy
+                return
+            # Serve routes each call to one replica: ask enough times to reach each a few times
+            seen = {handle.info.remote().result(timeout_s=60)["deploy_id"] for _ in range(4 * len(running))}
+            if seen == {spec.deploy_id}:
+                return
+        if time.monotonic() > deadline:
+            states = ", ".join(sorted(r["state"] for r in replicas)) or "none"
+            raise ModelError(f"Serve app {app_name!r}: {timeout_s:.0f} s after deploying it, not every replica runs "
+                             f"this deploy's VLM and encoder yet (replica states: {states}): new replicas could not "
+                             "start, e.g. for lack of CPUs or GPUs; stop the old app first (`serve shutdown`) or free "
+                             "resources, or raise serve.deploy_timeout_s")
+        time.sleep(0.5)
 
 
 def shutdown_app(app_name: str = APP_NAME) -> None:

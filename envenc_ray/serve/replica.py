@@ -11,6 +11,7 @@ import hashlib
 import logging
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,9 @@ class ReplicaSpec:
     num_threads: int  # torch intra-op threads per replica
     vllm_checkpoint: str | None = None  # serve.backend 'vllm': the checkpoint vLLM loads (vlm/vllm_backend.py)
     joint: bool = False  # stage2.method 'joint': serve the window of per-patch vision features (AdapterFeatures)
+    # which deploy made this spec (`replica_spec` draws a new one each time): `deployment.run_app` returns only once
+    # every running replica reports it, so no replica of an earlier deploy answers for this one
+    deploy_id: str = ""
 
 
 def runtime_settings(serve_config: ServeConfig) -> dict[str, Any]:
@@ -96,7 +100,8 @@ def replica_spec(config: EnvEncConfig, model_path: str | Path | None = None,
 
         checkpoint = str(vllm_checkpoint(config.vlm, model, shared_dir(config) / "vllm"))
     return ReplicaSpec(model_path=model, encoder_dir=str(encoder.resolve()), vlm=config.vlm,
-                       game=layout.game, num_threads=replica_threads(config), vllm_checkpoint=checkpoint, joint=joint)
+                       game=layout.game, num_threads=replica_threads(config), vllm_checkpoint=checkpoint, joint=joint,
+                       deploy_id=uuid.uuid4().hex)
 
 
 @dataclass
@@ -209,6 +214,7 @@ class EncoderCore:
             "encoder_dir": self.spec.encoder_dir,
             "vlm_sha256": self.vlm_sha256,  # what agents record and check (rl/checkpoints.latents_identity)
             "encoder_sha256": self.encoder_sha256,
+            "deploy_id": self.spec.deploy_id,
             "num_threads": self.spec.num_threads,
             **self.settings,
         }
