@@ -24,6 +24,7 @@ from envenc_ray.bench.autoscale import bench_autoscale  # noqa: E402
 from envenc_ray.bench.backends import bench_backends  # noqa: E402  (imports vLLM only when it runs)
 from envenc_ray.bench.encoder import bench_encoder  # noqa: E402
 from envenc_ray.bench.learner import bench_learner  # noqa: E402
+from envenc_ray.bench.readouts import bench_readouts  # noqa: E402
 from envenc_ray.bench.rollout import MODES as ROLLOUT_MODES  # noqa: E402
 from envenc_ray.bench.rollout import bench_rollout  # noqa: E402
 from envenc_ray.config import EnvEncConfig, load_config  # noqa: E402
@@ -138,6 +139,10 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
                        help="encoder: 'vllm' times the transformers and vLLM backends side by side in one run "
                        "(needs envenc-ray[vllm]; JSON default <run>/bench/encoder-vllm.json)")
+    bench.add_argument("--readouts", action="store_true",
+                       help="encoder: ms/frame and held-out probe R^2 of the built-in tiny VLM's read-outs (patch size, "
+                       "vlm.layer, vlm.pooling) on the run's collected frames, the config's own read-out first "
+                       "(JSON default <run>/bench/readouts.json)")
     bench.add_argument("--seconds", type=float, default=4.0, help="encoder: measuring time of each phase (default 4)")
     bench.add_argument("--iterations", type=int, default=3,
                        help="rollout: measured rounds per mode; learner: measured updates per mode (default 3)")
@@ -253,6 +258,9 @@ def _bench(config: EnvEncConfig, args: argparse.Namespace) -> None:
         return
     if args.backend == "vllm":
         bench_backends(config, args.json, seconds=args.seconds, command=command)
+        return
+    if args.readouts:
+        bench_readouts(config, args.json, command=command)
         return
     bench_encoder(config, args.json, callers=args.callers, frames_per_call=args.frames_per_call,
                   seconds=args.seconds, command=command)

@@ -83,10 +83,11 @@ class VLMConfig(Section):
         -1,
         description="Decoder layer whose output is read; layers above it are dropped. -1: the last layer.",
     )
-    pooling: Literal["last", "mean", "image_mean", "tokens"] = Field(
+    pooling: Literal["last", "mean", "image_mean", "spatial", "tokens"] = Field(
         "image_mean",
-        description="How token states become one vector: last token, mean of all, mean of image tokens, "
-        "or 'tokens' for the per-token (N, T, D) states.",
+        description="How token states become one vector: last token, mean of all, mean of image tokens, 'spatial' "
+        "(per channel, the expected column and row of a softmax over the image tokens' patch grid: 2 x D features "
+        "that keep where things are; Llava-family models), or 'tokens' for the per-token (N, T, D) states.",
     )
     prompt: str = Field(
         "a game of {game}. describe the state.",
@@ -119,6 +120,10 @@ class VLMConfig(Section):
         "frame); 'none': the whole frame resized to the crop size (no effect for processors that do not crop).",
     )
     tiny_seed: int = Field(0, description="Seed of the built-in tiny VLM's random weights and tokenizer.")
+    tiny_patch_size: Literal[8, 16] = Field(
+        16, description="Patch size of the built-in tiny VLM: 16 gives 8x8 image tokens, 8 gives 16x16, which place "
+        "Pong's ball better under vlm.pooling 'spatial' (benchmarks/bench_encoder_spatial.json) at ~4x the vision cost.",
+    )
 
 
 class CollectConfig(Section):
@@ -526,7 +531,8 @@ class EnvEncConfig(Section):
         inputs, stage2 = self.encoder.inputs, self.stage2
         if inputs != "llm" and self.vlm.pooling == "tokens":
             raise ValueError(f"encoder.inputs {inputs!r} reads one pooled vector per frame, but vlm.pooling 'tokens' "
-                             "keeps per-token states; set vlm.pooling to last, mean or image_mean, or encoder.inputs=llm")
+                             "keeps per-token states; set vlm.pooling to last, mean, image_mean or spatial, or "
+                             "encoder.inputs=llm")
         if inputs != "llm" and self.serve.backend == "vllm":
             raise ValueError(f"serve.backend 'vllm' returns the LLM's hidden state only, not encoder.inputs {inputs!r}; "
                              "set serve.backend=transformers or encoder.inputs=llm")
@@ -535,7 +541,8 @@ class EnvEncConfig(Section):
         refusals = [
             (self.rl.algo != "ppo", f"rl.algo {self.rl.algo!r}: joint training is built on PPO's RLModule; set rl.algo=ppo"),
             (self.rl.obs_mode != "latent", f"rl.obs_mode {self.rl.obs_mode!r}: set rl.obs_mode=latent"),
-            (self.vlm.pooling == "tokens", "vlm.pooling 'tokens': set vlm.pooling to last, mean or image_mean"),
+            (self.vlm.pooling == "tokens",
+             "vlm.pooling 'tokens': set vlm.pooling to last, mean, image_mean or spatial"),
             (inputs == "vision", "encoder.inputs 'vision' never reads the projector it would train; set encoder.inputs "
              "to llm or both"),
             (self.serve.backend == "vllm", "serve.backend 'vllm' cannot return the vision tower's output; set "
@@ -573,7 +580,7 @@ def content_hash(payload: Any) -> str:
 
 # vlm settings that change what the VLM computes for a frame before any layer is cut: what advice
 # finetuning depends on (layer, pooling, dtype, device and threads only change how it is read out).
-ADVISE_VLM_KEYS = ("model", "prompt", "trust_remote_code", "tiny_seed", "crop")
+ADVISE_VLM_KEYS = ("model", "prompt", "trust_remote_code", "tiny_seed", "tiny_patch_size", "crop")
 # advise settings that change where and how fast it runs, not what it learns.
 ADVISE_PLACEMENT_KEYS = ("num_workers", "cpus_per_worker", "use_gpu", "report_poll_s")
 

@@ -129,15 +129,19 @@ def synced_run(config: EnvEncConfig):
 
 
 def base_model_path(config: EnvEncConfig) -> str:
-    """'builtin:tiny' -> <run>/vlm (built there on first use); anything else is used as given."""
+    """'builtin:tiny' -> <run>/vlm (built there on first use, and again when vlm.tiny_seed or vlm.tiny_patch_size
+    differs from its build); anything else is used as given."""
     if config.vlm.model != BUILTIN_TINY:
         return config.vlm.model
-    from envenc_ray.vlm.tiny import build_tiny_vlm
+    from envenc_ray.vlm.tiny import MARKER_FILE, build_tiny_vlm
 
     model_dir = RunLayout.of(config).vlm
-    if not (model_dir / "config.json").exists():
-        print(f"building the built-in tiny VLM (seed {config.vlm.tiny_seed}) in {model_dir}")
-        build_tiny_vlm(model_dir, seed=config.vlm.tiny_seed)
+    wanted = {"seed": config.vlm.tiny_seed, "patch_size": config.vlm.tiny_patch_size}
+    built = read_json(model_dir / MARKER_FILE)
+    if built is None or {"seed": built["seed"], "patch_size": built["spec"]["patch_size"]} != wanted:
+        print(f"building the built-in tiny VLM (seed {config.vlm.tiny_seed}, patch {config.vlm.tiny_patch_size}) in "
+              f"{model_dir}")
+        build_tiny_vlm(model_dir, seed=config.vlm.tiny_seed, patch_size=config.vlm.tiny_patch_size)
     return str(model_dir)
 
 

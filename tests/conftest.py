@@ -94,6 +94,36 @@ def kill_when(args: list[str], env: dict, log: Path, ready, timeout_s: float, wh
         process.wait(timeout=30)
 
 
+@pytest.fixture
+def served_run():
+    """Factory: `envenc run` of a config, then its Serve app on the first frames. Returns the manifest, the hidden
+    states embed stored, those frames (uint8), what the service computes of them and its info; rows by (episode,
+    step)."""
+    from types import SimpleNamespace
+
+    def run_and_serve(config, count: int = 6) -> SimpleNamespace:
+        from ray import serve
+
+        from envenc_ray.data.schema import frames_to_array, hidden_to_array, read_table
+        from envenc_ray.pipeline import run
+        from envenc_ray.serve.client import EncoderClient
+
+        order = [("episode_id", "ascending"), ("step", "ascending")]
+        try:
+            manifest = run(config)
+            client = EncoderClient.connect(app_name=config.rl.serve_app)
+            hidden = read_table(config.run_dir / "hidden", "hidden", ("episode_id", "step", "hidden")).sort_by(order)
+            frames = read_table(config.run_dir / "frames", "frames", ("episode_id", "step", "frame")).sort_by(order)
+            frames_uint8 = frames_to_array(frames["frame"][:count], (210, 160, 3))
+            served, info = client.hidden(frames_uint8), client.info
+        finally:
+            serve.shutdown()
+        return SimpleNamespace(manifest=manifest, stored=hidden_to_array(hidden["hidden"]), frames=frames_uint8,
+                               served=served, info=info)
+
+    return run_and_serve
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """For modules that check values, not speed: one intra-op thread keeps them quick on a shared 2-core box."""

@@ -16,7 +16,7 @@ def test_embed_matches_in_process_vlm_and_skips_when_done(ray_session, tmp_path,
     config = debug_config("collect.max_steps_per_episode=20", "vlm.layer=2")
     collect(config)
     summary = embed(config)
-    assert summary.frames == 40 and summary.hidden_size == 128 and not summary.skipped
+    assert summary.frames == 40 and summary.hidden_size == 2 * 128 and not summary.skipped  # spatial: x, y
 
     hidden = read_table(config.run_dir / "hidden", "hidden", required=("episode_id", "step", "hidden", "objects"))
     frames = read_table(config.run_dir / "frames", "frames", required=("frame",))

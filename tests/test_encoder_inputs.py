@@ -40,7 +40,7 @@ def test_split_at_the_projector_equals_the_full_path(tiny_vlm_dir, pong_frames, 
 
 def test_bad_combinations_are_one_line_config_errors():
     cases = {
-        ("encoder.inputs=both", "vlm.pooling=tokens"): "set vlm.pooling to last, mean or image_mean",
+        ("encoder.inputs=both", "vlm.pooling=tokens"): "set vlm.pooling to last, mean, image_mean or spatial",
         ("encoder.inputs=vision", "serve.backend=vllm"): "set serve.backend=transformers",
         ("encoder.inputs=bogus",): "encoder.inputs",
     }
@@ -53,38 +53,21 @@ def test_bad_combinations_are_one_line_config_errors():
 
 
 @pytest.mark.slow
-def test_both_runs_through_embed_train_encoder_serve_and_ppo(ray_session, debug_config):
+def test_both_runs_through_embed_train_encoder_serve_and_ppo(ray_session, debug_config, served_run):
     """`envenc run` with encoder.inputs both: embed stores [llm, vision] states, the encoder is trained on and
     records them, the Serve app computes them from frames, and PPO trains one iteration on its latents."""
-    from ray import serve
-
-    from envenc_ray.data.schema import frames_to_array, hidden_to_array, read_table
-    from envenc_ray.pipeline import run
-    from envenc_ray.serve.client import EncoderClient
-
     config = debug_config("encoder.inputs=both", "vlm.layer=2")
-    try:
-        manifest = run(config)
-        client = EncoderClient.connect(app_name=config.rl.serve_app)
-        hidden = read_table(config.run_dir / "hidden", "hidden", ("episode_id", "step", "hidden"))
-        frames = read_table(config.run_dir / "frames", "frames", ("episode_id", "step", "frame"))
-        hidden = hidden.sort_by([("episode_id", "ascending"), ("step", "ascending")])
-        frames = frames.sort_by([("episode_id", "ascending"), ("step", "ascending")])
-        frames_uint8 = frames_to_array(frames["frame"][:6], (210, 160, 3))
-        served = client.hidden(frames_uint8)
-        info = client.info
-    finally:
-        serve.shutdown()
-    assert not any(stage["skipped"] for stage in manifest["stages"].values())
-    stored = hidden_to_array(hidden["hidden"])
-    assert stored.shape[1:] == (256,)  # 128 (LLM at layer 2) + 128 (vision tower)
+    result = served_run(config)
+    stored, info = result.stored, result.info
+    assert not any(stage["skipped"] for stage in result.manifest["stages"].values())
+    assert stored.shape[1:] == (384,)  # 2 x 128 (LLM at layer 2, spatial pooling) + 128 (vision tower)
     assert json.loads((config.run_dir / "hidden" / "_embed.json").read_text())["inputs"] == "both"
     exported = json.loads((config.run_dir / "encoder" / "config.json").read_text())
-    assert exported["hidden_size"] == 256 and exported["encoder"]["inputs"] == "both"
-    assert info["hidden_size"] == 256 and info["output"] == "both"
-    np.testing.assert_allclose(served, stored[:6], atol=1e-4)  # the service reads frames the way embed did
+    assert exported["hidden_size"] == 384 and exported["encoder"]["inputs"] == "both"
+    assert info["hidden_size"] == 384 and info["output"] == "both"
+    np.testing.assert_allclose(result.served, stored[:6], atol=1e-4)  # the service reads frames the way embed did
     vlm = TruncatedVLM.from_config(config.vlm, model_path=str(config.run_dir / "vlm"), output="both")
-    np.testing.assert_allclose(vlm.embed(frames_uint8).numpy(), stored[:6], atol=1e-4)
+    np.testing.assert_allclose(vlm.embed(result.frames).numpy(), stored[:6], atol=1e-4)
     train = json.loads((config.run_dir / "agent" / "train.json").read_text())
     assert train["summary"]["iterations"] == 1 and train["summary"]["env_steps_lifetime"] > 0
 

@@ -117,7 +117,7 @@ def test_vllm_states_equal_the_transformers_backend(backends, pong_frames):
     torch.testing.assert_close(tokens, expected, atol=1e-4, rtol=0)
     for pooling in POOLINGS:  # one pooling code for both backends, on the image mask of the same prompt
         vlm.pooling = pooling
-        torch.testing.assert_close(vlm.embed(frames[:2]), pool(expected[:2], reference.image_mask, pooling),
+        torch.testing.assert_close(vlm.embed(frames[:2]), pool(expected[:2], reference.image_mask, pooling, vlm.grid),
                                    atol=1e-4, rtol=0)
     vlm.pooling = "tokens"
 

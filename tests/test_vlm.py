@@ -14,7 +14,7 @@ import torch
 
 from envenc_ray.config import VLMConfig
 from envenc_ray.errors import ConfigError, InputError, ModelError
-from envenc_ray.vlm.backbone import TruncatedVLM
+from envenc_ray.vlm.backbone import SPATIAL_FEATURES, TruncatedVLM, spatial_softmax
 from envenc_ray.vlm.preprocess import FramePreprocessor
 from envenc_ray.vlm.tiny import TinySpec, build_tiny_vlm
 
@@ -248,11 +248,15 @@ def test_poolings_shapes_dtypes_and_meaning(tiny_vlm_dir, pong_frames):
         "last": tokens[:, -1],
         "mean": tokens.mean(dim=1),
         "image_mean": tokens[:, tokens_vlm.image_mask].mean(dim=1),
+        "spatial": spatial_softmax(tokens[:, tokens_vlm.image_mask], (8, 8)),  # 128/16 patches a side
     }
     for pooling, want in expected.items():
-        pooled = TruncatedVLM.from_pretrained(tiny_vlm_dir, layer=3, pooling=pooling).embed(frames)
-        assert pooled.shape == (count, width) and pooled.dtype == torch.float32, pooling
+        pooled_vlm = TruncatedVLM.from_pretrained(tiny_vlm_dir, layer=3, pooling=pooling)
+        pooled = pooled_vlm.embed(frames)
+        assert pooled.shape == (count, pooled_vlm.hidden_size) == want.shape, pooling
+        assert pooled.dtype == torch.float32, pooling
         torch.testing.assert_close(pooled, want, atol=1e-5, rtol=1e-5)
+    assert expected["spatial"].shape[1] == SPATIAL_FEATURES * width
     assert not torch.allclose(expected["image_mean"][0], expected["image_mean"][1])  # frames differ -> states differ
 
 

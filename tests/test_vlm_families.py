@@ -365,6 +365,18 @@ def test_families_without_a_separable_projector_refuse_the_split(references, fam
         assert "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("family, why", [("idefics3", "tiles of pixel-shuffled"), ("qwen2_vl", "smart resize")])
+def test_families_without_a_patch_grid_refuse_spatial_pooling(references, family, why):
+    """vlm.pooling 'spatial' needs the image tokens as one row-major patch grid: one line saying why this family
+    has none and what to use, from the config before any weights load."""
+    from envenc_ray.errors import ModelError
+
+    with pytest.raises(ModelError, match=f"{family} model and .*{why}.*image_mean, or a model of the llava family"
+                       ) as error:
+        TruncatedVLM.from_pretrained(str(references[family][0]), pooling="spatial")
+    assert "\n" not in str(error.value)
+
+
 # ------------------------------------------------------------------------------------------ serving
 
 

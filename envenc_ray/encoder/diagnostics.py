@@ -8,6 +8,9 @@ does (its seeded held-out episodes, its probe subsample), so `probe_r2.untrained
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 from tqdm import tqdm
 
@@ -21,29 +24,48 @@ from envenc_ray.layout import RunLayout, base_model_path
 
 def base_probe_r2(config: EnvEncConfig) -> dict[str, float]:
     """Held-out ridge-probe R² per annotated variable of the base VLM's hidden states of <run>/frames/."""
-    import torch
-
     from envenc_ray.vlm.backbone import TruncatedVLM
 
-    layout = RunLayout.of(config)
-    frames_dir = layout.frames
-    table = read_table(frames_dir, "frames (envenc collect)", ("episode_id", "step", "frame", "objects"))
-    episode_ids = table["episode_id"].to_numpy().astype(np.int64)
-    order = np.lexsort((table["step"].to_numpy(), episode_ids))  # the row order train-encoder probes in
-    table, episode_ids = table.take(order), episode_ids[order]
-    vlm = TruncatedVLM.from_config(config.vlm, model_path=base_model_path(config), game=layout.game)
-    frame_shape, batch = read_frame_shape(frames_dir), config.embed.batch_size
-    hidden = []
-    with torch.inference_mode():
-        for start in tqdm(range(0, table.num_rows, batch), desc="probe the untrained VLM", unit="batch", leave=False):
-            frames = frames_to_array(table["frame"][start:start + batch], frame_shape)
-            hidden.append(vlm.embed(frames).numpy())
-    features = np.concatenate(hidden)  # (N, D), or (N, T, D) for tokens pooling: the probe flattens it
-    train_rows, val_rows = split_by_episode(episode_ids, config.encoder.val_fraction, config.experiment.seed)
-    objects = objects_to_table([text or "{}" for text in table["objects"].to_pylist()])
-    targets = probe_targets(with_velocities(objects, episode_ids, table["step"].to_numpy()), train_rows, val_rows)
-    probe_rows = probe_subsample(train_rows, features.shape[1:], config.experiment.seed)
-    return ridge_probe_r2(features, targets, probe_rows, val_rows)
+    frames = AnnotatedFrames.of(config)
+    vlm = TruncatedVLM.from_config(config.vlm, model_path=base_model_path(config), game=RunLayout.of(config).game)
+    return frames.probe_r2(frames.embed(vlm, config.embed.batch_size, "probe the untrained VLM"), config)
 
 
-__all__ = ["base_probe_r2"]
+@dataclass(frozen=True)
+class AnnotatedFrames:
+    """<run>/frames/ (envenc collect) in the row order train-encoder probes in: by episode, then step."""
+
+    table: Any  # pyarrow Table: episode_id, step, frame, objects
+    episode_ids: np.ndarray
+    frame_shape: tuple[int, int, int]
+
+    @classmethod
+    def of(cls, config: EnvEncConfig) -> AnnotatedFrames:
+        frames_dir = RunLayout.of(config).frames
+        table = read_table(frames_dir, "frames (envenc collect)", ("episode_id", "step", "frame", "objects"))
+        episode_ids = table["episode_id"].to_numpy().astype(np.int64)
+        order = np.lexsort((table["step"].to_numpy(), episode_ids))
+        return cls(table.take(order), episode_ids[order], read_frame_shape(frames_dir))
+
+    def frames(self, start: int, stop: int) -> np.ndarray:
+        """uint8 (stop - start, H, W, 3) frames of rows start..stop-1."""
+        return frames_to_array(self.table["frame"][start:stop], self.frame_shape)
+
+    def embed(self, vlm: Any, batch: int, description: str) -> np.ndarray:
+        """`vlm.embed` of every frame, in batches: (N, D), or (N, T, D) for tokens pooling."""
+        rows = self.table.num_rows
+        batches = tqdm(range(0, rows, batch), desc=description, unit="batch", leave=False)
+        return np.concatenate([vlm.embed(self.frames(start, start + batch)).numpy() for start in batches])
+
+    def probe_r2(self, features: np.ndarray, config: EnvEncConfig) -> dict[str, float]:
+        """Held-out ridge-probe R² per annotated variable that varies, on train-encoder's episode split and probe
+        rows (the same rows for any two features of one rank, so read-outs compare on equal data)."""
+        train_rows, val_rows = split_by_episode(self.episode_ids, config.encoder.val_fraction, config.experiment.seed)
+        objects = objects_to_table([text or "{}" for text in self.table["objects"].to_pylist()])
+        targets = probe_targets(with_velocities(objects, self.episode_ids, self.table["step"].to_numpy()), train_rows,
+                                val_rows)
+        probe_rows = probe_subsample(train_rows, features.shape[1:], config.experiment.seed)
+        return ridge_probe_r2(features, targets, probe_rows, val_rows)
+
+
+__all__ = ["AnnotatedFrames", "base_probe_r2"]

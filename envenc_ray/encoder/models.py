@@ -275,7 +275,7 @@ def check_hidden_kind(kind: str, per_token: bool, what: str) -> None:
                           "encoder.kind")
     if kind != "tokens" and per_token:
         raise ConfigError(f"encoder.kind {kind!r} reads one pooled hidden state per frame, but {what} per-token "
-                          "states (T, D); set encoder.kind=tokens, or vlm.pooling to last, mean or image_mean")
+                          "states (T, D); set encoder.kind=tokens, or vlm.pooling to last, mean, image_mean or spatial")
 
 
 def check_pooling(kind: str, pooling: str) -> None:

@@ -47,12 +47,19 @@ from envenc_ray.vlm.preprocess import CROPS, FramePreprocessor, ReferencePreproc
 
 log = logging.getLogger(__name__)
 
-POOLINGS = ("last", "mean", "image_mean", "tokens")
+POOLINGS = ("last", "mean", "image_mean", "spatial", "tokens")
+# the poolings that read the image tokens only: the prompt after the image never runs for them
+IMAGE_POOLINGS = ("image_mean", "spatial")
 # What `embed` returns: the LLM's hidden state (pooled as `pooling` says), or, split at the multimodal projector
 # (see `ImageAdapter`), the vision tower's output averaged over patches ('vision'), both concatenated
 # ([llm, vision]: 'both'), or the tower's per-patch output itself ('patches', (N, P, Dv): what the projector of
 # stage2.method 'joint' reads in the RLModule). 'llm', 'vision' and 'both' are encoder.inputs.
 OUTPUTS = ("llm", "vision", "both", "patches")
+# 'spatial' pooling gives the expected x and y of each channel (`spatial_softmax`), no presence feature: on 2,400
+# Pong frames (6 episodes, held-out ridge probe, tiny VLM, patch 16) adding each channel's log-sum-exp or max over
+# the grid moved ball_x by -0.08..+0.05 and ball_y / ball_in_play by -0.08..0.00 at layers 0 and 2: no consistent
+# gain for 1.5x the features every consumer reads
+SPATIAL_FEATURES = 2
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DTYPE_CHOICES = (*DTYPES, "auto")  # auto: bfloat16 where checked and native, else float32 (resolve_dtype)
 BUILTIN_TINY = "builtin:tiny"
@@ -79,6 +86,12 @@ class Family:
     # family has no such split point, and `no_projector_split` says why.
     projector: str | None = None
     no_projector_split = "it has no multimodal projector of its own over the vision tower's output"
+    no_token_grid = "its image tokens are not one row-major grid of patches"
+
+    def token_grid(self, config: Any) -> tuple[int, int] | None:
+        """(rows, cols) of the image tokens of one frame, laid out row-major, from the config alone; None when the
+        tokens form no such grid (`no_token_grid` says why): what vlm.pooling 'spatial' needs."""
+        return None
 
     def load_processor(self, source: str, config: Any, trust_remote_code: bool) -> Any:
         """The model's processor: what gives the image processor, the tokenizer and the prompt's image tokens."""
@@ -135,6 +148,13 @@ class LlavaFamily(Family):
     name = "llava"
     model_types = ("llava",)
     projector = "multi_modal_projector"
+    no_token_grid = "its vision_feature_select_strategy 'full' puts CLIP's class token among the image tokens"
+
+    def token_grid(self, config: Any) -> tuple[int, int] | None:
+        if config.vision_feature_select_strategy != "default":
+            return None
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        return side, side
 
     def prune_vision(self, backbone: nn.Module) -> None:
         config = backbone.config
@@ -193,6 +213,7 @@ class Idefics3Family(Family):
     model_types = ("idefics3",)
     decoder = "text_model"
     no_projector_split = "its connector pixel-shuffles the tower's patches into fewer tokens before projecting them"
+    no_token_grid = "its image tokens are tiles of pixel-shuffled patches, not one grid of the frame"
 
     def preprocessor(self, image_processor: Any) -> ReferencePreprocessor:
         return ReferencePreprocessor(image_processor)
@@ -249,6 +270,7 @@ class Qwen2VLFamily(Family):
     name = "qwen2_vl"
     model_types = ("qwen2_vl",)
     no_projector_split = "its patch merger, the projector, is part of the vision model"
+    no_token_grid = "its merged-patch grid follows each frame's size (smart resize), which TruncatedVLM does not map"
 
     def load_processor(self, source: str, config: Any, trust_remote_code: bool) -> ProcessorParts:
         from transformers import AutoImageProcessor, AutoTokenizer
@@ -319,6 +341,7 @@ class PromptPlan:
     image_mask: torch.Tensor  # (T,) bool: the image placeholder tokens
     embeddings: torch.Tensor  # (1, T, D): the prompt's token embeddings (the image tokens' are replaced)
     pooling: str
+    grid: tuple[int, int] | None  # (rows, cols) of the image tokens: what 'spatial' pooling lays them out on
     cache_keyword: str  # the decoder's name for its KV cache argument (it changed in transformers 5)
     prefix: int  # tokens before the first image token: computed once
     end: int  # T, or the last image token + 1 when the pooling reads image tokens only
@@ -340,7 +363,7 @@ class PromptPlan:
                          **past).last_hidden_state
         if start:
             hidden = torch.cat([self.prefix_states.expand(batch, -1, -1), hidden], dim=1)
-        return pool(hidden, self.image_mask[:end], self.pooling)
+        return pool(hidden, self.image_mask[:end], self.pooling, self.grid)
 
     def prefix_cache(self, batch: int):
         """A fresh cache holding the prefix's keys and values for `batch` frames."""
@@ -389,10 +412,15 @@ class TruncatedVLM:
         self.preprocessor = with_crop(family.preprocessor(processor.image_processor), crop)
         self.decoder = _get(backbone, family.decoder)
         self.dtype = next(backbone.parameters()).dtype
+        self.grid = spatial_grid(family, backbone.config, source) if pooling == "spatial" else None
         self._prompts: dict[tuple[int, int], PromptPlan] = {}
         # the prompt for ALE frames; other frame sizes get theirs on first use
         ale_prompt = self._prompt_for(ATARI_FRAME_SIZE)
         self.input_ids, self.image_mask = ale_prompt.input_ids, ale_prompt.image_mask
+        if self.grid is not None and self.num_image_tokens != self.grid[0] * self.grid[1]:
+            raise ModelError(f"vlm.pooling 'spatial' lays the image tokens of {source} on a {self.grid[0]}x"
+                             f"{self.grid[1]} grid, but its prompt has {self.num_image_tokens} image tokens per frame; "
+                             "use vlm.pooling image_mean")
         self.output = output
         # (P, Dv) of the tower's per-patch output, for the read-outs split at the projector
         self.patch_shape = family.patch_shape(backbone.config) if output != "llm" else None
@@ -448,6 +476,8 @@ class TruncatedVLM:
         family = _family_of(config, source)
         if output != "llm":
             check_projector_split(family, source)
+        if pooling == "spatial":  # from the config, before the weights load
+            spatial_grid(family, config, source)
         local = Path(source)
         if local.is_dir() and not any(local.glob("*.safetensors")) and any(local.glob("*.bin")):
             raise ModelError(f"{source} holds its weights only as .bin (a pickle, which can run code when loaded): "
@@ -528,9 +558,9 @@ class TruncatedVLM:
 
     @property
     def hidden_size(self) -> int:
-        """D of the returned hidden states: the decoder's width ('llm'), the vision tower's Dv ('vision', and per
-        patch for 'patches'), or their sum ('both')."""
-        llm = self.decoder.config.hidden_size
+        """D of the returned hidden states: the decoder's width ('llm'; times SPATIAL_FEATURES with 'spatial'
+        pooling), the vision tower's Dv ('vision', and per patch for 'patches'), or their sum ('both')."""
+        llm = pooled_width(self.pooling, self.decoder.config.hidden_size)
         if self.output == "llm":
             return llm
         return llm + self.patch_shape[1] if self.output == "both" else self.patch_shape[1]
@@ -561,8 +591,8 @@ class TruncatedVLM:
     def embed(self, frames_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 RGB frames (N, H, W, 3) -> float32 hidden states on `self.device`.
 
-        Shape (N, D) for 'last', 'mean' and 'image_mean' pooling, (N, T, D) for 'tokens'. Returned tensors
-        are inference tensors: `.clone()` them before using them in autograd.
+        Shape (N, D) for 'last', 'mean', 'image_mean' and 'spatial' pooling (D: `hidden_size`), (N, T, D) for
+        'tokens'. Returned tensors are inference tensors: `.clone()` them before using them in autograd.
         """
         return self.embed_frames(as_frame_batch(frames_uint8))
 
@@ -626,11 +656,11 @@ class TruncatedVLM:
         from transformers import DynamicCache
 
         image_positions = image_mask.nonzero().flatten()
-        end = int(image_positions[-1]) + 1 if self.pooling == "image_mean" else len(image_mask)
+        end = int(image_positions[-1]) + 1 if self.pooling in IMAGE_POOLINGS else len(image_mask)
         # no kept layer: nothing to compute once; compiled layers: a KV cache argument would recompile them
         prefix = int(image_positions[0]) if self.num_layers and not self.compiled else 0
         embeddings = self.backbone.get_input_embeddings()(input_ids)
-        plan = PromptPlan(input_ids, image_mask, embeddings, self.pooling, self._cache_keyword, 0, end)
+        plan = PromptPlan(input_ids, image_mask, embeddings, self.pooling, self.grid, self._cache_keyword, 0, end)
         if prefix == 0:
             return plan
         cache = DynamicCache()  # filled in place
@@ -742,17 +772,55 @@ def patch_shape_of(source: str, trust_remote_code: bool = False) -> tuple[int, i
 # -------------------------------------------------------------------- helpers
 
 
-def pool(hidden: torch.Tensor, image_mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """(N, T, D) token states -> float32 (N, D) ('last', 'mean', 'image_mean') or (N, T, D) ('tokens')."""
+def pool(hidden: torch.Tensor, image_mask: torch.Tensor, pooling: str,
+         grid: tuple[int, int] | None = None) -> torch.Tensor:
+    """(N, T, D) token states -> float32 (N, D) ('last', 'mean', 'image_mean'), (N, SPATIAL_FEATURES * D)
+    ('spatial', over the image tokens laid out on `grid`) or (N, T, D) ('tokens')."""
     if pooling == "last":
         pooled = hidden[:, -1]
     elif pooling == "mean":
         pooled = hidden.float().mean(dim=1)
     elif pooling == "image_mean":
         pooled = hidden[:, image_mask].float().mean(dim=1)
+    elif pooling == "spatial":
+        pooled = spatial_softmax(hidden[:, image_mask], grid)
     else:  # tokens
         pooled = hidden
     return pooled.float().contiguous()
+
+
+def spatial_softmax(image_states: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(N, rows * cols, D) image-token states in row-major order -> float32 (N, SPATIAL_FEATURES * D): per channel,
+    a softmax over the grid's positions and the expected column and row under it, each in [-1, 1] (left/top -1),
+    as [x (D), y (D)].
+
+    Why: a mean over the tokens washes out an object that fills one patch (Pong's ball), while the softmax of a
+    channel that responds to it peaks at its patch, so the expected position follows the object (Levine et al.
+    2016's spatial soft-argmax, here without learned parameters).
+    """
+    rows, cols = grid
+    states = image_states.float()
+    weights = torch.softmax(states, dim=1)  # over positions, per channel
+    xs = torch.linspace(-1.0, 1.0, cols, device=states.device).repeat(rows)  # column of each row-major position
+    ys = torch.linspace(-1.0, 1.0, rows, device=states.device).repeat_interleave(cols)
+    expected_x = torch.einsum("npd,p->nd", weights, xs)
+    expected_y = torch.einsum("npd,p->nd", weights, ys)
+    return torch.cat([expected_x, expected_y], dim=1)
+
+
+def pooled_width(pooling: str, hidden_size: int) -> int:
+    """Features per frame of a pooled read-out of `hidden_size`-wide token states (per token for 'tokens')."""
+    return SPATIAL_FEATURES * hidden_size if pooling == "spatial" else hidden_size
+
+
+def spatial_grid(family: Family, config: Any, source: str) -> tuple[int, int]:
+    """(rows, cols) of the model's image tokens, or a one-line ModelError for a family without one."""
+    grid = family.token_grid(config)
+    if grid is None:
+        raise ModelError(f"vlm.pooling 'spatial' lays the image tokens on the model's patch grid, but {source} is a "
+                         f"{family.name} model and {family.no_token_grid}; use vlm.pooling image_mean, or a model of "
+                         "the llava family (vlm.model)")
+    return grid
 
 
 def static_prompt(family: Family, processor: Any, prompt: str, frame_size: tuple[int, int], model_config: Any,

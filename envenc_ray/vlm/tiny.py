@@ -59,8 +59,11 @@ class TinySpec:
         return (self.image_size // self.patch_size) ** 2
 
 
-def build_tiny_vlm(out_dir: str | Path, seed: int = 0, *, measure: bool = True, report: bool = True) -> Path:
+def build_tiny_vlm(out_dir: str | Path, seed: int = 0, *, patch_size: int = TinySpec.patch_size, measure: bool = True,
+                   report: bool = True) -> Path:
     """Build the tiny VLM into `out_dir` (written to a temporary sibling, then renamed) and return its path.
+
+    `patch_size` (a divisor of 128) sets the image-token grid; `envenc bench encoder --readouts` compares sizes.
 
     `measure` times TruncatedVLM.embed on synthetic 210x160 frames (batch 1 and 32) and records it in
     `envenc_tiny.json` next to the parameter count; `report` prints a one-line summary.
@@ -68,7 +71,9 @@ def build_tiny_vlm(out_dir: str | Path, seed: int = 0, *, measure: bool = True, 
     """
     out = Path(out_dir)
     _check_replaceable(out)
-    spec = TinySpec()
+    if TinySpec.image_size % patch_size:
+        raise ModelError(f"the tiny VLM's patch size must divide its {TinySpec.image_size}-pixel input; got {patch_size}")
+    spec = TinySpec(patch_size=patch_size)
     with quiet_progress_bars(), replaced_atomically(out) as staging:
         info = _build_into(staging, spec, seed, measure)
     summary = (

@@ -7,7 +7,8 @@
 How it gives TruncatedVLM's numbers:
 - vLLM runs the model through its Transformers modeling backend (`model_impl="transformers"`) as a pooling
   model with the `token_embed` task, `ALL` token pooling and no activation: every token's state comes back,
-  and `backbone.pool` pools them exactly as TruncatedVLM does ('last', 'mean', 'image_mean', 'tokens').
+  and `backbone.pool` pools them exactly as TruncatedVLM does ('last', 'mean', 'image_mean', 'spatial' on the
+  Llava patch grid, 'tokens').
 - Truncation: `hf_overrides` sets the text config's layer count to k, so vLLM builds only layers 1..k. vLLM
   refuses checkpoint weights it has no module for, so it loads a copy of the checkpoint without the decoder
   layers above k (`vllm_checkpoint`, written once beside the run, on the driver).
@@ -36,7 +37,8 @@ import torch
 
 from envenc_ray.errors import ConfigError, ModelError
 from envenc_ray.storage import pull
-from envenc_ray.vlm.backbone import ATARI_FRAME_SIZE, FAMILIES, pool, resolve_dtype, resolve_layer, static_prompt
+from envenc_ray.vlm.backbone import (ATARI_FRAME_SIZE, FAMILIES, pool, pooled_width, resolve_dtype, resolve_layer,
+                                     spatial_grid, static_prompt)
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +155,7 @@ class VLLMBackend:
         self.preprocessor = None  # vLLM preprocesses raw frames itself: clients must not resize
         self.text = family.prompt_text(processor, prompt)
         self.image_mask = image_mask  # of the prompt for 210x160 frames; other sizes get theirs on first use
+        self.grid = family.token_grid(model_config)  # Llava's patch grid, for 'spatial' pooling
         self._masks: dict[tuple[int, int], torch.Tensor] = {ATARI_FRAME_SIZE: image_mask}
         # what the vision tower sees of a 210x160 frame, for the service's info (vLLM does the resizing)
         self.image_size = family.preprocessor(processor.image_processor).output_size_for(*ATARI_FRAME_SIZE)
@@ -177,6 +180,8 @@ class VLLMBackend:
                              "virtual environment (README: 'The vLLM backend')") from None
         config = AutoConfig.from_pretrained(str(model_path), trust_remote_code=vlm_config.trust_remote_code)
         family = FAMILIES[config.model_type]
+        if vlm_config.pooling == "spatial":  # a one-line ModelError for a Llava without a plain patch grid
+            spatial_grid(family, config, str(model_path))
         processor = family.load_processor(str(model_path), config, vlm_config.trust_remote_code)
         prompt = vlm_config.prompt.format(game=game)
         image_mask = static_prompt(family, processor, prompt, ATARI_FRAME_SIZE, config, str(model_path))[1]
@@ -212,7 +217,7 @@ class VLLMBackend:
 
     @property
     def hidden_size(self) -> int:
-        return int(self.model_config.text_config.hidden_size)
+        return pooled_width(self.pooling, int(self.model_config.text_config.hidden_size))
 
     @property
     def num_layers(self) -> int:
@@ -243,7 +248,7 @@ class VLLMBackend:
         if any(state.shape[0] != image_mask.shape[0] for state in states):
             raise ModelError(f"vLLM returned {[int(s.shape[0]) for s in states]} token states per frame where the "
                              f"prompt has {image_mask.shape[0]}: its processor and ours disagree on the prompt")
-        return pool(torch.stack(states), image_mask, self.pooling)
+        return pool(torch.stack(states), image_mask, self.pooling, self.grid)
 
     def _mask_for(self, frame_size: tuple[int, int]) -> torch.Tensor:
         frame_size = (int(frame_size[0]), int(frame_size[1]))
