@@ -30,7 +30,7 @@ from envenc_ray.bench.rollout import bench_rollout  # noqa: E402
 from envenc_ray.config import EnvEncConfig, load_config  # noqa: E402
 from envenc_ray.errors import ConfigError, EnvEncError  # noqa: E402
 from envenc_ray.files import remove_orphaned_temporaries  # noqa: E402
-from envenc_ray.layout import RunLayout, shared_dir, synced_run  # noqa: E402
+from envenc_ray.layout import CONFIG_COPY, RunLayout, shared_dir, synced_run  # noqa: E402
 from envenc_ray.pipeline import STAGES, Stage  # noqa: E402
 from envenc_ray.pipeline import run as run_pipeline  # noqa: E402
 from envenc_ray.rl.experiment import experiment, experiment_status  # noqa: E402
@@ -211,10 +211,10 @@ def _resolve_config(args: argparse.Namespace):
     argument = args.configs[0] if len(args.configs) == 1 else ""
     if is_uri(argument) and not argument.endswith((".yaml", ".yml")):
         run_root, name = argument.rstrip("/").rsplit("/", 1)
-        recorded = pull(local_root(run_root) / name / "config.yaml")
+        recorded = pull(local_root(run_root) / name / CONFIG_COPY)
     elif argument and Path(argument).is_dir():
         run_dir = Path(argument).resolve()  # wherever the folder is now, not where it was made
-        run_root, name, recorded = str(run_dir.parent), run_dir.name, run_dir / "config.yaml"
+        run_root, name, recorded = str(run_dir.parent), run_dir.name, run_dir / CONFIG_COPY
     else:
         return load_config(args.configs, args.overrides)
     if not recorded.is_file():

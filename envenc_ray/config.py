@@ -70,12 +70,15 @@ class EnvConfig(Section):
     )
 
 
+BUILTIN_TINY = "builtin:tiny"  # vlm.model's name for the tiny VLM built into <run>/vlm (vlm/paths.py, vlm/tiny.py)
+
+
 class VLMConfig(Section):
     # compiled layers compute the eager states (tests/test_vlm.py); threads change only the order of float sums
     RUNTIME_ONLY: ClassVar[set[str]] = {"compile", "num_threads"}
 
     model: Annotated[str, AfterValidator(_absolute_if_local)] = Field(
-        "builtin:tiny",
+        BUILTIN_TINY,
         description="'builtin:tiny' (created locally in <run>/vlm), a local HF model directory (made absolute on "
         "load) or a hub name.",
     )
@@ -571,6 +574,14 @@ class EnvEncConfig(Section):
         payload = {name: getattr(self, name).model_dump(mode="json", exclude=getattr(self, name).RUNTIME_ONLY)
                    for name in sections}
         return content_hash(payload)
+
+
+def game_name(game: str) -> str:
+    """The short lower-case name used by annotations and advice: 'ALE/Pong-v5' -> 'pong'."""
+    if game.startswith("ALE/"):
+        game = game[len("ALE/"):].rsplit("-v", 1)[0]
+        return "".join("_" + c.lower() if c.isupper() and i else c.lower() for i, c in enumerate(game))
+    return game.lower()
 
 
 def content_hash(payload: Any) -> str:

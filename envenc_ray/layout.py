@@ -1,16 +1,14 @@
-"""Where things live: every folder of a run, the VLM it reads, the encoder its agent reads, its game's name.
+"""Where things live: every folder of a run and of the shared folder next to it, and the run's game name.
 
     RunLayout.of(config)        the run directory's artifacts (frames/, hidden/, encoder/, agent/, ...),
                                 `agent_encoder` (rl.encoder_dir, else <run>/encoder) and the canonical game
-    base_model_path(config)     'builtin:tiny' -> <run>/vlm (built there on first use); else vlm.model
-    resolve_model_path(config)  the VLM every later stage reads: the base model, or with
-                                stage2.method 'finetuned' (or 'joint' from finetuned) the one
-                                <run>/advise.json points at
     shared_dir(config)          <run_root>/_shared: artifacts that runs and experiment arms share
+                                (shared_frames_root, shared_advise_dir, shared_vllm_dir name its folders)
     synced_run(config)          around a stage on the driver: a run on a URI run root down, then up (storage.py)
 
 Computed here once, so collect, embed, Serve, the RL connector, evaluation, the report and the benchmarks all
-read and write the same places; no other module spells a run folder's name.
+read and write the same places; no other module spells a run folder's name. Shared ground: it imports only
+config, files, storage and the like, so every folder may import it. Which VLM a run reads is vlm/paths.py.
 """
 
 from __future__ import annotations
@@ -18,14 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from envenc_ray.config import EnvEncConfig
-from envenc_ray.envs.atari import game_name
-from envenc_ray.errors import ModelError
-from envenc_ray.files import read_json
+from envenc_ray.config import EnvEncConfig, game_name
 from envenc_ray.storage import local_root, synced
 
-BUILTIN_TINY = "builtin:tiny"
 SHARED = "_shared"
+CONFIG_COPY = "config.yaml"  # RunLayout.config_copy's name; `envenc report RUN_DIR` looks for it before a config exists
 
 
 @dataclass(frozen=True)
@@ -116,53 +111,28 @@ class RunLayout:
 
     @property
     def config_copy(self) -> Path:  # the resolved config, so `envenc report RUN_DIR` can rebuild the report
-        return self.run_dir / "config.yaml"
+        return self.run_dir / CONFIG_COPY
 
 
 def shared_dir(config: EnvEncConfig) -> Path:
     return local_root(config.experiment.run_root) / SHARED
 
 
+def shared_frames_root(config: EnvEncConfig) -> Path:
+    """The run root of advise's recordings of other games: one collect run per game and recipe in it."""
+    return shared_dir(config) / "frames"
+
+
+def shared_advise_dir(config: EnvEncConfig, key: str) -> Path:
+    """One finetuned VLM ({vlm/, metrics.json}) per advise settings and data (`key`), found again by any run."""
+    return shared_dir(config) / f"advise-{key}"
+
+
+def shared_vllm_dir(config: EnvEncConfig) -> Path:
+    """vLLM checkpoints cut at vlm.layer (vllm_backend.vllm_checkpoint, keyed by weights and layers), Serve's and the bench's."""
+    return shared_dir(config) / "vllm"
+
+
 def synced_run(config: EnvEncConfig):
     """Around a stage on the driver: the run (on a URI run root) down before, what it wrote up after."""
     return synced(config.run_dir, shared_dir(config))
-
-
-def base_model_path(config: EnvEncConfig) -> str:
-    """'builtin:tiny' -> <run>/vlm (built there on first use, and again when vlm.tiny_seed or vlm.tiny_patch_size
-    differs from its build); anything else is used as given."""
-    if config.vlm.model != BUILTIN_TINY:
-        return config.vlm.model
-    from envenc_ray.vlm.tiny import MARKER_FILE, build_tiny_vlm
-
-    model_dir = RunLayout.of(config).vlm
-    wanted = {"seed": config.vlm.tiny_seed, "patch_size": config.vlm.tiny_patch_size}
-    built = read_json(model_dir / MARKER_FILE)
-    if built is None or {"seed": built["seed"], "patch_size": built["spec"]["patch_size"]} != wanted:
-        print(f"building the built-in tiny VLM (seed {config.vlm.tiny_seed}, patch {config.vlm.tiny_patch_size}) in "
-              f"{model_dir}")
-        build_tiny_vlm(model_dir, seed=config.vlm.tiny_seed, patch_size=config.vlm.tiny_patch_size)
-    return str(model_dir)
-
-
-def resolve_model_path(config: EnvEncConfig) -> str:
-    """The VLM that embed, Serve and the agent read under `config.stage2` (absolute if a folder)."""
-    if not config.stage2.reads_finetuned_vlm:
-        model = base_model_path(config)
-    else:
-        model = _finetuned_model_path(config)
-    return str(Path(model).resolve()) if Path(model).exists() else model
-
-
-def _finetuned_model_path(config: EnvEncConfig) -> str:
-    pointer_path = RunLayout.of(config).advise_pointer
-    pointer = read_json(pointer_path)
-    if pointer is None or not (Path(pointer["vlm"]) / "config.json").is_file():
-        raise ModelError(f"stage2 reads the finetuned VLM but {pointer_path} names none yet: run "
-                         "`envenc advise CONFIG` (or `envenc run CONFIG`) first")
-    from envenc_ray.config import advise_settings_hash
-
-    if pointer["settings_hash"] != advise_settings_hash(config):
-        raise ModelError(f"the finetuned VLM in {pointer['vlm']} was made with other vlm/advise settings than this "
-                         "config's: rerun `envenc advise CONFIG` to make (or find) the matching one")
-    return pointer["vlm"]

@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import yaml
 
-from envenc_ray.config import EnvEncConfig
+from envenc_ray.config import BUILTIN_TINY, EnvEncConfig
 from envenc_ray.data.advise import advise, advise_current
 from envenc_ray.data.collect import collect, collect_current
 from envenc_ray.data.collect import output_hash as frames_hash
@@ -41,7 +41,7 @@ from envenc_ray.encoder.train import encoder_current, train_encoder
 from envenc_ray.encoder.train import output_hash as encoder_hash
 from envenc_ray.errors import ConfigError, DataError, ModelError
 from envenc_ray.files import read_json, write_json_atomic, write_text_atomic
-from envenc_ray.layout import BUILTIN_TINY, RunLayout, synced_run
+from envenc_ray.layout import RunLayout, synced_run
 from envenc_ray.report import report, report_current
 from envenc_ray.rl.evaluate import REFERENCE_FILE, evaluate, evaluation_current, reference_returns
 from envenc_ray.rl.reward_model import output_hash as reward_model_hash

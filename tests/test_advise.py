@@ -64,7 +64,7 @@ def test_finetuned_vlm_loads_through_hf_auto_classes_and_truncated_vlm(advised, 
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from envenc_ray.layout import base_model_path, resolve_model_path
+    from envenc_ray.vlm.paths import base_model_path, resolve_model_path
     from envenc_ray.vlm.backbone import TruncatedVLM
 
     config, summary = advised
@@ -99,7 +99,7 @@ def test_lora_finetuning_on_two_games_merges_adapters_on_export(advised, tmp_pat
 
 
 def test_stage2_finetuned_without_advise_says_what_to_run(debug_config):
-    from envenc_ray.layout import resolve_model_path
+    from envenc_ray.vlm.paths import resolve_model_path
 
     with pytest.raises(ModelError, match=r"run `envenc advise"):
         resolve_model_path(debug_config("stage2.method=finetuned"))

@@ -213,7 +213,7 @@ def test_bad_joint_setups_are_one_line_errors(tiny_vlm_dir, tmp_path, debug_conf
     finetuned = debug_config("stage2.method=joint", "stage2.joint_from=finetuned")
     assert [stage.name for stage in stages_of(finetuned)][:3] == ["collect", "advise", "embed"]
     assert "advise" not in [stage.name for stage in stages_of(debug_config("stage2.method=joint"))]
-    from envenc_ray.layout import resolve_model_path
+    from envenc_ray.vlm.paths import resolve_model_path
 
     with pytest.raises(ModelError, match="names none yet: run `envenc advise CONFIG`"):
         resolve_model_path(finetuned)

@@ -75,7 +75,7 @@ def test_the_tiny_vlm_follows_a_dot_across_the_frame(tiny_vlm_dir):
 def test_the_tiny_vlm_is_built_at_the_configs_patch_size(debug_config):
     """vlm.tiny_patch_size 8 (the embedded default's): a 16x16 grid read at layer 0 with no decoder layer; a run
     whose patch size changes gets its tiny VLM rebuilt, not the other size's."""
-    from envenc_ray.layout import base_model_path
+    from envenc_ray.vlm.paths import base_model_path
 
     fine = debug_config("vlm.tiny_patch_size=8", "vlm.layer=0", "vlm.pooling=spatial")
     vlm = TruncatedVLM.from_config(fine.vlm, model_path=base_model_path(fine))

@@ -24,7 +24,8 @@ from envenc_ray.bench.common import machine_facts, phase, write_json
 from envenc_ray.bench.encoder import bench_in_process, pooled
 from envenc_ray.config import EnvEncConfig
 from envenc_ray.envs.atari import random_rollout_frames
-from envenc_ray.layout import RunLayout, resolve_model_path, shared_dir
+from envenc_ray.layout import RunLayout, shared_vllm_dir
+from envenc_ray.vlm.paths import resolve_model_path
 
 BATCHES = (1, 8, 32)
 
@@ -60,7 +61,7 @@ def bench_backends(config: EnvEncConfig, json_out: str | None = None, *, seconds
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}" if threads > 1 else "0")
     results["settings"]["vllm_cpu_omp_threads_bind"] = os.environ["VLLM_CPU_OMP_THREADS_BIND"]
     t = time.perf_counter()
-    checkpoint = vllm_checkpoint(config.vlm, model_path, shared_dir(config) / "vllm")
+    checkpoint = vllm_checkpoint(config.vlm, model_path, shared_vllm_dir(config))
     engine = VLLMBackend.from_config(config.vlm, model_path, checkpoint, game=layout.game)
     load_vllm = time.perf_counter() - t
     results["load_s"] = {"transformers": load_transformers, "vllm": load_vllm}

@@ -16,7 +16,8 @@ def model_and_encoder(config: EnvEncConfig) -> tuple[str, Path, bool]:
     """The run's VLM and encoder; without a trained encoder, an untrained one of config.encoder (timing only)."""
     import torch
 
-    from envenc_ray.layout import RunLayout, resolve_model_path
+    from envenc_ray.layout import RunLayout
+    from envenc_ray.vlm.paths import resolve_model_path
     from envenc_ray.encoder.export import FORMAT, FORMAT_VERSION, save_encoder
     from envenc_ray.encoder.models import build_autoencoder
     from envenc_ray.vlm.backbone import TruncatedVLM

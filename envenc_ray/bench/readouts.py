@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from envenc_ray.bench.common import machine_facts, phase, write_json
-from envenc_ray.config import EnvEncConfig
+from envenc_ray.config import BUILTIN_TINY, EnvEncConfig
 from envenc_ray.encoder.diagnostics import AnnotatedFrames
 from envenc_ray.errors import ConfigError
 from envenc_ray.layout import RunLayout
-from envenc_ray.vlm.backbone import BUILTIN_TINY, TruncatedVLM
+from envenc_ray.vlm.backbone import TruncatedVLM
 from envenc_ray.vlm.tiny import MARKER_FILE, build_tiny_vlm
 
 # (patch size, vlm.layer, vlm.pooling): layer 0 is the projected vision-tower output (no decoder layer runs)

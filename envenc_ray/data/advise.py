@@ -28,19 +28,19 @@ from pathlib import Path
 
 import numpy as np
 
-from envenc_ray.config import EnvEncConfig, advise_settings_hash, content_hash
+from envenc_ray.config import EnvEncConfig, advise_settings_hash, content_hash, game_name
 from envenc_ray.data.collect import collect, read_frame_shape
 from envenc_ray.data.schema import frames_to_array, list_shards, read_table
 from envenc_ray.encoder.metrics import json_safe
 from envenc_ray.encoder.train import split_by_episode
 from envenc_ray.envs.annotate import ANNOTATED_GAMES, advised_phrase, answer_text
-from envenc_ray.envs.atari import game_name
 from envenc_ray.errors import ConfigError, DataError
 from envenc_ray.files import read_json, replaced_atomically, write_json_atomic
-from envenc_ray.layout import RunLayout, base_model_path, shared_dir
+from envenc_ray.layout import RunLayout, shared_advise_dir, shared_frames_root
 from envenc_ray.runtime import (agreed_by_rank0, fit_resumable, note_epoch, report_epoch, tell_user,
                                 train_epoch)
 from envenc_ray.storage import train_storage
+from envenc_ray.vlm.paths import base_model_path
 
 FRAME_SIZE = (210, 160)  # user images are resized to ALE's frame size: the size embed and serving see
 USER_COLUMNS = ("image", "text")
@@ -70,7 +70,7 @@ def advise(config: EnvEncConfig) -> dict:
         return {"skipped": True, "vlm": pointer["vlm"], **_summary(read_json(Path(pointer["metrics"])))}
     data = advice_data(config)
     key = hashlib.sha256(f"{advise_settings_hash(config)}-{data.fingerprint}".encode()).hexdigest()[:16]
-    out_dir = shared_dir(config) / f"advise-{key}"
+    out_dir = shared_advise_dir(config, key)
     if (out_dir / "metrics.json").is_file():
         metrics = json.loads((out_dir / "metrics.json").read_text())
         _write_pointer(config, out_dir)
@@ -199,10 +199,11 @@ def game_frames_dir(config: EnvEncConfig, game: str) -> Path:
               "collect": config.collect.model_dump(mode="json")}
     digest = content_hash(recipe)[:12]
     name = f"{game}-{digest}"
-    frames_dir = shared_dir(config) / "frames" / name / "frames"
+    experiment = config.experiment.model_copy(update={"name": name, "run_root": str(shared_frames_root(config))})
+    recording = config.model_copy(update={"env": env, "experiment": experiment})
+    frames_dir = RunLayout.of(recording).frames
     if not (frames_dir / "_collect.json").is_file() or len(list(frames_dir.glob("episode-*.parquet"))) < config.collect.episodes:
-        experiment = config.experiment.model_copy(update={"name": name, "run_root": str(shared_dir(config) / "frames")})
-        collect(config.model_copy(update={"env": env, "experiment": experiment}))
+        collect(recording)
     return frames_dir
 
 

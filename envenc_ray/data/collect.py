@@ -18,10 +18,10 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from envenc_ray.config import CollectConfig, EnvConfig, EnvEncConfig
+from envenc_ray.config import CollectConfig, EnvConfig, EnvEncConfig, game_name
 from envenc_ray.data.schema import FRAMES_SCHEMA, write_parquet_atomic
 from envenc_ray.envs.annotate import get_annotator
-from envenc_ray.envs.atari import game_name, make_env_from_config
+from envenc_ray.envs.atari import make_env_from_config
 from envenc_ray.errors import DataError, UnsupportedGameError
 from envenc_ray.files import read_json, write_text_atomic
 from envenc_ray.layout import RunLayout

@@ -32,9 +32,10 @@ from envenc_ray.data.collect import read_frame_shape
 from envenc_ray.data.schema import (frames_to_array, hidden_column, hidden_schema, hidden_shape_of, list_shards,
                                     objects_to_table)
 from envenc_ray.files import read_json, replaced_atomically
-from envenc_ray.layout import RunLayout, resolve_model_path
+from envenc_ray.layout import RunLayout
 from envenc_ray.runtime import set_torch_threads
 from envenc_ray.storage import readable, remote_staging
+from envenc_ray.vlm.paths import resolve_model_path
 
 logger = logging.getLogger(__name__)
 

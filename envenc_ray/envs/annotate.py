@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from envenc_ray.envs.atari import game_name
+from envenc_ray.config import game_name
 from envenc_ray.errors import InputError, UnsupportedGameError
 
 ANNOTATED_GAMES = ("pong", "breakout", "boxing", "freeway")

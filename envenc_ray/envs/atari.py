@@ -18,14 +18,6 @@ def ale_id(game: str) -> str:
     return "ALE/" + "".join(part.capitalize() for part in game.replace("-", "_").split("_")) + "-v5"
 
 
-def game_name(game: str) -> str:
-    """The short lower-case name used by annotations and advice: 'ALE/Pong-v5' -> 'pong'."""
-    if game.startswith("ALE/"):
-        game = game[len("ALE/"):].rsplit("-v", 1)[0]
-        return "".join("_" + c.lower() if c.isupper() and i else c.lower() for i, c in enumerate(game))
-    return game.lower()
-
-
 def make_env(
     game: str,
     *,

@@ -21,9 +21,10 @@ import numpy as np
 from envenc_ray.config import EnvEncConfig
 from envenc_ray.errors import DataError, InputError
 from envenc_ray.files import replaced_atomically, weights_sha256
-from envenc_ray.layout import RunLayout, resolve_model_path
+from envenc_ray.layout import RunLayout
 from envenc_ray.rl.algorithm import offline_algorithm_config
 from envenc_ray.storage import remove
+from envenc_ray.vlm.paths import resolve_model_path
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d{6})$")
 META_FILE = "train.json"

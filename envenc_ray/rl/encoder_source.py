@@ -88,7 +88,8 @@ def encoder_source(config) -> EncoderSource | None:
     if rl.encoder_source == "serve":
         return serve_encoder_source(config)
     from envenc_ray.encoder.models import check_pooling
-    from envenc_ray.layout import RunLayout, resolve_model_path
+    from envenc_ray.layout import RunLayout
+    from envenc_ray.vlm.paths import resolve_model_path
 
     layout = RunLayout.of(config)
     encoder_dir = layout.agent_encoder

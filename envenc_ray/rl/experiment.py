@@ -312,7 +312,7 @@ def plan_trials(spec: ArmsSpec, arm_configs: dict[str, EnvEncConfig], seeds: int
     """Every (arm, seed) with its config, folder and fingerprint. With `encoders` (built) each latent arm's config
     reads its VLM and encoder by path; without (`--status`), nothing is resolved and nothing built: the
     fingerprint depends only on the settings, which determine those paths."""
-    from envenc_ray.layout import resolve_model_path
+    from envenc_ray.vlm.paths import resolve_model_path
 
     trials = []
     # Seed-major: every arm's seed 0 runs before any arm's seed 1, so an experiment stopped early still
@@ -704,7 +704,7 @@ def steps_to_threshold(curve: dict | None, results: list[dict], threshold: float
 def reference_lines(trials: list[Trial]) -> dict[str, dict]:
     """The random and RAM-heuristic policies' returns on each game of the experiment (the reference lines), over
     as many full-length episodes as a trial's evaluation, on its env settings."""
-    from envenc_ray.envs.atari import game_name
+    from envenc_ray.config import game_name
     from envenc_ray.rl.evaluate import reference_returns
 
     references = {}

@@ -12,7 +12,7 @@ Every frame of the window goes through the decoder on every forward pass, in the
 changes with every SGD step, so the hidden states cannot be computed once, as they are for the other methods
 (there the learner sees precomputed latents). That is what joint costs; the README gives the measured factor.
 
-The adapter starts from the weights of the VLM the run reads (`layout.resolve_model_path`): the model as
+The adapter starts from the weights of the VLM the run reads (`vlm.paths.resolve_model_path`): the model as
 given, or with stage2.joint_from 'finetuned' the one `advise` made. The truncated decoder and the prompt stay
 out of the module tree (`vlm.backbone.FrozenDecoder`): the optimizer, checkpoints and RLlib's weight sync hold
 the projector, the encoder and the heads only.
@@ -87,7 +87,8 @@ class JointPPOTorchRLModule(EnvEncPPOTorchRLModule):
 def joint_module_spec(config: EnvEncConfig) -> RLModuleSpec:
     """The RLModuleSpec of stage2.method 'joint': PPO's (ppo_module_spec) with what the module loads; runs on
     the driver, so every path is absolute and the encoder is checked before any actor starts."""
-    from envenc_ray.layout import RunLayout, resolve_model_path
+    from envenc_ray.layout import RunLayout
+    from envenc_ray.vlm.paths import resolve_model_path
     from envenc_ray.rl.encoder_source import read_encoder_description
 
     layout = RunLayout.of(config)

@@ -40,11 +40,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from envenc_ray.config import EnvConfig, EnvEncConfig, RewardModelConfig, content_hash
+from envenc_ray.config import EnvConfig, EnvEncConfig, RewardModelConfig, content_hash, game_name
 from envenc_ray.data.collect import episode_seed
 from envenc_ray.data.schema import write_parquet_atomic
 from envenc_ray.envs.annotate import BreakoutAnnotator, PongAnnotator, get_annotator
-from envenc_ray.envs.atari import game_name, make_env
+from envenc_ray.envs.atari import make_env
 from envenc_ray.errors import DataError
 from envenc_ray.files import read_json, write_json_atomic
 from envenc_ray.layout import RunLayout

@@ -35,13 +35,14 @@ from envenc_ray.encoder.metrics import json_safe
 from envenc_ray.envs.atari import make_env
 from envenc_ray.errors import ConfigError, DataError
 from envenc_ray.files import read_json, write_json_atomic
-from envenc_ray.layout import RunLayout, resolve_model_path
+from envenc_ray.layout import RunLayout
 from envenc_ray.rl.preferences import META_FILE, make_preferences, preference_pairs, shard_path
 from envenc_ray.rl.reward_model import (build_reward_model, output_hash, pixel_representation,
                                         representation_identity, save_reward_model)
 from envenc_ray.runtime import (agreed_by_rank0, fit_resumable, note_epoch, report_epoch, tell_user,
                                 train_epoch)
 from envenc_ray.storage import train_storage
+from envenc_ray.vlm.paths import resolve_model_path
 
 REPRESENT_BATCH = 32  # frames per VLM forward pass when representing the triples by latents
 # Settings that change how long or where training runs, not what an epoch computes: a rerun that only changes

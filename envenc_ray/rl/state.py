@@ -19,9 +19,9 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 
-from envenc_ray.config import EnvConfig
+from envenc_ray.config import EnvConfig, game_name
 from envenc_ray.envs.annotate import ANNOTATED_GAMES, FRAME_HEIGHT, FRAME_WIDTH, get_annotator
-from envenc_ray.envs.atari import game_name, make_env_from_config
+from envenc_ray.envs.atari import make_env_from_config
 from envenc_ray.errors import ConfigError
 
 PRESENCE_SUFFIX = "_in_play"  # an annotator's flag of an object that can be off screen (the ball)

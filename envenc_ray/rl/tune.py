@@ -416,7 +416,7 @@ def prepare_encoder(config: EnvEncConfig) -> bool:
     """Check the encoder once and build what trials share: the built-in VLM (so trials never race to build it)
     and, with rl.encoder_source=serve, the deployment. Returns whether this call deployed it (then the sweep
     shuts it down at the end; an app that was already running stays)."""
-    from envenc_ray.layout import resolve_model_path
+    from envenc_ray.vlm.paths import resolve_model_path
     from envenc_ray.rl.encoder_source import read_encoder_description
 
     resolve_model_path(config)

@@ -71,7 +71,8 @@ def replica_spec(config: EnvEncConfig, model_path: str | Path | None = None,
     """
     from envenc_ray.encoder.models import check_pooling
     from envenc_ray.files import read_json
-    from envenc_ray.layout import RunLayout, resolve_model_path, shared_dir
+    from envenc_ray.layout import RunLayout, shared_vllm_dir
+    from envenc_ray.vlm.paths import resolve_model_path
 
     layout = RunLayout.of(config)
     model = str(model_path) if model_path is not None else resolve_model_path(config)
@@ -98,7 +99,7 @@ def replica_spec(config: EnvEncConfig, model_path: str | Path | None = None,
     if config.serve.backend == "vllm":  # made here, once, so replicas never race to write it
         from envenc_ray.vlm.vllm_backend import vllm_checkpoint
 
-        checkpoint = str(vllm_checkpoint(config.vlm, model, shared_dir(config) / "vllm"))
+        checkpoint = str(vllm_checkpoint(config.vlm, model, shared_vllm_dir(config)))
     return ReplicaSpec(model_path=model, encoder_dir=str(encoder.resolve()), vlm=config.vlm,
                        game=layout.game, num_threads=replica_threads(config), vllm_checkpoint=checkpoint, joint=joint,
                        deploy_id=uuid.uuid4().hex)

@@ -41,6 +41,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
+from envenc_ray.config import BUILTIN_TINY
 from envenc_ray.errors import ConfigError, ModelError
 from envenc_ray.storage import pull
 from envenc_ray.vlm.preprocess import CROPS, FramePreprocessor, ReferencePreprocessor, as_frame_batch, with_crop
@@ -62,7 +63,6 @@ OUTPUTS = ("llm", "vision", "both", "patches")
 SPATIAL_FEATURES = 2
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DTYPE_CHOICES = (*DTYPES, "auto")  # auto: bfloat16 where checked and native, else float32 (resolve_dtype)
-BUILTIN_TINY = "builtin:tiny"
 DEFAULT_PROMPT = "a game of pong. describe the state."
 ATARI_FRAME_SIZE = (210, 160)  # every ALE game renders 210x160 RGB: the frame size the load-time prompt is for
 
