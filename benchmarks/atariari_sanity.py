@@ -16,11 +16,11 @@ import numpy as np
 
 from envenc_ray.config import load_config
 from envenc_ray.data.collect import read_frame_shape
+from envenc_ray.data.probes import split_by_episode
 from envenc_ray.data.schema import frames_to_array, read_table
 from envenc_ray.encoder.metrics import atariari_f1, mean_or_none
 from envenc_ray.encoder.models import build_windows, effective_window
-from envenc_ray.encoder.train import (atariari_probes, check_shards, probe_subsample, read_hidden, read_ram,
-                                      split_by_episode)
+from envenc_ray.encoder.train import atariari_probes, check_shards, probe_subsample, read_hidden, read_ram
 from envenc_ray.envs.annotate import ATARIARI_RAM
 from envenc_ray.layout import RunLayout
 

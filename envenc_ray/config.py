@@ -576,6 +576,25 @@ class EnvEncConfig(Section):
         return content_hash(payload)
 
 
+# encoder.kind against the hidden states it reads. Not in EnvEncConfig's validator: a config whose agent reads
+# an exported encoder (rl.encoder_dir) may hold any encoder.kind, so the stages check the kind they use.
+def check_hidden_kind(kind: str, per_token: bool, what: str) -> None:
+    """Per-token hidden states (vlm.pooling 'tokens') go to encoder.kind 'tokens' only, and it reads nothing
+    else. `what` names the hidden states' source in the message, e.g. "vlm.pooling 'tokens' gives"."""
+    if kind == "tokens" and not per_token:
+        raise ConfigError(f"encoder.kind 'tokens' reads per-token hidden states (T, D), but {what} one pooled "
+                          "vector per frame; set vlm.pooling=tokens (and rerun `envenc embed`), or choose another "
+                          "encoder.kind")
+    if kind != "tokens" and per_token:
+        raise ConfigError(f"encoder.kind {kind!r} reads one pooled hidden state per frame, but {what} per-token "
+                          "states (T, D); set encoder.kind=tokens, or vlm.pooling to last, mean, image_mean or spatial")
+
+
+def check_pooling(kind: str, pooling: str) -> None:
+    """`check_hidden_kind` for the settings: encoder.kind against vlm.pooling, before any work is done."""
+    check_hidden_kind(kind, pooling == "tokens", f"vlm.pooling {pooling!r} gives")
+
+
 def game_name(game: str) -> str:
     """The short lower-case name used by annotations and advice: 'ALE/Pong-v5' -> 'pong'."""
     if game.startswith("ALE/"):

@@ -24,15 +24,15 @@ import torch.nn.functional as F
 import yaml
 
 from envenc_ray.config import EncoderConfig, EnvEncConfig
+from envenc_ray.data.probes import ridge_probe_r2, split_by_episode
 from envenc_ray.data.schema import hidden_schema, write_parquet_atomic
 from envenc_ray.encoder.environment import EnvironmentEncoder
 from envenc_ray.encoder.export import load_encoder, save_encoder
-from envenc_ray.encoder.metrics import ridge_probe_r2
 from envenc_ray.encoder.models import KINDS, build_autoencoder, build_windows
 
 # The tokens kind reads per-token (T, D) states, not these pooled ones: tests/test_tokens.py covers it.
 POOLED_KINDS = [kind for kind in KINDS if kind != "tokens"]
-from envenc_ray.encoder.train import check_shards, read_hidden, split_by_episode, train_encoder
+from envenc_ray.encoder.train import check_shards, read_hidden, train_encoder
 from envenc_ray.layout import RunLayout
 from envenc_ray.errors import ConfigError, DataError, InputError, ModelError
 

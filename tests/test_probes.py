@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from envenc_ray.encoder.metrics import (atariari_f1, label_entropy, probe_targets, ridge_probe_r2, weighted_f1,
-                                        with_velocities)
+from envenc_ray.data.probes import probe_targets, ridge_probe_r2
+from envenc_ray.encoder.metrics import atariari_f1, label_entropy, weighted_f1, with_velocities
 from envenc_ray.envs.annotate import ATARIARI_RAM
 
 PONG = ATARIARI_RAM["pong"]

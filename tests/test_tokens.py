@@ -56,7 +56,7 @@ def test_centred_cosine_tells_a_static_representation_from_a_moving_one():
 def test_ridge_probe_on_flattened_token_states(token_states):
     """T*D = 9600 features for 48 train rows: the probe works from the rows' (48, 48) Gram matrix, which gives
     the SVD's singular values and projections, and recovers a target the token states carry strongly."""
-    from envenc_ray.encoder.metrics import _thin_svd, ridge_probe_r2
+    from envenc_ray.data.probes import _thin_svd, ridge_probe_r2
 
     _, states = token_states
     flat = states.reshape(len(states), -1).astype(np.float64)

@@ -30,12 +30,11 @@ import numpy as np
 
 from envenc_ray.config import EnvEncConfig, advise_settings_hash, content_hash, game_name
 from envenc_ray.data.collect import collect, read_frame_shape
+from envenc_ray.data.probes import split_by_episode
 from envenc_ray.data.schema import frames_to_array, list_shards, read_table
-from envenc_ray.encoder.metrics import json_safe
-from envenc_ray.encoder.train import split_by_episode
 from envenc_ray.envs.annotate import ANNOTATED_GAMES, advised_phrase, answer_text
 from envenc_ray.errors import ConfigError, DataError
-from envenc_ray.files import read_json, replaced_atomically, write_json_atomic
+from envenc_ray.files import json_safe, read_json, replaced_atomically, write_json_atomic
 from envenc_ray.layout import RunLayout, shared_advise_dir, shared_frames_root
 from envenc_ray.runtime import (agreed_by_rank0, fit_resumable, note_epoch, report_epoch, tell_user,
                                 train_epoch)

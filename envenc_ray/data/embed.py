@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from envenc_ray.config import EnvEncConfig, VLMConfig
+from envenc_ray.config import EnvEncConfig, VLMConfig, check_pooling
 from envenc_ray.data.collect import read_frame_shape
 from envenc_ray.data.schema import (frames_to_array, hidden_column, hidden_schema, hidden_shape_of, list_shards,
                                     objects_to_table)
@@ -98,7 +98,6 @@ def embed(config: EnvEncConfig) -> EmbedSummary:
     """Hidden states of every frame in <run>/frames/ -> <run>/hidden/, unless already there for this config."""
     import ray
 
-    from envenc_ray.encoder.models import check_pooling
     from envenc_ray.runtime import ensure_ray
 
     check_pooling(config.encoder.kind, config.vlm.pooling)  # first: per-token states no encoder reads are waste
@@ -194,7 +193,7 @@ def bfloat16_check(vlm_config: VLMConfig, model_path: str, game: str, frames: np
     at most DTYPE_R2_TOLERANCE from float32's."""
     import torch
 
-    from envenc_ray.encoder.metrics import probe_targets, ridge_probe_r2
+    from envenc_ray.data.probes import probe_targets, ridge_probe_r2
     from envenc_ray.vlm.backbone import TruncatedVLM, native_bfloat16
 
     if not native_bfloat16(vlm_config.device):

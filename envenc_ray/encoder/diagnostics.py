@@ -17,8 +17,9 @@ from tqdm import tqdm
 from envenc_ray.config import EnvEncConfig
 from envenc_ray.data.collect import read_frame_shape
 from envenc_ray.data.schema import frames_to_array, objects_to_table, read_table
-from envenc_ray.encoder.metrics import probe_targets, ridge_probe_r2, with_velocities
-from envenc_ray.encoder.train import probe_subsample, split_by_episode
+from envenc_ray.data.probes import probe_targets, ridge_probe_r2, split_by_episode
+from envenc_ray.encoder.metrics import with_velocities
+from envenc_ray.encoder.train import probe_subsample
 from envenc_ray.layout import RunLayout
 from envenc_ray.vlm.paths import base_model_path
 

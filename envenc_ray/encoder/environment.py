@@ -13,7 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from envenc_ray.encoder.models import WINDOWED_KINDS, Encoder, check_pooling
+from envenc_ray.config import check_pooling
+from envenc_ray.encoder.models import WINDOWED_KINDS, Encoder
 from envenc_ray.errors import InputError, ModelError
 from envenc_ray.vlm.preprocess import as_frame_batch
 

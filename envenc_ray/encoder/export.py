@@ -10,10 +10,9 @@ import json
 from pathlib import Path
 
 from envenc_ray.config import EncoderConfig, EnvEncConfig
-from envenc_ray.encoder.metrics import json_safe
 from envenc_ray.encoder.models import Encoder, build_autoencoder
 from envenc_ray.errors import ConfigError, ModelError
-from envenc_ray.files import read_export_config, replaced_atomically
+from envenc_ray.files import json_safe, read_export_config, replaced_atomically
 from envenc_ray.storage import pull
 
 FORMAT = "envenc-encoder"

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from envenc_ray.config import EncoderConfig
-from envenc_ray.errors import ConfigError, DataError, InputError
+from envenc_ray.config import EncoderConfig, check_hidden_kind
+from envenc_ray.errors import DataError, InputError
 
 KINDS = ("mlp", "temporal", "vq", "linear", "tokens")
 WINDOWED_KINDS = ("temporal", "tokens")  # read a window of the k most recent frames; the others one frame
@@ -264,23 +264,6 @@ def _build_autoencoder(config: EncoderConfig, hidden_shape: int | tuple[int, ...
     net, decoder = mlp([hidden_size, *dims, latent]), mlp([latent, *reversed(dims), hidden_size])
     quantizer = VectorQuantizer(config.codebook_size, latent) if config.kind == "vq" else None
     return Autoencoder(Encoder(config.kind, hidden_shape, latent, 1, net, quantizer), decoder)
-
-
-def check_hidden_kind(kind: str, per_token: bool, what: str) -> None:
-    """Per-token hidden states (vlm.pooling 'tokens') go to encoder.kind 'tokens' only, and it reads nothing
-    else. `what` names the hidden states' source in the message, e.g. "vlm.pooling 'tokens' gives"."""
-    if kind == "tokens" and not per_token:
-        raise ConfigError(f"encoder.kind 'tokens' reads per-token hidden states (T, D), but {what} one pooled "
-                          "vector per frame; set vlm.pooling=tokens (and rerun `envenc embed`), or choose another "
-                          "encoder.kind")
-    if kind != "tokens" and per_token:
-        raise ConfigError(f"encoder.kind {kind!r} reads one pooled hidden state per frame, but {what} per-token "
-                          "states (T, D); set encoder.kind=tokens, or vlm.pooling to last, mean, image_mean or spatial")
-
-
-def check_pooling(kind: str, pooling: str) -> None:
-    """`check_hidden_kind` for the settings: encoder.kind against vlm.pooling, before any work is done."""
-    check_hidden_kind(kind, pooling == "tokens", f"vlm.pooling {pooling!r} gives")
 
 
 def effective_window(config: EncoderConfig) -> int:

@@ -31,23 +31,15 @@ from pathlib import Path
 
 import numpy as np
 
-from envenc_ray.config import EncoderConfig, EnvEncConfig, content_hash
+from envenc_ray.config import EncoderConfig, EnvEncConfig, check_hidden_kind, check_pooling, content_hash
 from envenc_ray.data.embed import META_FILE as EMBED_META
 from envenc_ray.data.schema import (hidden_shape_of, hidden_to_array, list_shards, objects_to_table, read_table,
                                     wrong_column_types)
-from envenc_ray.encoder.metrics import (
-    atariari_f1,
-    consecutive_pairs,
-    json_safe,
-    mean_cosine,
-    probe_means,
-    probe_targets,
-    ridge_probe_r2,
-    with_velocities,
-)
+from envenc_ray.data.probes import probe_targets, ridge_probe_r2, split_by_episode
+from envenc_ray.encoder.metrics import atariari_f1, consecutive_pairs, mean_cosine, probe_means, with_velocities
 from envenc_ray.envs.annotate import ATARIARI_RAM
 from envenc_ray.errors import ConfigError, DataError
-from envenc_ray.files import read_json, write_json_atomic
+from envenc_ray.files import json_safe, read_json, write_json_atomic
 from envenc_ray.layout import RunLayout
 from envenc_ray.runtime import agreed_by_rank0, note_epoch, report_epoch, tell_user, train_report_poll
 from envenc_ray.storage import readable, train_storage
@@ -90,7 +82,6 @@ def train_encoder(config: EnvEncConfig) -> dict:
     Skips (and says so) when encoder/ already holds an export of this config and these hidden states.
     Returns a summary: skipped, epochs, best epoch, resumed_from_epoch, final metrics, phase timings.
     """
-    from envenc_ray.encoder.models import check_hidden_kind, check_pooling
 
     check_pooling(config.encoder.kind, config.vlm.pooling)
     layout = RunLayout.of(config)
@@ -322,18 +313,6 @@ def _schema(shard: Path):
     import pyarrow.parquet as pq
 
     return pq.read_schema(shard)
-
-
-def split_by_episode(episode_ids: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row indices (sorted) of the train and validation episodes: a seeded draw of whole episodes."""
-    episodes = np.unique(episode_ids)
-    if len(episodes) < 2:
-        raise DataError(f"the hidden states hold {len(episodes)} episode; the validation split holds out whole "
-                        "episodes, so record at least 2 (collect.episodes)")
-    n_val = min(max(1, round(val_fraction * len(episodes))), len(episodes) - 1)
-    val_episodes = np.random.default_rng(seed).choice(episodes, size=n_val, replace=False)
-    is_val = np.isin(episode_ids, val_episodes)
-    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
 
 def probe_subsample(train_rows: np.ndarray, hidden_shape: tuple[int, ...], seed: int) -> np.ndarray:
@@ -662,5 +641,5 @@ def _summary(metrics: dict) -> dict:
     }
 
 
-__all__ = ["train_encoder", "encoder_current", "check_shards", "read_hidden", "split_by_episode", "probe_subsample",
+__all__ = ["train_encoder", "encoder_current", "check_shards", "read_hidden", "probe_subsample",
            "output_hash", "resume_key", "train_loop_per_worker", "HiddenData"]

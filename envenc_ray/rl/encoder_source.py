@@ -87,7 +87,7 @@ def encoder_source(config) -> EncoderSource | None:
         return None
     if rl.encoder_source == "serve":
         return serve_encoder_source(config)
-    from envenc_ray.encoder.models import check_pooling
+    from envenc_ray.config import check_pooling
     from envenc_ray.layout import RunLayout
     from envenc_ray.vlm.paths import resolve_model_path
 

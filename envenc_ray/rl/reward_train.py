@@ -31,10 +31,9 @@ from tqdm import tqdm
 
 from envenc_ray.config import EnvEncConfig, RewardModelConfig, content_hash
 from envenc_ray.data.schema import frames_to_array
-from envenc_ray.encoder.metrics import json_safe
 from envenc_ray.envs.atari import make_env
 from envenc_ray.errors import ConfigError, DataError
-from envenc_ray.files import read_json, write_json_atomic
+from envenc_ray.files import json_safe, read_json, write_json_atomic
 from envenc_ray.layout import RunLayout
 from envenc_ray.rl.preferences import META_FILE, make_preferences, preference_pairs, shard_path
 from envenc_ray.rl.reward_model import (build_reward_model, output_hash, pixel_representation,

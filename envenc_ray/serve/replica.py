@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from envenc_ray.config import EnvEncConfig, ServeConfig, VLMConfig
+from envenc_ray.config import EnvEncConfig, ServeConfig, VLMConfig, check_pooling
 from envenc_ray.errors import ConfigError, InputError, ModelError
 from envenc_ray.files import weights_sha256
 
@@ -69,7 +69,6 @@ def replica_spec(config: EnvEncConfig, model_path: str | Path | None = None,
 
     'builtin:tiny' is built into <run>/vlm here, in the driver, so replicas never race to build it.
     """
-    from envenc_ray.encoder.models import check_pooling
     from envenc_ray.files import read_json
     from envenc_ray.layout import RunLayout, shared_vllm_dir
     from envenc_ray.vlm.paths import resolve_model_path
