@@ -165,9 +165,14 @@ class Stage2Config(Section):
     )
 
     @property
+    def joint(self) -> bool:
+        """Whether the agent's RLModule holds (and PPO trains) the projector: the module, not Serve, makes latents."""
+        return self.method == "joint"
+
+    @property
     def reads_finetuned_vlm(self) -> bool:
         """Whether the run reads the VLM `advise` makes (and so runs advise first)."""
-        return self.method == "finetuned" or (self.method == "joint" and self.joint_from == "finetuned")
+        return self.method == "finetuned" or (self.joint and self.joint_from == "finetuned")
 
 
 class AdviseConfig(Section):
@@ -539,7 +544,7 @@ class EnvEncConfig(Section):
         if inputs != "llm" and self.serve.backend == "vllm":
             raise ValueError(f"serve.backend 'vllm' returns the LLM's hidden state only, not encoder.inputs {inputs!r}; "
                              "set serve.backend=transformers or encoder.inputs=llm")
-        if stage2.method != "joint":
+        if not stage2.joint:
             return self
         refusals = [
             (self.rl.algo != "ppo", f"rl.algo {self.rl.algo!r}: joint training is built on PPO's RLModule; set rl.algo=ppo"),

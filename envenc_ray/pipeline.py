@@ -104,7 +104,7 @@ def _serve_current(config: EnvEncConfig) -> str | None:
 def _deploy_for_agent(config: EnvEncConfig) -> dict:
     """Start the encoder service once; every EnvRunner of the agent connects to it by app name."""
     client = deploy_encoder(config, app_name=config.rl.serve_app)
-    what = "vision features" if config.stage2.method == "joint" else "latent"  # joint: the module makes latents
+    what = "vision features" if config.stage2.joint else "latent"  # joint: the module makes latents
     print(f"serve: app {config.rl.serve_app!r} up ({what} {client.latent_dim}, window {client.window})")
     return {"app": config.rl.serve_app, "latent_dim": client.latent_dim}
 

@@ -96,7 +96,7 @@ def encoder_source(config) -> EncoderSource | None:
     description = read_encoder_description(encoder_dir)
     check_pooling(description["kind"], config.vlm.pooling)  # on the driver, not in every EnvRunner
     model_path, window = resolve_model_path(config), int(description.get("window", 1))
-    latent_dim, joint = int(description["latent_dim"]), config.stage2.method == "joint"
+    latent_dim, joint = int(description["latent_dim"]), config.stage2.joint
     if joint:  # the observation is the window of per-patch vision features the RLModule's projector reads
         from envenc_ray.vlm.backbone import patch_shape_of
 
@@ -126,7 +126,7 @@ def serve_encoder_source(config) -> EncoderSource:
     rl = config.rl
     options = {"timeout_s": rl.encoder_timeout_s, "retries": rl.encoder_retries}
     client = EncoderClient.connect(app_name=rl.serve_app, **options)
-    joint = config.stage2.method == "joint"
+    joint = config.stage2.joint
     if (client.info.get("output") == "patches") != joint:
         served = "vision features for stage2.method 'joint'" if not joint else "latents, not vision features"
         raise ModelError(f"the Serve app {rl.serve_app!r} serves {served}, but this config's stage2.method is "

@@ -134,7 +134,7 @@ def agent_config_hash(config: EnvEncConfig) -> str:
     }
     if rl.reads_latents:
         payload["latents"] = config.section_hash("vlm", "encoder")
-    if config.stage2.method == "joint":  # the module holds the projector (and maybe trains the encoder)
+    if config.stage2.joint:  # the module holds the projector (and maybe trains the encoder)
         payload["joint"] = config.stage2.model_dump(mode="json")
     if rl.reward != "env":  # what it learned to maximise (absent for the game's reward: older agents keep their hash)
         payload["reward"] = {"mode": rl.reward, "scale": rl.reward_model_scale,

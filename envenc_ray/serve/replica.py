@@ -84,7 +84,7 @@ def replica_spec(config: EnvEncConfig, model_path: str | Path | None = None,
     description = read_json(encoder / "config.json") or {}
     if "kind" in description:  # here, not in a replica that Serve would restart; a broken export fails there
         check_pooling(description["kind"], config.vlm.pooling)
-    joint = config.stage2.method == "joint"
+    joint = config.stage2.joint
     settings = description.get("encoder") if isinstance(description, dict) else None
     inputs = settings.get("inputs", "llm") if isinstance(settings, dict) else "llm"
     if joint or inputs != "llm":  # the VLM is split at its projector: a family that has none fails here
