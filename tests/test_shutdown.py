@@ -128,11 +128,15 @@ def half_written(run_root: Path) -> list[str]:
 
 @pytest.fixture
 def serve_command(tmp_path, tiny_vlm_dir):
-    from envenc_ray.config import EncoderConfig
-    from test_serve import save_untrained_encoder
+    from test_serve import HIDDEN_SIZE, save_untrained_encoder
 
+    from envenc_ray.config import EncoderConfig, load_config
+    from envenc_ray.vlm.backbone import pooled_width
+
+    # an encoder of the width the presets' read-out gives the tiny VLM (the embedded default's spatial: 2 x 128)
+    width = pooled_width(load_config(PRESETS).vlm.pooling, HIDDEN_SIZE)
     encoder_dir = save_untrained_encoder(EncoderConfig(kind="mlp", latent_dim=8, hidden_dims=[16]),
-                                         tmp_path / "encoder")
+                                         tmp_path / "encoder", hidden_size=width)
     return ["serve", *PRESETS, "--set", f"experiment.run_root={tmp_path / 'runs'}", "--set",
             f"vlm.model={tiny_vlm_dir}", "--set", f"rl.encoder_dir={encoder_dir}", "--set", "serve.num_cpus=0.5"]
 
