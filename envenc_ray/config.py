@@ -17,19 +17,20 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from envenc_ray.errors import ConfigError
+from envenc_ray.storage import is_uri
 
 
 def _absolute_unless_uri(path: str) -> str:
     """A local path made absolute against the working directory of the process that loads the config. Ray
     tasks, actors, Train workers and Serve replicas run elsewhere, so a relative path handed to them would name
     another folder (or none); URIs (s3://...) are left as they are."""
-    return path if "://" in path else str(Path(path).expanduser().absolute())
+    return path if is_uri(path) else str(Path(path).expanduser().absolute())
 
 
 def _absolute_if_local(name: str) -> str:
     """A model named by an existing local folder becomes absolute (as `_absolute_unless_uri`); a hub name, the
     built-in model or a URI stays as given."""
-    return _absolute_unless_uri(name) if "://" not in name and Path(name).expanduser().exists() else name
+    return _absolute_unless_uri(name) if not is_uri(name) and Path(name).expanduser().exists() else name
 
 
 # a folder or file of the user's: absolute from the moment the config is loaded
