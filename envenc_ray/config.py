@@ -182,6 +182,14 @@ class AdviseConfig(Section):
     method: Literal["full", "lora"] = Field(
         "full", description="'full' trains every weight (small models); 'lora' trains peft LoRA adapters, merged on export."
     )
+    train: Literal["above_readout", "all"] = Field(
+        "above_readout",
+        description="Which weights learn: 'above_readout' only those the read-out cannot see (the decoder layers "
+        "above vlm.layer, the final norm where the read-out skips it, the LM head), so embed reads the same hidden "
+        "states from the finetuned VLM as from its base and advice cannot lower the latent (training every weight "
+        "lowered the spatial read-out's ball_x R^2 from 0.84 to 0.56; README, 'Stage 2 does no harm'); 'all' every "
+        "weight (or every LoRA adapter), vision tower included.",
+    )
     text: Literal["advice", "describe", "both"] = Field(
         "both",
         description="Answer text: the seed's advice sentence, a description of where things are (grid cells, "
@@ -624,8 +632,10 @@ ADVISE_PLACEMENT_KEYS = ("num_workers", "cpus_per_worker", "use_gpu", "report_po
 def advise_settings_hash(config: EnvEncConfig) -> str:
     """A short hash of every setting the finetuned VLM depends on (its data is hashed separately)."""
     vlm = config.vlm.model_dump(mode="json")
+    # Which weights train under 'above_readout' depends on where the read-out is.
+    vlm_keys = ADVISE_VLM_KEYS + (("layer", "final_norm") if config.advise.train == "above_readout" else ())
     payload = {
-        "vlm": {key: vlm[key] for key in vlm if key in ADVISE_VLM_KEYS},
+        "vlm": {key: vlm[key] for key in vlm if key in vlm_keys},
         "advise": config.advise.model_dump(mode="json", exclude=set(ADVISE_PLACEMENT_KEYS)),
         "val_fraction": config.encoder.val_fraction,  # advise holds out the episodes the encoder's probes test on
         "seed": config.experiment.seed,

@@ -72,7 +72,10 @@ def test_finetuned_vlm_loads_through_hf_auto_classes_and_truncated_vlm(advised, 
     model = AutoModelForImageTextToText.from_pretrained(summary["vlm"])
     base = AutoModelForImageTextToText.from_pretrained(base_model_path(config))
     changed = [name for name, p in model.state_dict().items() if not torch.equal(p, base.state_dict()[name])]
-    assert any("vision_tower" in n for n in changed) and any("language_model" in n for n in changed)
+    # advise.train 'above_readout' (the default) at the preset's vlm.layer 0: the decoder and LM head learned; what
+    # the read-out sees (vision tower, projector, token embeddings) is the base's.
+    assert any("language_model.layers" in n for n in changed) and any("lm_head" in n for n in changed)
+    assert not [n for n in changed if any(part in n for part in ("vision_tower", "projector", "embed_tokens"))]
     vlm = TruncatedVLM.from_config(config.vlm, model_path=resolve_model_path(config), game="pong")
     hidden = vlm.embed(pong_frames[:4])
     assert hidden.shape == (4, vlm.hidden_size) and torch.isfinite(hidden).all()
@@ -87,7 +90,8 @@ def test_lora_finetuning_on_two_games_merges_adapters_on_export(advised, tmp_pat
 
     config, _ = advised
     lora = config.model_copy(update={"advise": config.advise.model_copy(
-        update={"method": "lora", "epochs": 1, "lr": 1e-3, "eval_pairs": 16, "games": ["pong", "breakout"]})})
+        update={"method": "lora", "train": "all", "epochs": 1, "lr": 1e-3, "eval_pairs": 16,
+                "games": ["pong", "breakout"]})})
     summary = advise(lora)
     assert not summary["skipped"] and summary["val_loss_best"] < summary["val_loss_before"]
     weights = load_file(str(Path(summary["vlm"]) / "model.safetensors"))
@@ -96,6 +100,40 @@ def test_lora_finetuning_on_two_games_merges_adapters_on_export(advised, tmp_pat
     assert set(metrics["per_game"]) == {"pong", "breakout"}
     assert metrics["pairs"]["train"] + metrics["pairs"]["val"] == 2 * 96  # debug preset: 2 x 48 frames per game
     assert len(list(Path(config.experiment.run_root).glob("_shared/frames/breakout-*/frames/episode-*.parquet"))) == 2
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_training_above_the_readout_leaves_what_embed_reads_unchanged(tmp_path, tiny_vlm_dir, pong_frames, layer):
+    """advise.train 'above_readout': after a real optimizer step, the finetuned VLM's read-out at vlm.layer is the
+    base's, bit for bit, while the top layer's state moved (so something did train)."""
+    import torch
+
+    from envenc_ray.config import VLMConfig
+    from envenc_ray.vlm.backbone import TruncatedVLM
+    from envenc_ray.vlm.finetune import answer_loss, encode_pairs, export_merged, load_trainable
+
+    model, processor, family = load_trainable(str(tiny_vlm_dir), method="full", readout=(layer, False))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    below = ("vision_tower", "multi_modal_projector", "embed_tokens", *(f"layers.{i}." for i in range(layer)))
+    assert trainable and not [name for name in trainable if any(part in name for part in below)], trainable
+    assert {f"layers.{i}." for i in range(layer, 4)} <= {f"layers.{n.split('layers.')[1].split('.')[0]}." for n in
+                                                         trainable if "layers." in n}
+    frames = pong_frames[:8]
+    pairs = encode_pairs(processor, family, "a game of pong. describe the state.", ["the ball is left"] * 8,
+                         frames.shape[1:3], context=512, source="test")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    answer_loss(model, family, family.preprocessor(processor.image_processor), frames, pairs.input_ids,
+                pairs.labels, torch.device("cpu")).backward()
+    optimizer.step()
+    finetuned = export_merged(model, processor, tmp_path / "vlm")
+
+    def embed(path, at: int, pooling: str):
+        config = VLMConfig(layer=at, pooling=pooling, dtype="float32")
+        return TruncatedVLM.from_config(config, model_path=path, game="pong").embed(frames)
+
+    assert torch.equal(embed(finetuned, layer, "spatial"), embed(tiny_vlm_dir, layer, "spatial"))
+    assert torch.equal(embed(finetuned, layer, "last"), embed(tiny_vlm_dir, layer, "last"))
+    assert not torch.allclose(embed(finetuned, -1, "last"), embed(tiny_vlm_dir, -1, "last"))
 
 
 def test_stage2_finetuned_without_advise_says_what_to_run(debug_config):

@@ -338,9 +338,11 @@ def _fit(config: EnvEncConfig, data: AdviceData, base: str, train_rows: np.ndarr
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from envenc_ray.vlm.finetune import encode_pairs, load_processor
+    from envenc_ray.vlm.finetune import check_readout_leaves_weights, encode_pairs, load_processor
 
     advise = config.advise
+    if advise.train == "above_readout":
+        check_readout_leaves_weights(base, config.vlm.layer, config.vlm.trust_remote_code)
     processor, family, context = load_processor(base, config.vlm.trust_remote_code)
     pairs = encode_pairs(processor, family, _question(config), data.answers, tuple(data.frames.shape[1:3]),
                          context=context, source=data.source)
@@ -398,7 +400,7 @@ def train_loop_per_worker(loop: dict) -> None:
     model, processor, family = load_trainable(
         loop["base"], method=advise.method, lora_rank=advise.lora_rank, lora_alpha=advise.lora_alpha,
         lora_dropout=advise.lora_dropout, lora_targets=advise.lora_targets, trust_remote_code=vlm.trust_remote_code,
-        device=str(device))
+        device=str(device), readout=(vlm.layer, vlm.final_norm) if advise.train == "above_readout" else None)
     preprocessor = family.preprocessor(processor.image_processor)
     frames = ray.get(loop["frames"])  # read-only, shared: batches index copies out of it
     input_ids, labels = (torch.tensor(ray.get(loop[key])) for key in ("input_ids", "labels"))

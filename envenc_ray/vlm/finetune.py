@@ -69,11 +69,12 @@ def load_processor(base: str, trust_remote_code: bool = False) -> tuple[Any, Any
 
 def load_trainable(base: str, *, method: str, lora_rank: int = 8, lora_alpha: float = 16.0,
                    lora_dropout: float = 0.0, lora_targets: list[str] | None = None,
-                   trust_remote_code: bool = False, device: str = "cpu"):
+                   trust_remote_code: bool = False, device: str = "cpu", readout: tuple[int, bool] | None = None):
     """The full image-text-to-text model (LM head included) ready to train, its processor and family.
 
     'full': every weight trains. 'lora': peft LoRA adapters on `lora_targets` (in both towers where the
-    names match); everything else stays frozen.
+    names match); everything else stays frozen. `readout` (vlm.layer, vlm.final_norm): of those, only what the
+    hidden states at that layer do not depend on trains (`freeze_below_readout`).
     """
     from transformers import AutoModelForImageTextToText
 
@@ -99,7 +100,43 @@ def load_trainable(base: str, *, method: str, lora_rank: int = 8, lora_alpha: fl
                                                  target_modules=targets))
     elif method != "full":
         raise ModelError(f"advise.method must be 'full' or 'lora', got {method!r}")
+    if readout is not None:
+        freeze_below_readout(model.get_base_model() if method == "lora" else model, family, *readout)
     return model.to(torch.device(device)), processor, family
+
+
+def freeze_below_readout(model, family: Any, layer: int, final_norm: bool) -> None:
+    """Freeze every weight the hidden states at `layer` are computed from: the vision tower, the projector, the
+    token embeddings, the decoder layers below `layer`, and the final norm where the read-out applies it. What
+    still trains (decoder layers above, the LM head, their LoRA adapters) cannot change what embed reads, so
+    advice finetuning cannot lower the latent. A weight shared with a frozen module (tied embeddings) is frozen."""
+    from operator import attrgetter
+
+    from envenc_ray.vlm.backbone import resolve_layer
+
+    decoder = attrgetter(f"{family.backbone}.{family.decoder}")(model)
+    layers = attrgetter(family.layers)(decoder)
+    keep = resolve_layer(layer, len(layers))
+    unseen = [*layers[keep:], attrgetter(family.lm_head)(model)]
+    if keep < len(layers) and not final_norm:  # HF applies the final norm only after the top layer
+        unseen.append(attrgetter(family.norm)(decoder))
+    prefixes = tuple(f"{name}." for name, module in model.named_modules() if any(module is m for m in unseen))
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if not name.startswith(prefixes):
+            parameter.requires_grad_(False)
+
+
+def check_readout_leaves_weights(base: str, layer: int, trust_remote_code: bool = False) -> None:
+    """On the driver, before a Train job starts: advise.train 'above_readout' must leave a weight to train. Reading
+    the top layer leaves only the LM head, nothing when it is tied to the token embeddings."""
+    from envenc_ray.vlm.backbone import resolve_layer
+
+    text = _load_config(base, trust_remote_code).get_text_config()
+    total = int(text.num_hidden_layers)
+    if resolve_layer(layer, total) == total and getattr(text, "tie_word_embeddings", False):
+        raise ModelError(f"advise.train 'above_readout' leaves no weight of {base} to train: vlm.layer {layer} reads "
+                         f"the top of its {total}-layer decoder and its LM head is tied to the token embeddings; read "
+                         "a lower vlm.layer, or set advise.train all")
 
 
 def encode_pairs(processor: Any, family: Any, prompt: str, answers: list[str], frame_size: tuple[int, int],
