@@ -16,8 +16,10 @@ declare -A variants=(  # name -> its --set flags over pong-tiny.yaml's encoder s
   [vq-d64]="--set encoder.kind=vq"
   [linear-d64]="--set encoder.kind=linear"
   [linear-d128]="--set encoder.kind=linear --set encoder.latent_dim=128"
+  [linear-d128-e60]="--set encoder.kind=linear --set encoder.latent_dim=128 --set encoder.epochs=60"
 )
-order=(temporal-w4-d64 temporal-w2-d64 temporal-w4-d128 temporal-w4-d64-e60 mlp-d64 vq-d64 linear-d64 linear-d128)
+order=(temporal-w4-d64 temporal-w2-d64 temporal-w4-d128 temporal-w4-d64-e60 mlp-d64 vq-d64 linear-d64 linear-d128
+       linear-d128-e60)
 envenc collect "${base[@]}"
 envenc embed "${base[@]}"
 for name in "${@:-${order[@]}}"; do

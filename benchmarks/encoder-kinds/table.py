@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 HERE = Path(__file__).parent
-ORDER = ("temporal-w4-d64", "temporal-w2-d64", "temporal-w4-d128", "temporal-w4-d64-e60", "mlp-d64", "vq-d64", "linear-d64", "linear-d128")
+ORDER = ("temporal-w4-d64", "temporal-w2-d64", "temporal-w4-d128", "temporal-w4-d64-e60", "mlp-d64", "vq-d64", "linear-d64", "linear-d128",
+         "linear-d128-e60")
 COLUMNS = ("ball_x", "ball_y", "player_y", "enemy_y", "ball_dx", "ball_dy")
 
 

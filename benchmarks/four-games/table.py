@@ -1,5 +1,4 @@
-"""Issue 25's goals per game from the four committed reports (`<game>/metrics.json`, Pong's the main job's in
-../pong-tiny-run/): python table.py"""
+"""Issue 25's goals per game from the four committed reports (`<game>/metrics.json`): python table.py"""
 
 import json
 from pathlib import Path
@@ -19,8 +18,7 @@ print("| game | latent state mean (>= 0.9) | latent positions (each >= 0.8) | la
       "| AtariARI F1 mean, latent / VLM read (>= ST-DIM) | frames |")
 print("|---|---|---|---|---|---|")
 for game, positions in POSITIONS.items():
-    folder = HERE.parent / "pong-tiny-run" if game == "pong" else HERE / game
-    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics = json.loads((HERE / game / "metrics.json").read_text())
     latent = metrics["probe_r2"]["latent"]
     f1 = metrics.get("atariari_f1_mean", {})
     velocity = ", ".join(f"{k} {cell(latent.get(k))}" for k in BALL_VELOCITY.get(game, [])) or "(no ball)"

@@ -59,7 +59,10 @@ OUTPUTS = ("llm", "vision", "both", "patches")
 # 'spatial' pooling gives the expected x and y of each channel (`spatial_softmax`), no presence feature: on 2,400
 # Pong frames (6 episodes, held-out ridge probe, tiny VLM, patch 16) adding each channel's log-sum-exp or max over
 # the grid moved ball_x by -0.08..+0.05 and ball_y / ball_in_play by -0.08..0.00 at layers 0 and 2: no consistent
-# gain for 1.5x the features every consumer reads
+# gain for 1.5x the features every consumer reads. No sharpening either: each channel standardized over the grid
+# before the softmax lowers Pong's ball_x 0.84 -> 0.81 (0.65 at temperature 0.5) and does not find Breakout's ball
+# (patch 8, layer 0; benchmarks/spatial-variants/, README "Sharper maps, presence, more moments"): the raw maps are
+# nearly flat, and a flat softmax's expectation is linear in the states, which a linear probe unmixes
 SPATIAL_FEATURES = 2
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DTYPE_CHOICES = (*DTYPES, "auto")  # auto: bfloat16 where checked and native, else float32 (resolve_dtype)
