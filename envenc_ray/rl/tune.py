@@ -417,7 +417,7 @@ def prepare_encoder(config: EnvEncConfig) -> bool:
     and, with rl.encoder_source=serve, the deployment. Returns whether this call deployed it (then the sweep
     shuts it down at the end; an app that was already running stays)."""
     from envenc_ray.vlm.paths import resolve_model_path
-    from envenc_ray.rl.encoder_source import read_encoder_description
+    from envenc_ray.encoder.served import read_encoder_description
 
     resolve_model_path(config)
     encoder_dir = RunLayout.of(config).agent_encoder
