@@ -33,8 +33,8 @@ from envenc_ray.files import remove_orphaned_temporaries  # noqa: E402
 from envenc_ray.layout import CONFIG_COPY, RunLayout, shared_dir, synced_run  # noqa: E402
 from envenc_ray.pipeline import STAGES, Stage  # noqa: E402
 from envenc_ray.pipeline import run as run_pipeline  # noqa: E402
-from envenc_ray.rl.experiment import experiment, experiment_status  # noqa: E402
-from envenc_ray.rl.tune import tune as tune_sweep  # noqa: E402
+from envenc_ray.pipeline.experiment import experiment, experiment_status  # noqa: E402
+from envenc_ray.pipeline.tune import tune as tune_sweep  # noqa: E402
 from envenc_ray.runtime import configure_console, received_signal, shutdown_ray, stop_on_signals  # noqa: E402
 from envenc_ray.storage import is_uri, local_root, pull  # noqa: E402
 from envenc_ray.vlm.tiny import build_tiny_vlm  # noqa: E402

@@ -46,7 +46,7 @@ def write_arms(tmp_path: Path, arms: dict) -> Path:
 def test_tiny_experiment_has_equal_budgets_and_resumes_only_the_unfinished_trial(ray_session, debug_config, tmp_path):
     from safetensors.numpy import load_file
 
-    from envenc_ray.rl.experiment import experiment
+    from envenc_ray.pipeline.experiment import experiment
 
     config = debug_config(*TINY)
     arms = write_arms(tmp_path, ARMS)
@@ -98,7 +98,7 @@ def test_transfer_arms_start_from_the_source_policy_and_read_its_encoder(ray_ses
     """Generalisation: Pong's agent evaluated zero-shot on Breakout and finetuned there, on Pong's latents."""
     from safetensors.numpy import load_file
 
-    from envenc_ray.rl.experiment import experiment
+    from envenc_ray.pipeline.experiment import experiment
 
     transfer = {"init_from": "source", "encoder_from": "source", "env.game": "breakout"}
     arms = write_arms(tmp_path, {
@@ -125,7 +125,7 @@ def test_transfer_arms_start_from_the_source_policy_and_read_its_encoder(ray_ses
 
 
 def test_transfer_keys_name_another_plain_arm(debug_config, tmp_path):
-    from envenc_ray.rl.experiment import experiment
+    from envenc_ray.pipeline.experiment import experiment
 
     for arm, message in (({"init_from": "nowhere"}, "init_from: 'nowhere'"), ({"steps": 0}, "0 only with init_from"),
                          ({"encoder_from": "b"}, "encoder_from: 'b'")):
@@ -135,7 +135,7 @@ def test_transfer_keys_name_another_plain_arm(debug_config, tmp_path):
 
 
 def test_arms_that_set_what_the_experiment_owns_fail_before_anything_runs(debug_config, tmp_path):
-    from envenc_ray.rl.experiment import experiment
+    from envenc_ray.pipeline.experiment import experiment
 
     arms = write_arms(tmp_path, {"question": "q", "arms": {"a": {"experiment.seed": 3}}})
     with pytest.raises(ConfigError, match=r"arm 'a' sets 'experiment.seed'.*--seeds"):
@@ -147,7 +147,7 @@ def test_arms_that_set_what_the_experiment_owns_fail_before_anything_runs(debug_
 
 
 def test_a_budget_that_is_not_a_whole_number_of_iterations_is_refused(debug_config, tmp_path):
-    from envenc_ray.rl.experiment import experiment
+    from envenc_ray.pipeline.experiment import experiment
 
     arms = write_arms(tmp_path, ARMS)
     with pytest.raises(ConfigError, match=r"--steps 100 is not a whole number of iterations of 64 .*--steps 64 or 128"):
@@ -173,7 +173,7 @@ def _refuse_ray(monkeypatch) -> None:
 
 @pytest.mark.slow
 def test_a_killed_experiment_resumes_every_trial_from_its_last_evaluation_point(debug_config, tmp_path, monkeypatch):
-    from envenc_ray.rl.experiment import experiment_status
+    from envenc_ray.pipeline.experiment import experiment_status
 
     root = Path(__file__).resolve().parents[1]
     arms = write_arms(tmp_path, RESUME_ARMS)
@@ -261,7 +261,7 @@ def test_state_observation_is_the_fixed_size_object_vector_of_the_ram():
 
 def test_state_arms_need_an_annotated_game_and_the_pipeline_builds_no_representation_for_them(debug_config, tmp_path):
     from envenc_ray.pipeline import stages_of
-    from envenc_ray.rl.experiment import experiment
+    from envenc_ray.pipeline.experiment import experiment
 
     arms = write_arms(tmp_path, {"question": "q", "arms": {"state": {"rl.obs_mode": "state",
                                                                      "env.game": "space_invaders"}}})
@@ -273,12 +273,20 @@ def test_state_arms_need_an_annotated_game_and_the_pipeline_builds_no_representa
         debug_config("rl.obs_mode=state", "rl.reward=model")
 
 
+def test_arms_make_their_encoder_through_the_pipelines_stages(debug_config):
+    from envenc_ray.pipeline.experiment import encoder_stages
+
+    assert [stage.name for stage in encoder_stages(debug_config())] == ["collect", "embed", "train-encoder"]
+    finetuned = debug_config("stage2.method=finetuned")
+    assert [stage.name for stage in encoder_stages(finetuned)] == ["collect", "advise", "embed", "train-encoder"]
+
+
 @pytest.mark.parametrize("name", ["freeway-300k", "breakout-300k"])
 def test_the_300k_protocols_check_out_before_anything_runs(debug_config, name):
     """Every arm of the protocol validates (keys, RLlib's batch rules, budget and interval in whole iterations)."""
     from envenc_ray.config import load_config
-    from envenc_ray.rl.experiment import evaluation_points, load_experiment
-    from envenc_ray.rl.tune import check_rllib_settings
+    from envenc_ray.pipeline.experiment import evaluation_points, load_experiment
+    from envenc_ray.pipeline.tune import check_rllib_settings
 
     root = Path(__file__).resolve().parents[1]
     config = load_config([root / "configs/pong-tiny.yaml"], [f"experiment.run_root={debug_config().experiment.run_root}"])

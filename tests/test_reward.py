@@ -21,7 +21,7 @@ TINY_MODEL = RewardModelConfig(d_model=16, heads=2, layers=1)
 
 def saved_model(folder: Path, representation_dim: int, representation: str = "latent", seed: int = 0) -> Path:
     """A reward model with random weights exported as the stage exports one (for connector and loader tests)."""
-    from envenc_ray.rl.reward_model import build_reward_model, save_reward_model
+    from envenc_ray.rl.reward.model import build_reward_model, save_reward_model
 
     torch.manual_seed(seed)
     model = build_reward_model(TINY_MODEL, representation_dim)
@@ -35,7 +35,7 @@ def pong_env_at_branch_point():
     """A sticky-free Pong env played by the heuristic up to its first branch point (the ball near the paddle)."""
     from envenc_ray.envs.annotate import get_annotator
     from envenc_ray.envs.atari import make_env
-    from envenc_ray.rl.preferences import is_branch_point
+    from envenc_ray.rl.reward.preferences import is_branch_point
 
     env = make_env("pong", repeat_action_probability=0.0)
     annotator = get_annotator("pong", env.unwrapped.get_action_meanings())
@@ -54,7 +54,7 @@ def pong_env_at_branch_point():
 
 
 def test_branches_replay_exactly_and_the_higher_return_wins():
-    from envenc_ray.rl.preferences import branch, preference_pairs
+    from envenc_ray.rl.reward.preferences import branch, preference_pairs
 
     env, annotator = pong_env_at_branch_point()
     moves = [2, 3, 0]  # RIGHT (up), LEFT (down), NOOP
@@ -72,7 +72,7 @@ def test_branches_replay_exactly_and_the_higher_return_wins():
 
 
 def test_preference_pairs_keep_every_difference_and_drop_ties():
-    from envenc_ray.rl.preferences import preference_pairs
+    from envenc_ray.rl.reward.preferences import preference_pairs
 
     assert preference_pairs([0.0, 0.0, -1.0]) == [(0, 2), (1, 2)]
     assert preference_pairs([-1.0, 0.0, 1.0]) == [(1, 0), (2, 0), (2, 1)]
@@ -80,7 +80,7 @@ def test_preference_pairs_keep_every_difference_and_drop_ties():
 
 
 def test_a_rollout_keeps_its_non_tied_branch_points_and_counts_the_ties():
-    from envenc_ray.rl.preferences import COUNTS_KEY, play_and_branch, preference_pairs
+    from envenc_ray.rl.reward.preferences import COUNTS_KEY, play_and_branch, preference_pairs
 
     settings = RewardModelConfig(max_steps_per_episode=800)
     table = play_and_branch(EnvConfig(game="pong"), settings, seed=11, episode=4, context=3)
@@ -100,7 +100,7 @@ def test_a_rollout_keeps_its_non_tied_branch_points_and_counts_the_ties():
 
 
 def test_exported_model_round_trips_and_refuses_a_damaged_file(tmp_path):
-    from envenc_ray.rl.reward_model import load_reward_model
+    from envenc_ray.rl.reward.model import load_reward_model
 
     folder = saved_model(tmp_path / "reward_model", LATENT_DIM)
     model = load_reward_model(folder)
@@ -127,8 +127,8 @@ def latent_episode(latents: np.ndarray, env_rewards: list[float]):
 
 @pytest.mark.parametrize("mode", ["model", "env+model"])
 def test_connector_writes_each_new_step_once(tmp_path, mode):
-    from envenc_ray.rl.reward_connector import ModelRewards
-    from envenc_ray.rl.reward_model import RewardSource, load_reward_model
+    from envenc_ray.rl.reward.connector import ModelRewards
+    from envenc_ray.rl.reward.model import RewardSource, load_reward_model
 
     folder = saved_model(tmp_path / "reward_model", LATENT_DIM)
     source = RewardSource(model_dir=str(folder), mode=mode, scale=0.5, representation="latent")
@@ -151,8 +151,8 @@ def test_connector_writes_each_new_step_once(tmp_path, mode):
 
 def test_pixel_rewards_read_the_raw_frame_before_the_latent_connector(tmp_path, pong_frames):
     from envenc_ray.rl.connector import LatentObservations, make_env_to_module
-    from envenc_ray.rl.reward_connector import ModelRewards
-    from envenc_ray.rl.reward_model import RewardSource, load_reward_model, pixel_representation
+    from envenc_ray.rl.reward.connector import ModelRewards
+    from envenc_ray.rl.reward.model import RewardSource, load_reward_model, pixel_representation
 
     size = 16
     folder = saved_model(tmp_path / "reward_model", size * size, representation="pixels")
@@ -183,7 +183,7 @@ def reward_config(tmp_path: Path, encoder_dir, obs_mode: str = "latent", **rewar
 
 
 def test_reward_source_refuses_a_model_for_another_representation(tmp_path):
-    from envenc_ray.rl.reward_model import reward_source
+    from envenc_ray.rl.reward.model import reward_source
 
     config = reward_config(tmp_path, tmp_path / "encoder")
     with pytest.raises(ModelError, match=r"no reward model in .*reward_model.*rl.reward is 'model': run "
@@ -203,8 +203,8 @@ def test_reward_source_refuses_a_model_for_another_representation(tmp_path):
 
 def test_empty_and_one_class_preference_sets_are_refused(tmp_path):
     from envenc_ray.files import write_json_atomic
-    from envenc_ray.rl.preferences import SCHEMA, META_FILE, shard_path
-    from envenc_ray.rl.reward_train import Triples, check_triples, represent_triples
+    from envenc_ray.rl.reward.preferences import SCHEMA, META_FILE, shard_path
+    from envenc_ray.rl.reward.train import Triples, check_triples, represent_triples
     from envenc_ray.data.schema import write_parquet_atomic
     import pyarrow as pa
 
@@ -249,8 +249,8 @@ def test_envenc_run_includes_the_stage_only_when_the_agent_uses_the_model(debug_
 def test_reward_model_on_pong_pixels_beats_chance_and_the_moves(ray_session, debug_config):
     """The stage end to end on pixels: held-out preference accuracy well above 0.5 and above what the two moves
     alone predict; the export reproduces it; a rerun is skipped."""
-    from envenc_ray.rl.reward_model import load_reward_model
-    from envenc_ray.rl.reward_train import represent_triples, reward_model_current, split_by_rollout, train_reward_model
+    from envenc_ray.rl.reward.model import load_reward_model
+    from envenc_ray.rl.reward.train import represent_triples, reward_model_current, split_by_rollout, train_reward_model
 
     config = debug_config("reward_model.representation=pixels", "reward_model.episodes=8",
                           "reward_model.max_steps_per_episode=3000", "reward_model.epochs=25")
@@ -289,8 +289,8 @@ def test_ppo_iteration_trains_on_the_reward_models_rewards(ray_session, environm
     from ray.rllib.connectors.connector_v2 import ConnectorV2
 
     from envenc_ray.rl.algorithm import build_algorithm, train_iteration
-    from envenc_ray.rl.reward_model import load_reward_model
-    from envenc_ray.rl.reward_train import train_reward_model
+    from envenc_ray.rl.reward.model import load_reward_model
+    from envenc_ray.rl.reward.train import train_reward_model
     from envenc_ray.rl.runner_errors import new_error_key
     from envenc_ray.rl.train import metrics_row
 

@@ -95,11 +95,13 @@ def test_observer_one_call_per_step_windows_fresh_at_reset(environment_encoder, 
 
 def test_connector_rewrites_last_observation_of_every_episode(environment_encoder, tiny_vlm_dir, pong_frames):
     from envenc_ray.rl.connector import LatentObservations
+    from envenc_ray.config import VLMConfig
+    from envenc_ray.encoder.served import ServedPair
     from envenc_ray.rl.encoder_source import EncoderSource
 
     _, encoder_dir = environment_encoder
-    source = EncoderSource(kind="in_process", latent_dim=LATENT_DIM, window=2, encoder_dir=str(encoder_dir),
-                           vlm_model_path=str(tiny_vlm_dir), vlm_config={"num_threads": 1})
+    pair = ServedPair(str(tiny_vlm_dir), str(encoder_dir), VLMConfig(num_threads=1), "pong")
+    source = EncoderSource(kind="in_process", latent_dim=LATENT_DIM, window=2, pair=pair)
     frame_space = gym.spaces.Box(0, 255, pong_frames.shape[1:], np.uint8)
     connector = LatentObservations(frame_space, gym.spaces.Discrete(6), obs_mode="latent", source=source)
     assert connector.observation_space == gym.spaces.Box(-np.inf, np.inf, (LATENT_DIM,), np.float32)

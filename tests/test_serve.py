@@ -346,6 +346,7 @@ def test_yaml_config_parses_and_builds_the_app(temporal_app, tiny_vlm_dir):
     module, _, attribute = app.import_path.partition(":")
     builder = getattr(__import__(module, fromlist=[attribute]), attribute)
     args = {**app.args, "config": [str(REPO / path) for path in app.args["config"]],
+            "overrides": [f"vlm.pooling={config.vlm.pooling}"],  # the read-out the fixture's encoder reads
             "model_dir": str(tiny_vlm_dir), "encoder_dir": str(config.run_dir / "encoder")}
     built = builder(args)
     assert isinstance(built, Application)

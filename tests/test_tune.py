@@ -60,7 +60,7 @@ def write_sweep(tmp_path: Path, params: dict, **top) -> Path:
 def test_grid_sweep_over_lr_shares_one_deployment_and_writes_the_best_config(ray_session, tmp_path, tiny_vlm_dir):
     from ray import serve
 
-    from envenc_ray.rl.tune import tune
+    from envenc_ray.pipeline.tune import tune
 
     config = make_config(tmp_path, tiny_vlm_dir, encoder_source="serve", serve_app="envenc-tune-test", iterations=2)
     save_untrained_encoder(config.run_dir / "encoder")
@@ -91,7 +91,7 @@ def test_grid_sweep_over_lr_shares_one_deployment_and_writes_the_best_config(ray
 
 
 def test_unknown_bad_and_encoder_changing_keys_are_refused_before_launching(tmp_path, tiny_vlm_dir):
-    from envenc_ray.rl.tune import tune
+    from envenc_ray.pipeline.tune import tune
 
     config = make_config(tmp_path, tiny_vlm_dir)
     cases = [
@@ -121,7 +121,7 @@ def test_unknown_bad_and_encoder_changing_keys_are_refused_before_launching(tmp_
 
 
 def test_trials_that_can_never_fit_the_cluster_fail_fast(ray_session, tmp_path, tiny_vlm_dir):
-    from envenc_ray.rl.tune import tune
+    from envenc_ray.pipeline.tune import tune
 
     config = make_config(tmp_path, tiny_vlm_dir, encoder_source="serve", rollout_fragment_length=None)
     sweep = write_sweep(tmp_path, {"rl.num_env_runners": {"grid": [1, 4]}})
@@ -139,7 +139,7 @@ def test_trials_that_can_never_fit_the_cluster_fail_fast(ray_session, tmp_path, 
 
 def test_trial_resources_are_what_rllib_asks_for(tmp_path, tiny_vlm_dir):
     from envenc_ray.rl.ppo import build_ppo_config
-    from envenc_ray.rl.tune import trial_bundles
+    from envenc_ray.pipeline.tune import trial_bundles
 
     for settings in ({}, {"num_env_runners": 3, "cpus_per_env_runner": 0.25, "rollout_fragment_length": None},
                      {"num_learners": 2},

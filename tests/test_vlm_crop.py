@@ -165,6 +165,7 @@ def test_replica_resizes_the_whole_frame_client_side(clip_style_dir, pong_frames
     from envenc_ray.config import EncoderConfig
     from envenc_ray.encoder.export import FORMAT, FORMAT_VERSION, save_encoder
     from envenc_ray.encoder.models import build_autoencoder
+    from envenc_ray.encoder.served import ServedPair
     from envenc_ray.serve.replica import EncoderCore, ReplicaSpec
 
     vlm_config = VLMConfig(layer=2, crop="none")
@@ -174,7 +175,7 @@ def test_replica_resizes_the_whole_frame_client_side(clip_style_dir, pong_frames
     description = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "mlp", "latent_dim": 4,
                    "hidden_size": 128, "window": 1, "encoder": settings.model_dump(mode="json")}
     save_encoder(encoder, tmp_path / "encoder", description, metrics={})
-    core = EncoderCore(ReplicaSpec(str(clip_style_dir), str(tmp_path / "encoder"), vlm_config, "pong", 1))
+    core = EncoderCore(ReplicaSpec(ServedPair(str(clip_style_dir), str(tmp_path / "encoder"), vlm_config, "pong"), 1))
 
     client_side = FramePreprocessor(**core.info()["preprocessor"])
     assert (client_side.resize_to, client_side.crop_to) == ((128, 128), None)

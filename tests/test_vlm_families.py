@@ -391,6 +391,7 @@ def test_replica_core_serves_each_family(references, pong_frames, family, tmp_pa
     from envenc_ray.encoder.export import FORMAT, FORMAT_VERSION, load_encoder, save_encoder
     from envenc_ray.encoder.models import build_autoencoder
     from envenc_ray.errors import InputError
+    from envenc_ray.encoder.served import ServedPair
     from envenc_ray.serve.replica import EncoderCore, ReplicaSpec
 
     model_dir = references[family][0]
@@ -402,7 +403,7 @@ def test_replica_core_serves_each_family(references, pong_frames, family, tmp_pa
                    "hidden_size": vlm.hidden_size, "window": 1, "encoder": settings.model_dump(mode="json")}
     save_encoder(encoder, tmp_path / "encoder", description, metrics={})
 
-    core = EncoderCore(ReplicaSpec(str(model_dir), str(tmp_path / "encoder"), VLMConfig(layer=2), "pong", 1))
+    core = EncoderCore(ReplicaSpec(ServedPair(str(model_dir), str(tmp_path / "encoder"), VLMConfig(layer=2), "pong"), 1))
     frames = pong_frames[:3]
     expected, _ = EnvironmentEncoder(vlm, load_encoder(tmp_path / "encoder")).encode(frames)
     latents, _ = core.run_batch([core.check(frames, None, False, "latents")])[0]

@@ -44,7 +44,8 @@ def bench_autoscale(config: EnvEncConfig, json_out: str | None = None, *, load_t
                           f"above serve.min_replicas ({serve.min_replicas}), e.g. --set serve.max_replicas=2")
     started = time.perf_counter()
     ensure_ray()
-    model_path, encoder_dir, untrained = model_and_encoder(config)
+    pair, untrained = model_and_encoder(config)
+    model_path, encoder_dir = pair.model_path, Path(pair.encoder_dir)
     load_config = config.model_copy(deep=True)
     load_config.vlm.model = str(model_path)
     load_config.rl.algo, load_config.rl.obs_mode, load_config.rl.encoder_source = "ppo", "latent", "serve"

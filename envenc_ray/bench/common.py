@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from envenc_ray.config import EnvEncConfig
+from envenc_ray.encoder.served import ServedPair
 from envenc_ray.files import write_json_atomic
 
 
-def model_and_encoder(config: EnvEncConfig) -> tuple[str, Path, bool]:
-    """The run's VLM and encoder; without a trained encoder, an untrained one of config.encoder (timing only)."""
+def model_and_encoder(config: EnvEncConfig) -> tuple[ServedPair, bool]:
+    """The run's served pair and whether its encoder is untrained: without a trained encoder, an untrained one of
+    config.encoder (timing only)."""
     import torch
 
     from envenc_ray.layout import RunLayout
@@ -22,10 +24,10 @@ def model_and_encoder(config: EnvEncConfig) -> tuple[str, Path, bool]:
     from envenc_ray.encoder.models import build_autoencoder
     from envenc_ray.vlm.backbone import TruncatedVLM
 
-    model_path = resolve_model_path(config)
     trained = RunLayout.of(config).agent_encoder
     if (trained / "config.json").is_file():
-        return model_path, trained, False
+        return ServedPair.of(config), False
+    model_path = resolve_model_path(config)
     hidden_size = TruncatedVLM.from_config(config.vlm, model_path=model_path, output=config.encoder.inputs).hidden_size
     torch.manual_seed(config.experiment.seed)
     encoder = build_autoencoder(config.encoder, hidden_size).encoder_module()
@@ -36,17 +38,13 @@ def model_and_encoder(config: EnvEncConfig) -> tuple[str, Path, bool]:
                  metrics={})
     print(f"bench: no trained encoder in {trained}: timing an untrained "
           f"{config.encoder.kind} encoder (same shapes and cost)")
-    return model_path, encoder_dir, True
+    return ServedPair.of(config, model_path, encoder_dir), True
 
 
-def bench_encoder_pair(config: EnvEncConfig, model_path: str, encoder_dir: Path, dtype: str, compile: bool = False):
+def bench_encoder_pair(pair: ServedPair, dtype: str, compile: bool = False):
     """The EnvironmentEncoder the benchmarks time, in `dtype`, its VLM layers compiled or not (torch threads are set
     once by the caller)."""
-    from envenc_ray.encoder.environment import load_environment_encoder
-    from envenc_ray.layout import RunLayout
-
-    vlm_config = config.vlm.model_copy(update={"dtype": dtype, "num_threads": None, "compile": compile})
-    return load_environment_encoder(vlm_config, model_path, encoder_dir, RunLayout.of(config).game)
+    return pair.load(pair.vlm.model_copy(update={"dtype": dtype, "num_threads": None, "compile": compile}))
 
 
 def machine_facts() -> dict[str, Any]:

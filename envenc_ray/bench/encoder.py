@@ -65,9 +65,10 @@ def bench_encoder(config: EnvEncConfig, json_out: str | None = None, callers: in
     results["frames"] = {"count": len(frames), "unique": unique, "duplicate_rate": 1 - unique / len(frames),
                          "shape": list(frames.shape[1:]), "game": config.env.game}
 
-    model_path, encoder_dir, untrained = model_and_encoder(config)
+    pair, untrained = model_and_encoder(config)
+    model_path, encoder_dir = pair.model_path, Path(pair.encoder_dir)
     results["model"] = {"model_path": model_path, "encoder_dir": str(encoder_dir), "untrained_encoder": untrained}
-    encoder_fp32 = bench_encoder_pair(config, model_path, encoder_dir, "float32")
+    encoder_fp32 = bench_encoder_pair(pair, "float32")
     vlm = encoder_fp32.vlm
     results["model"].update({"hidden_size": vlm.hidden_size, "layers_kept": vlm.num_layers,
                              "layers_total": vlm.total_layers, "tokens_per_frame": vlm.sequence_length,
@@ -84,7 +85,7 @@ def bench_encoder(config: EnvEncConfig, json_out: str | None = None, callers: in
     results["naive"] = bench_naive(model_path, vlm, frames, seconds)
 
     phase(f"sweep: frames/s vs batch size {list(sweep)} (float32, bfloat16)")
-    encoder_bf16 = bench_encoder_pair(config, model_path, encoder_dir, "bfloat16")
+    encoder_bf16 = bench_encoder_pair(pair, "bfloat16")
     results["sweep"] = {
         "batch_sizes": list(sweep),
         "float32": [bench_in_process(encoder_fp32, frames, size, min(seconds, 1.5))["frames_per_s"] for size in sweep],
@@ -96,7 +97,7 @@ def bench_encoder(config: EnvEncConfig, json_out: str | None = None, callers: in
     phase(f"in-process with torch.compile'd VLM layers (vlm.compile), batch {batch}: compile, then time")
     results["in_process_compiled"] = {}
     for dtype in ("float32", "bfloat16"):
-        compiled = bench_encoder_pair(config, model_path, encoder_dir, dtype, compile=True)
+        compiled = bench_encoder_pair(pair, dtype, compile=True)
         t = time.perf_counter()
         compiled.encode(frames[:batch])
         warm_up_s = time.perf_counter() - t

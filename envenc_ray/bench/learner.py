@@ -40,7 +40,8 @@ def bench_learner(config: EnvEncConfig, json_out: str | None = None, iterations:
 
     ensure_ray()
     rl = config.rl
-    model_path, encoder_dir, untrained = model_and_encoder(config)
+    pair, untrained = model_and_encoder(config)
+    model_path, encoder_dir = pair.model_path, Path(pair.encoder_dir)
     results: dict[str, Any] = {
         "command": command or " ".join(sys.argv),
         "machine": machine_facts() | {"learner_torch_threads": torch.get_num_threads()},

@@ -82,7 +82,8 @@ def bench_rollout(config: EnvEncConfig, json_out: str | None = None, iterations:
     if rl.algo != "ppo":
         print(f"bench: rl.algo={rl.algo!r} in the config; this benchmark measures PPO sampling")
 
-    model_path, encoder_dir, untrained = model_and_encoder(config)
+    pair, untrained = model_and_encoder(config)
+    model_path, encoder_dir = pair.model_path, Path(pair.encoder_dir)
     results["model"] = {"model_path": model_path, "encoder_dir": str(encoder_dir), "untrained_encoder": untrained}
     unknown = set(modes) - set(MODES)
     if unknown:

@@ -132,37 +132,48 @@ class AdapterFeatures(EnvironmentEncoder):
         return np.ascontiguousarray(inputs.reshape(len(inputs), -1))
 
 
-def stack_windows(hidden_states: np.ndarray, windows: list[np.ndarray | None] | None, k: int) -> np.ndarray:
-    """(N, k, *shape): each frame after its episode's previous k-1 hidden states (`windows[i]`, oldest first; None
-    at a fresh episode start, meaning "pad with this frame" exactly as training padded an episode's first frames;
-    `windows=None`: every episode is fresh). Window states are checked here, each error saying what to pass."""
-    n, shape = len(hidden_states), hidden_states.shape[1:]
-    if windows is None:
-        windows = [None] * n
-    elif isinstance(windows, (str, bytes)) or not hasattr(windows, "__len__"):
+def check_windows(windows, n: int, k: int, shape: tuple[int, ...]) -> list[np.ndarray | None] | None:
+    """The window states of a call of `n` frames, checked once for every entry (a Serve replica's, the in-process
+    encoder's), each error saying what to pass: one per frame, None at a fresh episode start, else the episode's
+    previous k-1 hidden states (k-1, *shape), float32. None when there are none or the encoder keeps none (k 1)."""
+    if windows is None or k == 1:
+        return None  # per-frame encoders keep no state: windows are ignored
+    if isinstance(windows, (str, bytes, dict)) or not hasattr(windows, "__len__"):
         raise InputError(f"window states must be a list of one state (or None) per frame, got "
                          f"{type(windows).__name__}")
-    windows = list(windows)
+    windows = list(windows)  # an (N, k-1, *shape) array: every episode continues
     if len(windows) != n:
         raise InputError(f"got {n} frames but {len(windows)} window states; pass one per frame (None for a "
                          "fresh episode)")
-    stacked = np.empty((n, k, *shape), dtype=np.float32)
+    checked: list[np.ndarray | None] = []
     for i, previous in enumerate(windows):
         if previous is None:
-            stacked[i, :-1] = hidden_states[i]  # fresh episode: the first frame fills the window
-        else:
-            try:
-                previous = np.asarray(previous, dtype=np.float32)
-            except (TypeError, ValueError) as error:
-                raise InputError(f"window state {i} is not an array of numbers ({error}); pass the state "
-                                 "that encode returned, or None for a fresh episode") from None
-            if previous.shape != (k - 1, *shape):
-                raise InputError(f"window state {i} has shape {previous.shape}, expected "
-                                 f"{(k - 1, *shape)}: the previous k-1 hidden states")
-            if not np.isfinite(previous).all():
-                raise InputError(f"window state {i} holds NaN or infinite values; pass the state that encode "
-                                 "returned, or None for a fresh episode")
-            stacked[i, :-1] = previous
+            checked.append(None)
+            continue
+        try:
+            previous = np.asarray(previous, dtype=np.float32)
+        except (TypeError, ValueError) as error:
+            raise InputError(f"window state {i} is not an array of numbers ({error}); pass the state "
+                             "that encode returned, or None for a fresh episode") from None
+        if previous.shape != (k - 1, *shape):
+            raise InputError(f"window state {i} has shape {previous.shape}, expected {(k - 1, *shape)}: the "
+                             "episode's previous k-1 hidden states, as the last call returned them (None starts fresh)")
+        if not np.isfinite(previous).all():
+            raise InputError(f"window state {i} holds non-finite values (NaN or infinite); pass the state that "
+                             "encode returned, or None for a fresh episode")
+        checked.append(previous)
+    return checked
+
+
+def stack_windows(hidden_states: np.ndarray, windows: list[np.ndarray | None] | None, k: int) -> np.ndarray:
+    """(N, k, *shape): each frame after its episode's previous k-1 hidden states (`windows[i]`, oldest first; None
+    at a fresh episode start, meaning "pad with this frame" exactly as training padded an episode's first frames;
+    `windows=None`: every episode is fresh), checked by `check_windows`."""
+    n, shape = len(hidden_states), hidden_states.shape[1:]
+    windows = check_windows(windows, n, k, shape) or [None] * n
+    stacked = np.empty((n, k, *shape), dtype=np.float32)
+    for i, previous in enumerate(windows):
+        stacked[i, :-1] = hidden_states[i] if previous is None else previous  # fresh: the first frame fills it
         stacked[i, -1] = hidden_states[i]
     return stacked
 

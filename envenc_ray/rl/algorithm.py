@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from envenc_ray.config import EnvEncConfig
 from envenc_ray.rl.encoder_source import EncoderSource, encoder_source
-from envenc_ray.rl.reward_model import RewardSource, reward_source
+from envenc_ray.rl.reward.model import RewardSource, reward_source
 from envenc_ray.rl.runner_errors import raise_runner_error
 
 

@@ -20,11 +20,10 @@ import numpy as np
 
 from envenc_ray.config import EnvEncConfig
 from envenc_ray.errors import DataError, InputError
-from envenc_ray.files import replaced_atomically, weights_sha256
-from envenc_ray.layout import RunLayout
+from envenc_ray.encoder.served import ServedPair
+from envenc_ray.files import replaced_atomically
 from envenc_ray.rl.algorithm import offline_algorithm_config
 from envenc_ray.storage import remove
-from envenc_ray.vlm.paths import resolve_model_path
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d{6})$")
 META_FILE = "train.json"
@@ -149,9 +148,7 @@ def latents_identity(config: EnvEncConfig) -> dict | None:
 
         info = EncoderClient.connect(app_name=config.rl.serve_app).info
         return {key: info.get(key) for key in ("encoder_dir", "encoder_sha256", "model_path", "vlm_sha256")}
-    encoder, model = RunLayout.of(config).agent_encoder.resolve(), resolve_model_path(config)
-    return {"encoder_dir": str(encoder), "encoder_sha256": weights_sha256(encoder),
-            "model_path": model, "vlm_sha256": weights_sha256(Path(model))}
+    return ServedPair.resolve(config).identity()  # checked where the pair is loaded (encoder_source)
 
 
 def check_latents(recorded: dict | None, current: dict | None, agent: str) -> None:

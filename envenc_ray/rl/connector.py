@@ -15,8 +15,8 @@ from ray.rllib.connectors.connector_v2 import ConnectorV2
 
 from envenc_ray.rl.encoder_source import EncoderSource
 from envenc_ray.rl.observations import EpisodeObserver, check_obs_mode, observation_space
-from envenc_ray.rl.reward_connector import ModelRewards
-from envenc_ray.rl.reward_model import RewardSource
+from envenc_ray.rl.reward.connector import ModelRewards
+from envenc_ray.rl.reward.model import RewardSource
 from envenc_ray.rl.runner_errors import report_runner_error
 
 

@@ -19,7 +19,7 @@ from envenc_ray.config import EnvEncConfig
 from envenc_ray.errors import ConfigError
 from envenc_ray.rl.connector import make_env_to_module
 from envenc_ray.rl.encoder_source import EncoderSource
-from envenc_ray.rl.reward_model import RewardSource
+from envenc_ray.rl.reward.model import RewardSource
 from envenc_ray.rl.runners import with_common_settings
 
 

@@ -29,7 +29,7 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
 from envenc_ray.config import EnvEncConfig
-from envenc_ray.errors import ConfigError
+from envenc_ray.encoder.served import ServedPair
 from envenc_ray.rl.modules import EnvEncPPOCatalog, EnvEncPPOTorchRLModule, ppo_module_spec
 
 JOINT_KEY = "envenc_joint"  # the model_config entry with what the module loads (paths, settings)
@@ -86,30 +86,21 @@ class JointPPOTorchRLModule(EnvEncPPOTorchRLModule):
 
 def joint_module_spec(config: EnvEncConfig) -> RLModuleSpec:
     """The RLModuleSpec of stage2.method 'joint': PPO's (ppo_module_spec) with what the module loads; runs on
-    the driver, so every path is absolute and the encoder is checked before any actor starts."""
-    from envenc_ray.layout import RunLayout
-    from envenc_ray.vlm.paths import resolve_model_path
-    from envenc_ray.rl.encoder_source import read_encoder_description
-
-    layout = RunLayout.of(config)
-    description = read_encoder_description(layout.agent_encoder)
-    inputs = (description.get("encoder") or {}).get("inputs", "llm")  # what the encoder was trained on
-    if inputs == "vision":
-        raise ConfigError(f"the encoder in {layout.agent_encoder} reads encoder.inputs 'vision', which never "
-                          "passes the projector stage2.method 'joint' trains; use an encoder of inputs llm or both")
+    the driver, so every path is absolute and the encoder is checked (`ServedPair.of`) before any actor starts."""
+    pair = ServedPair.of(config)
     # vlm.dtype 'auto': the dtype the encoder's training states were computed in (data/embed.py decides), so the
     # module starts at the latents the frozen pipeline gives
-    dtype = (description.get("vlm_dtype") or "float32") if config.vlm.dtype == "auto" else config.vlm.dtype
+    dtype = (pair.trained_dtype or "float32") if pair.vlm.dtype == "auto" else pair.vlm.dtype
     joint = {
-        "model_path": resolve_model_path(config),
+        "model_path": pair.model_path,
         # loaded on the CPU: RLlib moves the module to its Learner's device, and the frozen decoder follows the
         # features there (ImageAdapter.forward); the process's torch threads stay as RLlib set them
-        "vlm": config.vlm.model_dump(mode="json") | {"device": "cpu", "num_threads": None, "dtype": dtype},
-        "game": layout.game,
-        "encoder_dir": str(layout.agent_encoder.resolve()),
-        "inputs": inputs,
+        "vlm": pair.vlm.model_dump(mode="json") | {"device": "cpu", "num_threads": None, "dtype": dtype},
+        "game": pair.game,
+        "encoder_dir": pair.encoder_dir,
+        "inputs": pair.inputs,
         "train_encoder": config.stage2.train_encoder,
-        "latent_dim": int(description["latent_dim"]),
+        "latent_dim": pair.latent_dim,
     }
     spec = ppo_module_spec(config.rl)
     return RLModuleSpec(module_class=JointPPOTorchRLModule, catalog_class=JointPPOCatalog,

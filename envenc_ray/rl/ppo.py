@@ -9,7 +9,7 @@ from envenc_ray.rl.connector import make_env_to_module
 from envenc_ray.rl.encoder_source import EncoderSource
 from envenc_ray.rl.joint import joint_module_spec
 from envenc_ray.rl.modules import ppo_module_spec
-from envenc_ray.rl.reward_model import RewardSource
+from envenc_ray.rl.reward.model import RewardSource
 from envenc_ray.rl.runners import with_common_settings
 
 

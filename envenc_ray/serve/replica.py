@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from envenc_ray.config import EnvEncConfig, ServeConfig, VLMConfig, check_pooling
+from envenc_ray.config import EnvEncConfig, ServeConfig
+from envenc_ray.encoder.served import ServedPair
 from envenc_ray.errors import ConfigError, InputError, ModelError
-from envenc_ray.files import weights_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -34,16 +34,17 @@ CACHE_MAX_BYTES = 1 << 30
 class ReplicaSpec:
     """What a replica loads at start; changing any of it restarts the replicas."""
 
-    model_path: str  # Hugging Face VLM directory (or hub name)
-    encoder_dir: str  # exported encoder: config.json + model.safetensors
-    vlm: VLMConfig
-    game: str
+    pair: ServedPair  # the truncated VLM + encoder, resolved and checked on the driver (encoder/served.py)
     num_threads: int  # torch intra-op threads per replica
     vllm_checkpoint: str | None = None  # serve.backend 'vllm': the checkpoint vLLM loads (vlm/vllm_backend.py)
-    joint: bool = False  # stage2.method 'joint': serve the window of per-patch vision features (AdapterFeatures)
     # which deploy made this spec (`replica_spec` draws a new one each time): `deployment.run_app` returns only once
     # every running replica reports it, so no replica of an earlier deploy answers for this one
     deploy_id: str = ""
+
+    @property
+    def joint(self) -> bool:
+        """stage2.method 'joint': the replica serves the window of per-patch vision features (AdapterFeatures)."""
+        return self.pair.joint
 
 
 def runtime_settings(serve_config: ServeConfig) -> dict[str, Any]:
@@ -65,42 +66,20 @@ def replica_threads(config: EnvEncConfig) -> int:
 
 def replica_spec(config: EnvEncConfig, model_path: str | Path | None = None,
                  encoder_dir: str | Path | None = None) -> ReplicaSpec:
-    """Resolve the model and encoder of a run (or the given directories) into absolute paths.
+    """The run's served pair (or the given directories), checked here, in the driver, not in a replica that Serve
+    would restart; with serve.backend 'vllm' its checkpoint made once here, so replicas never race to write it."""
+    from envenc_ray.layout import shared_vllm_dir
 
-    'builtin:tiny' is built into <run>/vlm here, in the driver, so replicas never race to build it.
-    """
-    from envenc_ray.files import read_json
-    from envenc_ray.layout import RunLayout, shared_vllm_dir
-    from envenc_ray.vlm.paths import resolve_model_path
-
-    layout = RunLayout.of(config)
-    model = str(model_path) if model_path is not None else resolve_model_path(config)
-    if Path(model).exists():
-        model = str(Path(model).resolve())
-    encoder = Path(encoder_dir) if encoder_dir is not None else layout.agent_encoder
-    if not (encoder / "config.json").is_file():
-        raise ModelError(f"no exported encoder in {encoder}: run `envenc train-encoder CONFIG` first "
-                         "(or pass an encoder directory)")
-    description = read_json(encoder / "config.json") or {}
-    if "kind" in description:  # here, not in a replica that Serve would restart; a broken export fails there
-        check_pooling(description["kind"], config.vlm.pooling)
-    joint = config.stage2.joint
-    settings = description.get("encoder") if isinstance(description, dict) else None
-    inputs = settings.get("inputs", "llm") if isinstance(settings, dict) else "llm"
-    if joint or inputs != "llm":  # the VLM is split at its projector: a family that has none fails here
-        from envenc_ray.vlm.backbone import patch_shape_of
-
-        patch_shape_of(model, config.vlm.trust_remote_code)
+    pair = ServedPair.of(config, model_path, encoder_dir)
     if config.vlm.device.startswith("cuda") and config.serve.num_gpus == 0:
         raise ConfigError(f"vlm.device={config.vlm.device!r} but serve.num_gpus=0: replicas would see no GPU; "
                           "set serve.num_gpus=1 (or vlm.device=cpu)")
     checkpoint = None
-    if config.serve.backend == "vllm":  # made here, once, so replicas never race to write it
+    if config.serve.backend == "vllm":
         from envenc_ray.vlm.vllm_backend import vllm_checkpoint
 
-        checkpoint = str(vllm_checkpoint(config.vlm, model, shared_vllm_dir(config)))
-    return ReplicaSpec(model_path=model, encoder_dir=str(encoder.resolve()), vlm=config.vlm,
-                       game=layout.game, num_threads=replica_threads(config), vllm_checkpoint=checkpoint, joint=joint,
+        checkpoint = str(vllm_checkpoint(config.vlm, pair.model_path, shared_vllm_dir(config)))
+    return ReplicaSpec(pair=pair, num_threads=replica_threads(config), vllm_checkpoint=checkpoint,
                        deploy_id=uuid.uuid4().hex)
 
 
@@ -154,15 +133,13 @@ class EncoderCore:
     """Everything a replica does, as plain Python (no Serve): load, validate, run a batch, count."""
 
     def __init__(self, spec: ReplicaSpec, settings: dict[str, Any] | None = None):
-        from envenc_ray.encoder.environment import load_environment_encoder
         from envenc_ray.runtime import set_torch_threads
         from envenc_ray.vlm.preprocess import FramePreprocessor
 
         set_torch_threads(spec.num_threads)
         self.spec = spec
-        self.encoder = load_environment_encoder(spec.vlm, spec.model_path, spec.encoder_dir, spec.game,
-                                                vllm_checkpoint=spec.vllm_checkpoint, joint=spec.joint)
-        self.encoder_sha256, self.vlm_sha256 = weights_sha256(spec.encoder_dir), weights_sha256(spec.model_path)
+        self.encoder = spec.pair.load(vllm_checkpoint=spec.vllm_checkpoint)
+        self.identity = spec.pair.identity()  # what agents record and check (rl/checkpoints.latents_identity)
         self.vlm = self.encoder.vlm
         # Frames resized client-side skip the resize (and crop); the rest of the preprocessing is unchanged.
         # Families preprocessed by their own HF processor (Idefics3's tiling) take raw frames only.
@@ -210,10 +187,7 @@ class EncoderCore:
                 dataclasses.asdict(self.vlm.preprocessor) if self.preprocessor_after_resize is not None else None
             ),
             "dtype": str(self.vlm.dtype).removeprefix("torch."),  # vlm.dtype 'auto' resolved on this replica
-            "model_path": self.spec.model_path,
-            "encoder_dir": self.spec.encoder_dir,
-            "vlm_sha256": self.vlm_sha256,  # what agents record and check (rl/checkpoints.latents_identity)
-            "encoder_sha256": self.encoder_sha256,
+            **self.identity,  # model_path, encoder_dir and their weights' sha256
             "deploy_id": self.spec.deploy_id,
             "num_threads": self.spec.num_threads,
             **self.settings,
@@ -223,6 +197,7 @@ class EncoderCore:
 
     def check(self, frames_uint8: Any, windows: Any, resized: bool, want: str) -> EncodeRequest:
         """Validate one call, raising InputError that says what is wrong and how to fix it."""
+        from envenc_ray.encoder.environment import check_windows
         from envenc_ray.vlm.preprocess import as_frame_batch
 
         if want not in ("latents", "hidden"):
@@ -240,33 +215,9 @@ class EncoderCore:
             height, width = self.vlm.image_size
             raise InputError(f"resized=True but the frames are {frames.shape[1]}x{frames.shape[2]}, not the model's "
                              f"input size {height}x{width}: send the raw frames with resized=False")
-        return EncodeRequest(frames, self._check_windows(windows, len(frames)) if want == "latents" else None,
-                             bool(resized), want)
-
-    def _check_windows(self, windows: Any, n: int) -> list[np.ndarray | None] | None:
-        if windows is None or self.encoder.window == 1:
-            return None  # per-frame encoders keep no state: windows are ignored, as in EnvironmentEncoder
-        if isinstance(windows, np.ndarray):
-            windows = list(windows)  # (N, k-1, *hidden_shape): every episode continues
-        if not isinstance(windows, (list, tuple)) or len(windows) != n:
-            got = f"{len(windows)} window states" if isinstance(windows, (list, tuple)) else type(windows).__name__
-            raise InputError(f"got {n} frames but {got}: pass a list with one window state per frame "
-                             "(None at a fresh episode start)")
-        shape = (self.encoder.window - 1, *self.encoder.hidden_shape)
-        checked: list[np.ndarray | None] = []
-        for i, window in enumerate(windows):
-            if window is None:
-                checked.append(None)
-                continue
-            window = np.asarray(window, dtype=np.float32)
-            if window.shape != shape:
-                raise InputError(f"window state {i} has shape {window.shape}, expected {shape} (the episode's "
-                                 "previous k-1 hidden states, as returned by the last call); None starts fresh")
-            if not np.isfinite(window).all():
-                raise InputError(f"window state {i} holds non-finite values (NaN or inf): pass back the state the "
-                                 "service returned, or None to start the episode fresh")
-            checked.append(window)
-        return checked
+        checked = (check_windows(windows, len(frames), self.encoder.window, self.encoder.hidden_shape)
+                   if want == "latents" else None)
+        return EncodeRequest(frames, checked, bool(resized), want)
 
     # ------------------------------------------------------------------ the batch
 

@@ -772,6 +772,19 @@ def patch_shape_of(source: str, trust_remote_code: bool = False) -> tuple[int, i
     return family.patch_shape(config)
 
 
+def hidden_size_of(source: str, pooling: str, output: str = "llm", trust_remote_code: bool = False) -> int:
+    """`TruncatedVLM.hidden_size` of the model in `source` read out as `pooling` and `output` say, from its config
+    alone (the driver's check of an exported encoder's input width, before anything loads weights)."""
+    config = _load_config(str(pull(source)), trust_remote_code)
+    llm = pooled_width(pooling, int(config.get_text_config().hidden_size))
+    if output == "llm":
+        return llm
+    family = _family_of(config, source)
+    check_projector_split(family, source)
+    vision = family.patch_shape(config)[1]
+    return llm + vision if output == "both" else vision
+
+
 # -------------------------------------------------------------------- helpers
 
 

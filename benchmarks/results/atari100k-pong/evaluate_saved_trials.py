@@ -31,9 +31,9 @@ from envenc_ray.config import load_config  # noqa: E402
 from envenc_ray.files import write_json_atomic  # noqa: E402
 from envenc_ray.layout import RunLayout  # noqa: E402
 from envenc_ray.rl.evaluate import evaluate  # noqa: E402
-from envenc_ray.rl.experiment import (RESULT_FILE, absolute_paths, build_artifacts, eval_episodes,  # noqa: E402
-                                      load_arms, plan_trials, plot_curves, plot_eval_returns, print_table,
-                                      summarize_arms, trial_config)
+from envenc_ray.pipeline.experiment import (RESULT_FILE, absolute_paths, build_artifacts, eval_episodes,  # noqa: E402
+                                            load_arms, plan_trials, plot_curves, plot_eval_returns, print_table,
+                                            summarize_arms, trial_config)
 from envenc_ray.runtime import set_torch_threads  # noqa: E402
 
 COMMAND = "envenc experiment configs/pong-tiny.yaml --arms configs/experiments/atari100k-pong.yaml"

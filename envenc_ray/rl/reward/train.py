@@ -2,7 +2,7 @@
 
 Read top to bottom, `train_reward_model` is:
 
-  1. triples     rollouts branched at the states where one move decides the point (rl/preferences.py: the rule,
+  1. triples     rollouts branched at the states where one move decides the point (rl/reward/preferences.py: the rule,
                  k, ties, sticky actions) -> <run>/preferences/, one shard per rollout, resumable
   2. represent   every input, winner and loser frame -> the agent's latent (its truncated VLM + encoder, windows
                  as the latent connector keeps them per episode) or grayscale pixels; the last val_fraction of
@@ -35,13 +35,12 @@ from envenc_ray.envs.atari import make_env
 from envenc_ray.errors import ConfigError, DataError
 from envenc_ray.files import json_safe, read_json, write_json_atomic
 from envenc_ray.layout import RunLayout
-from envenc_ray.rl.preferences import META_FILE, make_preferences, preference_pairs, shard_path
-from envenc_ray.rl.reward_model import (build_reward_model, output_hash, pixel_representation,
+from envenc_ray.rl.reward.preferences import META_FILE, make_preferences, preference_pairs, shard_path
+from envenc_ray.rl.reward.model import (build_reward_model, output_hash, pixel_representation,
                                         representation_identity, save_reward_model)
 from envenc_ray.runtime import (agreed_by_rank0, fit_resumable, note_epoch, report_epoch, tell_user,
                                 train_epoch)
 from envenc_ray.storage import train_storage
-from envenc_ray.vlm.paths import resolve_model_path
 
 REPRESENT_BATCH = 32  # frames per VLM forward pass when representing the triples by latents
 # Settings that change how long or where training runs, not what an epoch computes: a rerun that only changes
@@ -169,12 +168,11 @@ def _action_meanings(config: EnvEncConfig) -> list[str]:
 
 def _agent_encoder(config: EnvEncConfig):
     """The agent's truncated VLM + encoder, in this process: what the latent connector runs in the EnvRunners."""
-    from envenc_ray.encoder.environment import load_environment_encoder
+    from envenc_ray.encoder.served import ServedPair
     from envenc_ray.runtime import set_torch_threads
 
-    layout = RunLayout.of(config)
     set_torch_threads(config.vlm.num_threads)
-    return load_environment_encoder(config.vlm, resolve_model_path(config), layout.agent_encoder, layout.game)
+    return ServedPair.of(config).load()
 
 
 def represent_triples(folder: Path, settings: RewardModelConfig, encoder=None) -> Triples:

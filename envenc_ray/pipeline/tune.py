@@ -44,10 +44,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ray import tune as ray_tune
 
 from envenc_ray.config import EnvEncConfig, explain_validation_error, read_yaml_mapping
-from envenc_ray.errors import ConfigError, EnvEncError
+from envenc_ray.errors import ConfigError
 from envenc_ray.files import replaced_atomically, write_text_atomic
 from envenc_ray.layout import RunLayout
-from envenc_ray.storage import train_storage
+from envenc_ray.pipeline.trials import TrialLines, first_line, fit_trials, raise_trial_error, trial_algorithm, trial_id
 
 logger = logging.getLogger(__name__)
 
@@ -350,22 +350,16 @@ def tune(config: EnvEncConfig, sweep_path: str) -> dict:
             scheduler = ASHAScheduler(
                 time_attr="training_iteration", max_t=spec.scheduler.max_t or config.rl.iterations,
                 grace_period=spec.scheduler.grace_period, reduction_factor=spec.scheduler.reduction_factor)
-        trainable = ray_tune.with_resources(
-            ray_tune.with_parameters(run_trial, base=base.model_dump(mode="json"), origin=f"sweep file {path}"),
-            resources=lambda trial_params: _placement_group(base, trial_params))
         experiment = f"{path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-        tuner = ray_tune.Tuner(
-            trainable,
-            param_space=param_space,
-            tune_config=ray_tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
-                                            scheduler=scheduler, max_concurrent_trials=concurrent,
-                                            time_budget_s=spec.time_budget_s,
-                                            trial_dirname_creator=_trial_dirname),
-            run_config=ray_tune.RunConfig(name=experiment, **train_storage(out_dir), verbose=0,
-                                          failure_config=ray_tune.FailureConfig(max_failures=0),
-                                          callbacks=[ProgressLines(spec.metric)]),
-        )
-        grid = tuner.fit()
+        lines = TrialLines("tune", lambda trial: trial.trial_id, lambda trial, result: (
+            f" iteration {result.get('training_iteration')}: {spec.metric}={_fmt(result.get(spec.metric))}, "
+            f"{_fmt(result.get('env_steps_per_s'))} env steps/s"))
+        grid = fit_trials(
+            ray_tune.with_parameters(run_trial, base=base.model_dump(mode="json"), origin=f"sweep file {path}"),
+            lambda trial_params: _placement_group(base, trial_params), param_space, name=experiment,
+            storage_dir=out_dir, lines=lines, metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
+            scheduler=scheduler, max_concurrent_trials=concurrent, time_budget_s=spec.time_budget_s,
+            trial_dirname_creator=_trial_dirname)
     finally:
         if deployed_here:
             from envenc_ray.serve.client import shutdown
@@ -417,7 +411,7 @@ def prepare_encoder(config: EnvEncConfig) -> bool:
     and, with rl.encoder_source=serve, the deployment. Returns whether this call deployed it (then the sweep
     shuts it down at the end; an app that was already running stays)."""
     from envenc_ray.vlm.paths import resolve_model_path
-    from envenc_ray.rl.encoder_source import read_encoder_description
+    from envenc_ray.encoder.served import read_encoder_description
 
     resolve_model_path(config)
     encoder_dir = RunLayout.of(config).agent_encoder
@@ -454,21 +448,11 @@ def run_trial(trial_params: dict, *, base: dict, origin: str) -> None:
     Reports our metrics_row each iteration (None -> NaN: Tune needs the metric in every report, and ASHA
     treats NaN as 'not known yet' instead of failing).
     """
-    from envenc_ray.rl.algorithm import build_algorithm, train_iteration
-    from envenc_ray.rl.runner_errors import new_error_key
-    from envenc_ray.rl.train import metrics_row
-    from envenc_ray.runtime import set_torch_threads
-
     config = trial_config(base, flatten(trial_params), origin)
-    set_torch_threads(config.rl.torch_threads)  # this process holds the learner (rl.num_learners=0)
-    error_key = new_error_key()
-    algo = build_algorithm(config, error_key)
-    try:
+    with trial_algorithm(config) as trial:
         for _ in range(config.rl.iterations):
-            row = metrics_row(train_iteration(algo, error_key))
+            _, row = trial.iterate()
             ray_tune.report({key: (math.nan if value is None else value) for key, value in row.items()})
-    finally:
-        algo.stop()
 
 
 def flatten(nested: dict, prefix: str = "") -> dict[str, Any]:
@@ -482,27 +466,13 @@ def flatten(nested: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-class ProgressLines(ray_tune.Callback):
-    """One line per trial iteration and per failed trial, instead of Tune's periodic status tables."""
-
-    def __init__(self, metric: str):
-        self.metric = metric
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        print(f"tune: {trial.trial_id} iteration {result.get('training_iteration')}: {self.metric}="
-              f"{_fmt(result.get(self.metric))}, {_fmt(result.get('env_steps_per_s'))} env steps/s", flush=True)
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        print(f"tune: {trial.trial_id} failed; see {trial.path}", flush=True)
-
-
 # ----------------------------------------------------------------------------- results
 
 
 def trial_row(result, params: list[Param], spec: SweepSpec, base_iterations: int) -> dict:
     """One trial: its values, status, last finite metric (and the best over its iterations), iterations."""
     flat = flatten(result.config or {})
-    row: dict[str, Any] = {"trial": _trial_id(result), "params": {p.key: flat.get(p.key) for p in params}}
+    row: dict[str, Any] = {"trial": trial_id(result), "params": {p.key: flat.get(p.key) for p in params}}
     history = []
     frame = result.metrics_dataframe
     if frame is not None and spec.metric in frame:
@@ -528,7 +498,7 @@ def trial_row(result, params: list[Param], spec: SweepSpec, base_iterations: int
         "env_steps_per_s": speed,
         "encoder_call_ms": call_ms,
         "seconds": metrics.get("time_total_s"),
-        "error": _first_line(result.error) if result.error is not None else None,
+        "error": first_line(result.error) if result.error is not None else None,
         "path": result.path,
     })
     return row
@@ -541,34 +511,12 @@ def _column_mean(frame, column: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _trial_id(result) -> str:
-    return Path(result.path).name.removeprefix("trial_") if result.path else "?"
-
-
 def best_row(rows: list[dict], mode: str) -> dict | None:
     """The trial with the best last finite metric; None when no trial reported one (no episode ended)."""
     scored = [row for row in rows if row["metric"] is not None]
     if not scored:
         return None
     return (max if mode == "max" else min)(scored, key=lambda row: row["metric"])
-
-
-def raise_trial_error(grid) -> None:
-    """Every trial failed: raise the first trial's own error (ours keep their class, so the CLI prints one line)."""
-    result = next(result for result in grid if result.error is not None)
-    for error in _error_chain(result.error):  # Tune and Ray wrap the exception raised in the trial
-        if isinstance(error, EnvEncError) and type(error).__module__.startswith("envenc_ray"):
-            raise type(error)(f"every trial failed; trial {_trial_id(result)}: {error}") from None
-    raise RuntimeError(f"every trial failed; trial {_trial_id(result)}: {_first_line(result.error)} "
-                       f"(log: {result.path})")
-
-
-def _error_chain(error):
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        yield error
-        error = getattr(error, "cause", None) or error.__cause__
 
 
 def write_best_yaml(config: EnvEncConfig, path: Path, best: dict, spec: SweepSpec, sweep_path: Path) -> Path:
@@ -618,8 +566,3 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
-
-
-def _first_line(error) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__

@@ -64,15 +64,15 @@ from envenc_ray.config import EnvEncConfig, content_hash, read_yaml_mapping  # n
 from envenc_ray.errors import ConfigError, DataError, EnvEncError  # noqa: E402
 from envenc_ray.files import read_json, write_json_atomic  # noqa: E402
 from envenc_ray.layout import RunLayout  # noqa: E402
-from envenc_ray.rl.tune import (  # noqa: E402
+from envenc_ray.pipeline import STAGES  # noqa: E402
+from envenc_ray.pipeline.trials import TrialLines, fit_trials, raise_trial_error, trial_algorithm  # noqa: E402
+from envenc_ray.pipeline.tune import (  # noqa: E402
     absolute_paths,
     check_resources,
     check_rllib_settings,
-    raise_trial_error,
     trial_bundles,
     trial_config,
 )
-from envenc_ray.storage import train_storage  # noqa: E402
 
 RESULT_FILE, PROGRESS_FILE = "result.json", "progress.json"
 BOOTSTRAP_RESAMPLES = 2000
@@ -217,10 +217,6 @@ def build_artifacts(arm_configs: dict[str, EnvEncConfig], artifacts_root: Path,
     share frames, VLM and hidden states; each distinct encoder section is trained once and kept under its key.
     An arm whose `latents_of` is another arm (encoder_from) builds nothing and reads that arm's encoder."""
     latents_of = latents_of or {}
-    from envenc_ray.data.collect import collect
-    from envenc_ray.data.embed import embed
-    from envenc_ray.encoder.train import train_encoder
-
     encoders: dict[str, Path | None] = {}
     for arm, config in arm_configs.items():
         if not config.rl.reads_latents or latents_of.get(arm, arm) != arm:
@@ -233,13 +229,8 @@ def build_artifacts(arm_configs: dict[str, EnvEncConfig], artifacts_root: Path,
             print(f"experiment: arm {arm} reuses the encoder {target}")
         else:
             print(f"experiment: arm {arm}: building artifacts in {layout.run_dir}")
-            collect(located)
-            if config.stage2.reads_finetuned_vlm:
-                from envenc_ray.data.advise import advise
-
-                advise(located)
-            embed(located)
-            train_encoder(located)
+            for stage in encoder_stages(located):
+                stage.run(located)
             # train_encoder always exports to <run>/encoder; keeping each export under its own key lets the
             # next encoder section train beside it on the same hidden states.
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -249,6 +240,13 @@ def build_artifacts(arm_configs: dict[str, EnvEncConfig], artifacts_root: Path,
         if source != arm and arm_configs[arm].rl.reads_latents:
             encoders[arm] = encoders[source]
     return encoders
+
+
+def encoder_stages(config: EnvEncConfig) -> list:
+    """The stages of `pipeline.STAGES` that make the agent's encoder, as `envenc run` includes them for `config`:
+    collect -> [advise] -> embed -> train-encoder."""
+    names = [stage.name for stage in STAGES]
+    return [stage for stage in STAGES[: names.index("train-encoder") + 1] if stage.in_run(config)]
 
 
 def encoder_diagnostics(encoder_dir: Path | None) -> dict | None:
@@ -350,17 +348,13 @@ def run_trial(params: dict, *, plans: dict[str, dict]) -> None:
     """One (arm, seed), inside its Tune actor: whole iterations up to `steps` env steps, with a checkpoint and
     greedy evaluation at every evaluation point; resumed from progress.json when a run before stopped."""
     from envenc_ray.files import remove_orphaned_temporaries
-    from envenc_ray.rl.algorithm import build_algorithm, train_iteration
     from envenc_ray.rl.checkpoints import latents_identity, save_checkpoint, save_policy
     from envenc_ray.rl.evaluate import evaluate
-    from envenc_ray.rl.runner_errors import new_error_key
-    from envenc_ray.rl.train import metrics_row
-    from envenc_ray.runtime import set_torch_threads, tell_user
+    from envenc_ray.runtime import tell_user
 
     plan = plans[params["trial"]]
     config = EnvEncConfig.model_validate(plan["config"])
     directory, budget = Path(plan["directory"]), plan["steps"]
-    set_torch_threads(config.rl.torch_threads)  # this process holds the learner (rl.num_learners=0)
     remove_orphaned_temporaries(directory)  # a checkpoint or file a killed run was writing
     progress = _own(read_json(directory / PROGRESS_FILE), plan["fingerprint"])
     if progress is None:  # a fresh start: what runs with other settings left here is stale
@@ -371,25 +365,23 @@ def run_trial(params: dict, *, plans: dict[str, dict]) -> None:
     seconds = progress["seconds"]
     started = time.perf_counter()
     wall_before = seconds["wall"]
-    error_key = new_error_key()
     latents = latents_identity(config)
-    algo = build_algorithm(config, error_key)
-    if progress["checkpoint"]:
-        algo.restore_from_path(str(directory / progress["checkpoint"]))
-        tell_user(f"experiment: {params['trial']} resumes at {progress['env_steps']} env steps "
-                  f"({progress['checkpoint']})")
-    elif plan["init_policy"]:
-        start_from_policy(algo, Path(plan["init_policy"]))
-    # At most CURVE_POINTS points (and Tune reports): DreamerV3 samples one round of a few env steps per iteration.
-    report_every = max(1, budget // CURVE_POINTS)
-    steps, curve = progress["env_steps"], list(progress["curve"])
-    points = [point for point in plan["eval_points"] if point > (progress["evals"][-1]["point"]
-                                                                  if progress["evals"] else -1)]
-    try:
+    with trial_algorithm(config) as trial:
+        algo = trial.algo
+        if progress["checkpoint"]:
+            algo.restore_from_path(str(directory / progress["checkpoint"]))
+            tell_user(f"experiment: {params['trial']} resumes at {progress['env_steps']} env steps "
+                      f"({progress['checkpoint']})")
+        elif plan["init_policy"]:
+            start_from_policy(algo, Path(plan["init_policy"]))
+        # At most CURVE_POINTS points (and Tune reports): DreamerV3 samples one round of a few env steps per iteration.
+        report_every = max(1, budget // CURVE_POINTS)
+        steps, curve = progress["env_steps"], list(progress["curve"])
+        points = [point for point in plan["eval_points"] if point > (progress["evals"][-1]["point"]
+                                                                      if progress["evals"] else -1)]
         while points:
             if steps < points[0]:
-                result = train_iteration(algo, error_key)
-                row = metrics_row(result)
+                result, row = trial.iterate()
                 steps = int(row["env_steps_lifetime"])
                 seconds["loop"] += row["seconds"]
                 if row["encoder_calls"]:
@@ -418,8 +410,6 @@ def run_trial(params: dict, *, plans: dict[str, dict]) -> None:
         policy_dir = directory / "policy"
         policy_dir.mkdir(parents=True, exist_ok=True)
         save_policy(algo, policy_dir, config, latents)
-    finally:
-        algo.stop()
     # RLlib samples whole vector steps, and a sub-env whose episode ended resets on the next one without counting
     # it, so an iteration can end a few steps (< num_envs) past its share: the trial stops at the first
     # iteration that reaches the budget and records the env steps it took (Atari-100k Pong: 100,409 of 100,000).
@@ -465,26 +455,12 @@ def _nan_if_none(value: float | None) -> float:
     return math.nan if value is None else value  # Tune wants the same keys in every report
 
 
+def _number(value: float, spec: str) -> str:
+    return "-" if math.isnan(value) else format(value, spec)
+
+
 def _trial_dirname(trial) -> str:
     return "trial_" + trial.config["trial"].replace("/", "_seed")
-
-
-class TrialLines(ray_tune.Callback):
-    """One line per trial report and per failed trial, instead of Tune's periodic status tables. Env steps, not
-    Tune's report count, say how far a trial is: a resumed trial's count starts over, its env steps do not."""
-
-    def __init__(self, budgets: dict[str, int]):
-        self.budgets = budgets
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        episode_return, speed = result.get("episode_return_mean"), result.get("env_steps_per_s")
-        print(f"experiment: {trial.config['trial']}: "
-              f"{int(result.get('env_steps', 0))}/{self.budgets[trial.config['trial']]} env steps, return "
-              f"{'-' if math.isnan(episode_return) else f'{episode_return:.2f}'}, "
-              f"{'-' if math.isnan(speed) else f'{speed:.0f}'} env steps/s", flush=True)
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        print(f"experiment: {trial.config['trial']} failed; see {trial.path}", flush=True)
 
 
 def run_trials(trials: list[Trial], concurrent: int, out_dir: Path) -> None:
@@ -494,19 +470,18 @@ def run_trials(trials: list[Trial], concurrent: int, out_dir: Path) -> None:
                      "directory": str(t.directory), "fingerprint": t.fingerprint, "eval_points": list(t.eval_points),
                      "init_policy": str(t.init_from.directory / "policy") if t.init_from else None} for t in trials}
     bundles = {t.key: trial_bundles(t.config) for t in trials}
-    trainable = ray_tune.with_resources(
-        ray_tune.with_parameters(run_trial, plans=plans),
-        resources=lambda params: PlacementGroupFactory(bundles[params["trial"]], strategy="PACK"))
-    tuner = ray_tune.Tuner(
-        trainable,
-        param_space={"trial": ray_tune.grid_search(list(plans))},
-        tune_config=ray_tune.TuneConfig(max_concurrent_trials=concurrent, trial_dirname_creator=_trial_dirname),
-        run_config=ray_tune.RunConfig(name=f"run-{time.strftime('%Y%m%d-%H%M%S')}",
-                                      **train_storage(out_dir / "tune"), verbose=0,
-                                      failure_config=ray_tune.FailureConfig(max_failures=0),
-                                      callbacks=[TrialLines({t.key: t.steps for t in trials})]),
-    )
-    grid = tuner.fit()
+    budgets = {t.key: t.steps for t in trials}
+    # Env steps, not Tune's report count, say how far a trial is: a resumed trial's count starts over, its env
+    # steps do not.
+    lines = TrialLines("experiment", lambda trial: trial.config["trial"], lambda trial, result: (
+        f": {int(result.get('env_steps', 0))}/{budgets[trial.config['trial']]} env steps, return "
+        f"{_number(result.get('episode_return_mean'), '.2f')}, {_number(result.get('env_steps_per_s'), '.0f')} "
+        "env steps/s"))
+    grid = fit_trials(ray_tune.with_parameters(run_trial, plans=plans),
+                      lambda params: PlacementGroupFactory(bundles[params["trial"]], strategy="PACK"),
+                      {"trial": ray_tune.grid_search(list(plans))}, name=f"run-{time.strftime('%Y%m%d-%H%M%S')}",
+                      storage_dir=out_dir / "tune", lines=lines, max_concurrent_trials=concurrent,
+                      trial_dirname_creator=_trial_dirname)
     failed = [result for result in grid if result.error is not None]
     if failed and len(failed) == len(trials):
         raise_trial_error(grid)

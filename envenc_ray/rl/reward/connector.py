@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from ray.rllib.connectors.connector_v2 import ConnectorV2
 
-from envenc_ray.rl.reward_model import RewardSource
+from envenc_ray.rl.reward.model import RewardSource
 from envenc_ray.rl.runner_errors import report_runner_error
 
 

@@ -44,8 +44,8 @@ from envenc_ray.files import read_json, write_json_atomic, write_text_atomic
 from envenc_ray.layout import RunLayout, synced_run
 from envenc_ray.report import report, report_current
 from envenc_ray.rl.evaluate import REFERENCE_FILE, evaluate, evaluation_current, reference_returns
-from envenc_ray.rl.reward_model import output_hash as reward_model_hash
-from envenc_ray.rl.reward_train import reward_model_current, train_reward_model
+from envenc_ray.rl.reward.model import output_hash as reward_model_hash
+from envenc_ray.rl.reward.train import reward_model_current, train_reward_model
 from envenc_ray.rl.train import agent_config_hash, train, training_current
 from envenc_ray.runtime import ensure_ray
 from envenc_ray.serve.client import deploy_encoder
