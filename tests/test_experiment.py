@@ -1,4 +1,4 @@
-"""Stage `experiment`: a real tiny experiment through Ray Tune (2 arms x 2 seeds x 128 env steps), then a resume.
+"""Stage `experiment`: a real tiny experiment through Ray Tune (2 arms x 2 seeds x 192 env steps), then a resume.
 
 The arms are PPO on pixels and PPO on latents (the untrained tiny VLM + a 2-epoch encoder, built once before
 the trials). Assertions are on what the experiment wrote: results.json's structure, every trial ending at
@@ -26,7 +26,7 @@ from conftest import kill_when
 
 from envenc_ray.errors import ConfigError
 
-STEPS = 128  # 2 PPO iterations of the debug preset's 64 env steps: the least that has finished episodes (TINY)
+STEPS = 192  # 3 PPO iterations of the debug preset's 64 env steps
 ARMS = {
     "question": "Pixels or latents? (test)",
     "arms": {"pixels": {"rl.obs_mode": "pixels"}, "latent": {"rl.obs_mode": "latent", "stage2.method": "pretrained"}},
@@ -63,7 +63,7 @@ def test_tiny_experiment_has_equal_budgets_and_resumes_only_the_unfinished_trial
         assert set(record["seeds"]) == {"0", "1"}
         for result in record["seeds"].values():
             assert result["env_steps"] == STEPS and result["curve"][-1][0] == STEPS  # the same budget for all
-            assert [point[0] for point in result["curve"]] == [64, 128]
+            assert [point[0] for point in result["curve"]] == [64, 128, 192]
             assert math.isfinite(result["curve"][-1][1])  # episodes of 40 steps ended during training
             assert result["eval"]["episodes"] == 1 and result["eval"]["lengths"] == [40]
             assert result["wall_s"] > result["train_s"] > 0
@@ -154,7 +154,7 @@ def test_a_budget_that_is_not_a_whole_number_of_iterations_is_refused(debug_conf
         experiment(debug_config(), str(arms), seeds=1, steps=100)
 
 
-RESUME_STEPS, RESUME_EVERY = 384, 128  # 6 PPO iterations of 64 env steps, evaluated every 2: killed after the 1st
+RESUME_STEPS, RESUME_EVERY = 640, 128  # 10 PPO iterations of 64 env steps, evaluated every 2
 RESUME_ARMS = {"question": "State reference and pixels, killed and resumed (test)", "eval_every": RESUME_EVERY,
                "threshold": -5.0, "common": {"rl.lr_anneal_steps": RESUME_STEPS},  # a schedule to resume too
                "arms": {"state": {"rl.obs_mode": "state"}, "pixels": {"rl.obs_mode": "pixels"}}}
@@ -198,7 +198,7 @@ def test_a_killed_experiment_resumes_every_trial_from_its_last_evaluation_point(
     assert not list(trials.glob("*/seed-0/result.json")), "killed after the first evaluation point, before the end"
     mid = subprocess.run([*args, "--status"], env=env, capture_output=True, text=True, timeout=60)
     assert mid.returncode == 0, mid.stderr[-2000:]
-    for arm, record in before.items():  # e.g. "state  0  128/384  1/3  -3  partial"
+    for arm, record in before.items():  # e.g. "state  0  128/640  1/5  -3  partial"
         assert re.search(rf"^{arm} +0 +{record['env_steps']}/{RESUME_STEPS} .* partial *$", mid.stdout, re.M), mid.stdout
 
     finished = subprocess.run(args, env=env, capture_output=True, text=True, timeout=240)
