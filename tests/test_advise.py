@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -204,38 +205,39 @@ def test_text_too_long_and_tokenizer_without_image_token_are_one_line_errors(tmp
 
 
 RESUME_TOLERANCE = 0.10  # relative difference of the best held-out loss, resumed vs uninterrupted
+RESUME_EPOCHS = 3  # killed after the first: the resumed session trains the other two
 
 
 @pytest.mark.slow
 def test_killed_advise_job_resumes_from_its_last_epoch(tmp_path):
     """Kill `envenc advise` (its whole process group, Ray included) after its first epoch's checkpoint."""
     root = Path(__file__).resolve().parents[1]
+    killed, straight = tmp_path / "killed", tmp_path / "straight"
     args = [sys.executable, "-m", "envenc_ray.cli", "advise", str(root / "configs/pong-tiny.yaml"),
-            str(root / "configs/debug.yaml"), "--set", f"experiment.run_root={tmp_path}", "--set", "advise.epochs=6",
-            *[item for setting in ADVISE[:1] + ADVISE[2:] for item in ("--set", setting)]]
+            str(root / "configs/debug.yaml"),
+            *[item for setting in (f"experiment.run_root={killed}", f"advise.epochs={RESUME_EPOCHS}", ADVISE[0],
+                                   *ADVISE[2:]) for item in ("--set", setting)]]
     env = {**os.environ, "RAY_ADDRESS": ""}
     subprocess.run([sys.executable, "-m", "envenc_ray.cli", "collect", *args[4:]], check=True, env=env,
                    capture_output=True, timeout=300)
+    shutil.copytree(killed, straight)  # the uninterrupted job's run root: the same frames (run_root is not hashed)
     kill_when(args, env, tmp_path / "killed-advise.log",
-              lambda: list(tmp_path.glob("_shared/advise-*.train/run/epoch-0001")), 240, "its first checkpoint")
-    assert not list(tmp_path.glob("_shared/advise-*/metrics.json")), "a killed job must leave no finished artifact"
+              lambda: list(killed.glob("_shared/advise-*.train/run/epoch-0001")), 240, "its first checkpoint")
+    assert not list(killed.glob("_shared/advise-*/metrics.json")), "a killed job must leave no finished artifact"
 
     finished = subprocess.run(args, env=env, capture_output=True, text=True, timeout=400)
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert "resuming after epoch" in finished.stdout + finished.stderr
-    metrics = json.loads(next(tmp_path.glob("_shared/advise-*/metrics.json")).read_text())
+    metrics = json.loads(next(killed.glob("_shared/advise-*/metrics.json")).read_text())
     assert metrics["resumed_from_epoch"] >= 1
     sessions = {e["session"] for e in metrics["epochs"]}
     assert len(sessions) == 2 and [e["epoch"] for e in metrics["epochs"]] == list(range(1, len(metrics["epochs"]) + 1))
     assert np.isfinite(metrics["val_loss_best"])
 
     # the same job without the kill ends within RESUME_TOLERANCE of the resumed one
-    straight = tmp_path / "straight"
-    straight_args = [f"experiment.run_root={straight}" if arg == f"experiment.run_root={tmp_path}" else arg
+    straight_args = [f"experiment.run_root={straight}" if arg == f"experiment.run_root={killed}" else arg
                      for arg in args]
-    for command in (["collect", *straight_args[4:]], straight_args[3:]):
-        subprocess.run([sys.executable, "-m", "envenc_ray.cli", *command], check=True, env=env,
-                       capture_output=True, timeout=400)
+    subprocess.run(straight_args, check=True, env=env, capture_output=True, timeout=400)
     uninterrupted = json.loads(next(straight.glob("_shared/advise-*/metrics.json")).read_text())
     print(f"advise: best held-out loss {metrics['val_loss_best']:.4f} resumed after epoch "
           f"{metrics['resumed_from_epoch']}, {uninterrupted['val_loss_best']:.4f} uninterrupted")

@@ -171,6 +171,8 @@ def run_stage(stage: Stage, config: EnvEncConfig) -> StageResult:
     if reason:
         print(f"{stage.name}: skipped, {reason}")
         return StageResult(stage.name, True, round(time.perf_counter() - started, 2), {})
+    ensure_ray()  # for the first stage with work to do: a rerun with every stage current starts no Ray
+    started = time.perf_counter()  # a stage's time is its own, not Ray's start-up
     with synced_run(config):
         output = (stage.run_in_pipeline or stage.run)(config)
     summary = dataclasses.asdict(output) if dataclasses.is_dataclass(output) else output
@@ -191,7 +193,6 @@ def run(config: EnvEncConfig) -> dict:
         # Per stage: this run's outcome, and the wall time of the run that made the stage's output.
         "stages": {},
     }
-    ensure_ray()
     stages = stages_of(config)
     overall_started = time.perf_counter()
     # One header line per stage (each stage draws its own progress bar below it).
