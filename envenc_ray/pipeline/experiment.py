@@ -326,7 +326,12 @@ def plan_trials(spec: ArmsSpec, arm_configs: dict[str, EnvEncConfig], seeds: int
             budget = spec.arms[arm].get("steps", steps)
             points = evaluation_points(budget, spec.eval_every)
             source = planned[spec.arms[arm]["init_from"]] if "init_from" in spec.arms[arm] else None
-            identity = {"config": config.model_dump(mode="json"), "steps": budget, "eval_points": points}
+            # The settings a trial computes from: those that differ from their defaults, so that a setting added
+            # later, whose default keeps the old behaviour, leaves a half-done trial resumable by the new code
+            # (these experiments span sessions), and without rl.iterations, which the budget replaces.
+            settings = config.model_dump(mode="json", exclude_defaults=True)
+            settings.get("rl", {}).pop("iterations", None)
+            identity = {"config": settings, "steps": budget, "eval_points": points}
             if source is not None:
                 identity["init_from"] = source.fingerprint
             if encoders is not None and encoders[arm] is not None:
