@@ -733,11 +733,7 @@ def plot_curves(summary: dict, path: Path) -> None:
     axis.set_title(textwrap.fill(summary["question"], 80), fontsize=10)
     axis.set(xlabel="env steps (of each arm's own training)",
              ylabel="mean training episode return", xlim=(0, max(record["steps"] for record in summary["arms"].values())))
-    axis.legend(title="shaded: 95% bootstrap CI over seeds", fontsize="small", title_fontsize="small")
-    axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    _save_banded(figure, axis, path)
 
 
 def plot_eval_curves(summary: dict, path: Path) -> None:
@@ -762,6 +758,11 @@ def plot_eval_curves(summary: dict, path: Path) -> None:
     axis.set_title(textwrap.fill(summary["question"], 80), fontsize=10)
     axis.set(xlabel="env steps (agent steps; frameskip 4)", ylabel=f"greedy evaluation return "
              f"({summary['evaluation']['episodes']} full episodes)")
+    _save_banded(figure, axis, path)
+
+
+def _save_banded(figure, axis, path: Path) -> None:
+    """The legend, grid and file of a plot whose lines carry 95% bootstrap bands over seeds."""
     axis.legend(title="shaded: 95% bootstrap CI over seeds", fontsize="small", title_fontsize="small")
     axis.grid(alpha=0.3)
     figure.tight_layout()
