@@ -69,6 +69,11 @@ class EnvConfig(Section):
     max_episode_steps: int | None = Field(
         None, ge=1, description="Truncate episodes after this many env steps (None: the game's own end)."
     )
+    fire_on_life_start: bool = Field(
+        False, description="Press FIRE after each reset and each lost life, for games that wait for it to serve "
+        "(Breakout): a greedy policy that never presses it stands still until ALE's 27,000-step cap. No effect in "
+        "games without FIRE. The FireResetEnv of the standard Atari wrappers, also after lost lives."
+    )
 
 
 BUILTIN_TINY = "builtin:tiny"  # vlm.model's name for the tiny VLM built into <run>/vlm (vlm/paths.py, vlm/tiny.py)

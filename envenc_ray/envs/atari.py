@@ -26,6 +26,7 @@ def make_env(
     frameskip: int = 4,
     full_action_space: bool = False,
     max_episode_steps: int | None = None,
+    fire_on_life_start: bool = False,
     render_mode: str | None = None,
 ) -> gym.Env:
     """An ALE v5 env with RGB observations; ROMs ship with ale-py, nothing is downloaded."""
@@ -51,6 +52,8 @@ def make_env(
         max_episode_steps=max_episode_steps,
         render_mode=render_mode,
     )
+    if fire_on_life_start and "FIRE" in env.unwrapped.get_action_meanings():
+        env = FireOnLifeStart(env)
     if seed is not None:
         env.reset(seed=seed)
         env.action_space.seed(seed)
@@ -65,8 +68,40 @@ def make_env_from_config(config: EnvConfig, seed: int | None = None, render_mode
         frameskip=config.frameskip,
         full_action_space=config.full_action_space,
         max_episode_steps=config.max_episode_steps,
+        fire_on_life_start=config.fire_on_life_start,
         render_mode=render_mode,
     )
+
+
+class FireOnLifeStart(gym.Wrapper):
+    """Presses FIRE once after each reset and each lost life, inside the step the agent sees.
+
+    Games such as Breakout wait for FIRE before serving: a greedy policy that never presses it stands still
+    until ALE's 27,000-step cap. The standard Atari wrappers (FireResetEnv, as in CleanRL's ppo_atari) press it
+    at reset and rely on one-life training episodes for the rest; here episodes keep all their lives, so the
+    press follows each lost life too. The FIRE step's reward counts, it is not an agent step.
+    """
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        self.fire = env.unwrapped.get_action_meanings().index("FIRE")
+        self.lives = 0
+
+    def reset(self, **kwargs):
+        observation, info = self.env.reset(**kwargs)
+        observation, _, terminated, truncated, info = self.env.step(self.fire)
+        if terminated or truncated:  # cannot happen at a game's start; the plain reset is then the honest answer
+            observation, info = self.env.reset(**kwargs)
+        self.lives = info["lives"]
+        return observation, info
+
+    def step(self, action):
+        observation, reward, terminated, truncated, info = self.env.step(action)
+        if info["lives"] < self.lives and not (terminated or truncated):
+            observation, fire_reward, terminated, truncated, info = self.env.step(self.fire)
+            reward += fire_reward
+        self.lives = info["lives"]
+        return observation, reward, terminated, truncated, info
 
 
 def random_rollout_frames(config: EnvConfig, seed: int, count: int) -> np.ndarray:
