@@ -13,11 +13,9 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
 
 logger = logging.getLogger(__name__)
 
@@ -188,113 +186,3 @@ def set_torch_threads(num_threads: int | None) -> None:
     import torch
 
     torch.set_num_threads(num_threads)
-
-
-@contextmanager
-def train_report_poll(seconds: float):
-    """Make Ray Train's controller collect worker reports every `seconds` inside the block.
-
-    Workers wait for the controller to take each report, so Ray's default of 2 s would make every small
-    epoch last 2 s. The driver hands this variable to the controller (ray.train.v2 ENV_VARS_TO_PROPAGATE).
-    """
-    name = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-    previous = os.environ.get(name)
-    os.environ[name] = str(seconds)
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(name)
-        else:
-            os.environ[name] = previous
-
-
-def fit_resumable(trainer, poll_s: float, what: str, storage: Path, score: str) -> tuple[dict, object]:
-    """`trainer.fit()` of a job whose workers save train_state.json in every checkpoint (`report_epoch`), with the
-    report poll at `poll_s`: (the latest checkpoint's train_state.json, the checkpoint of the lowest `score`).
-
-    When training fails its checkpoints stay in `storage` and the error says so: the same job started again resumes.
-    """
-    import json
-
-    import ray.train
-
-    from envenc_ray.errors import DataError
-
-    with train_report_poll(poll_s):
-        try:
-            result = trainer.fit()
-        except ray.train.TrainingFailedError:
-            logger.error("%s failed; its checkpoints in %s are kept, so a rerun resumes", what, storage)
-            raise
-    best = result.get_best_checkpoint(metric=score, mode="min")
-    if best is None or result.checkpoint is None:
-        raise DataError(f"{what} under {storage} left no checkpoint; delete it and rerun")
-    with result.checkpoint.as_directory() as directory:
-        state = json.loads((Path(directory) / "train_state.json").read_text())
-    return state, best
-
-
-# ----------------------------------------------------------------------------- inside a Ray Train worker loop
-
-
-def agreed_by_rank0(value: float, world_size: int) -> float:
-    """Rank 0's `value` on every worker (torch.distributed broadcast), so that all workers take the same
-    early-stopping decision from the evaluation only rank 0 runs."""
-    import torch
-    import torch.distributed as dist
-
-    tensor = torch.tensor([value], dtype=torch.float64)
-    if world_size > 1:
-        dist.broadcast(tensor, src=0)
-    return float(tensor.item())
-
-
-def train_epoch(loss_of: Callable, optimizer, train_rows, batch_size: int, seed: int, epoch: int, rank: int,
-                world_size: int) -> float:
-    """One epoch of one worker: its equal share of the epoch's seeded permutation of `train_rows`, one optimizer
-    step per batch on `loss_of(rows)`; the mean batch loss over all workers. Every worker takes the same number
-    of steps (DDP waits for all of them at each); the rows a whole batch would not fill are left out."""
-    import numpy as np
-    import torch
-    import torch.distributed as dist
-
-    per_worker = len(train_rows) // world_size
-    steps = max(1, per_worker // batch_size)
-    order = np.random.default_rng(seed * 1_000_003 + epoch).permutation(train_rows)
-    mine = order[rank * per_worker:(rank + 1) * per_worker]
-    loss_sum = 0.0
-    for step in range(steps):
-        loss = loss_of(mine[step * batch_size:(step + 1) * batch_size])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        loss_sum += loss.item()
-    mean_loss = torch.tensor([loss_sum / steps], dtype=torch.float64)
-    if world_size > 1:
-        dist.all_reduce(mean_loss)
-    return float(mean_loss.item()) / world_size
-
-
-def note_epoch(state: dict, epoch: int, score: float, best_key: str) -> None:
-    """Early-stopping bookkeeping in `state`: the best (lowest) score under `best_key`, its epoch, and the
-    epochs since it."""
-    if score < state[best_key]:
-        state.update({best_key: score, "best_epoch": epoch, "epochs_since_best": 0})
-    else:
-        state["epochs_since_best"] += 1
-    state["epoch"] = epoch
-
-
-def report_epoch(metrics: dict, epoch: int, rank: int, save: Callable[[Path], None]) -> None:
-    """ray.train.report of one epoch: rank 0 with a checkpoint (folder epoch-NNNN, filled by `save`), the
-    other ranks with the metrics only (Ray Train waits for every rank's report)."""
-    import ray.train
-
-    if rank != 0:
-        ray.train.report(metrics, checkpoint=None)
-        return
-    with tempfile.TemporaryDirectory() as directory:
-        save(Path(directory))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
-                         checkpoint_dir_name=f"epoch-{epoch:04d}")

@@ -36,11 +36,13 @@ from envenc_ray.envs.annotate import ANNOTATED_GAMES, advised_phrase, answer_tex
 from envenc_ray.errors import ConfigError, DataError
 from envenc_ray.files import json_safe, read_json, replaced_atomically, write_json_atomic
 from envenc_ray.layout import RunLayout, shared_advise_dir, shared_frames_root
-from envenc_ray.runtime import (agreed_by_rank0, fit_resumable, note_epoch, report_epoch, tell_user,
-                                train_epoch)
-from envenc_ray.storage import train_storage
+from envenc_ray.runtime import tell_user
+from envenc_ray.train_jobs import (agreed_by_rank0, checkpoint_weights, fit, fresh_state, note_epoch, report_epoch,
+                                   resume_or_start, save_checkpoint, train_epoch)
 from envenc_ray.vlm.paths import base_model_path
 
+# a checkpoint holds only what advise trains (LoRA adapters or the modules left unfrozen), not the whole VLM
+WEIGHTS_FILE = "trainable.safetensors"
 FRAME_SIZE = (210, 160)  # user images are resized to ALE's frame size: the size embed and serving see
 USER_COLUMNS = ("image", "text")
 FRAME_COLUMNS = ("episode_id", "step", "frame", "objects", "advice")
@@ -335,8 +337,6 @@ def _fit(config: EnvEncConfig, data: AdviceData, base: str, train_rows: np.ndarr
          out_dir: Path):
     """Run (or continue) the Ray Train job; returns the final training state and the best checkpoint."""
     import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
     from envenc_ray.vlm.finetune import check_readout_leaves_weights, encode_pairs, load_processor
 
@@ -358,20 +358,9 @@ def _fit(config: EnvEncConfig, data: AdviceData, base: str, train_rows: np.ndarr
         "train_rows": train_rows,
         "val_rows": val_rows,
     }
-    storage = _train_dir(out_dir).resolve()
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=advise.num_workers, use_gpu=advise.use_gpu,
-                                               resources_per_worker={"CPU": advise.cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name="run",  # same name + storage: Ray Train restores the run's checkpoints after a crash
-            **train_storage(storage),  # a URI run root: workers on any node upload checkpoints there
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_loss",
-                                                         checkpoint_score_order="min"),
-        ),
-    )
-    return fit_resumable(trainer, advise.report_poll_s, "advice finetuning", storage, score="val_loss")
+    return fit(train_loop_per_worker, loop_config, what="advice finetuning", storage=_train_dir(out_dir).resolve(),
+               name="run", workers=advise.num_workers, cpus_per_worker=advise.cpus_per_worker,
+               use_gpu=advise.use_gpu, score="val_loss", poll_s=advise.report_poll_s)
 
 
 def _question(config: EnvEncConfig) -> str:
@@ -385,7 +374,6 @@ def train_loop_per_worker(loop: dict) -> None:
     import ray.train
     import ray.train.torch
     import torch
-    from safetensors.torch import load_file, save_file
 
     from envenc_ray.config import AdviseConfig, VLMConfig
     from envenc_ray.vlm.finetune import (IGNORE_INDEX, answer_loss, load_trainable, load_trainable_state,
@@ -422,18 +410,11 @@ def train_loop_per_worker(loop: dict) -> None:
             total, count = total + loss_of(model, rows).item() * tokens, count + tokens
         return total / max(count, 1)
 
-    state = {"epoch": 0, "best_val_loss": math.inf, "best_epoch": 0, "epochs_since_best": 0, "history": [],
-             "val_loss_before": None, "resumed_from_epoch": 0}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            load_trainable_state(model, load_file(str(Path(directory) / "trainable.safetensors")))
-            optimizer.load_state_dict(torch.load(Path(directory) / "optimizer.pt", weights_only=True))
-            state = json.loads((Path(directory) / "train_state.json").read_text())
-        state["best_val_loss"] = math.inf if state["best_val_loss"] is None else state["best_val_loss"]
+    state = resume_or_start("advise", rank, lambda weights: load_trainable_state(model, weights), optimizer,
+                            fresh_state("best_val_loss", val_loss_before=None, resumed_from_epoch=0), "best_val_loss",
+                            weights_file=WEIGHTS_FILE)
+    if state["epoch"]:
         state["resumed_from_epoch"] = state["epoch"]
-        if rank == 0:
-            tell_user(f"advise: resuming after epoch {state['epoch']} from {checkpoint.path}")
     elif rank == 0:
         state["val_loss_before"] = held_out_loss()
     # Some weights never get a gradient (e.g. CLIP's post-layernorm when Llava reads the last layer's raw
@@ -454,12 +435,9 @@ def train_loop_per_worker(loop: dict) -> None:
                  "seconds": time.perf_counter() - started, "session": loop["session"]}
         state["history"].append(entry)
 
-        def save(directory: Path) -> None:
-            save_file(trainable_state(model), str(directory / "trainable.safetensors"))
-            torch.save(optimizer.state_dict(), directory / "optimizer.pt")  # tensors only: weights_only loads it
-            (directory / "train_state.json").write_text(json.dumps(json_safe(state)))
-
-        report_epoch({"val_loss": val, "epoch": epoch}, epoch, rank, save)
+        report_epoch({"val_loss": val, "epoch": epoch}, epoch, rank,
+                     lambda directory: save_checkpoint(directory, trainable_state(model), optimizer, state,
+                                                       weights_file=WEIGHTS_FILE))
         if rank == 0:
             tell_user(f"advise epoch {epoch}/{advise.epochs}: train loss {entry['train_loss']:.3f}, held-out loss "
                       f"{val:.3f}, {entry['seconds']:.0f} s")
@@ -470,7 +448,6 @@ def train_loop_per_worker(loop: dict) -> None:
 
 def _export(config: EnvEncConfig, base: str, checkpoint, out: Path) -> None:
     """The best epoch's weights on the base model, LoRA merged, in Hugging Face format."""
-    from safetensors.torch import load_file
 
     from envenc_ray.vlm.finetune import export_merged, load_trainable, load_trainable_state
 
@@ -478,8 +455,7 @@ def _export(config: EnvEncConfig, base: str, checkpoint, out: Path) -> None:
     model, processor, _ = load_trainable(base, method=advise.method, lora_rank=advise.lora_rank,
                                          lora_alpha=advise.lora_alpha, lora_dropout=advise.lora_dropout,
                                          lora_targets=advise.lora_targets, trust_remote_code=config.vlm.trust_remote_code)
-    with checkpoint.as_directory() as directory:
-        load_trainable_state(model, load_file(str(Path(directory) / "trainable.safetensors")))
+    load_trainable_state(model, checkpoint_weights(checkpoint, WEIGHTS_FILE))
     export_merged(model.eval(), processor, out)
 
 

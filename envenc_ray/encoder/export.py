@@ -14,6 +14,7 @@ from envenc_ray.encoder.models import Encoder, build_autoencoder
 from envenc_ray.errors import ConfigError, ModelError
 from envenc_ray.files import json_safe, read_export_config, replaced_atomically
 from envenc_ray.storage import pull
+from envenc_ray.train_jobs import checkpoint_weights
 
 FORMAT = "envenc-encoder"
 FORMAT_VERSION = 1
@@ -26,12 +27,8 @@ def export_encoder(checkpoint, encoder_dir: Path, config: EnvEncConfig, hidden_s
     `hidden_shape` is one frame's hidden state: (D,), or (T, D) for the tokens encoder; `vlm_dtype` the dtype the
     VLM computed them in (what vlm.dtype 'auto' loads the VLM in wherever this encoder runs).
     """
-    from safetensors.torch import load_file
-
-    with checkpoint.as_directory() as directory:
-        weights = load_file(str(Path(directory) / "model.safetensors"))
     autoencoder = build_autoencoder(config.encoder, hidden_shape)
-    autoencoder.load_state_dict(weights)
+    autoencoder.load_state_dict(checkpoint_weights(checkpoint))
     description = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

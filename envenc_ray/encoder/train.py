@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import time
 import uuid
@@ -41,8 +40,10 @@ from envenc_ray.envs.annotate import ATARIARI_RAM
 from envenc_ray.errors import ConfigError, DataError
 from envenc_ray.files import json_safe, read_json, write_json_atomic
 from envenc_ray.layout import RunLayout
-from envenc_ray.runtime import agreed_by_rank0, note_epoch, report_epoch, tell_user, train_report_poll
-from envenc_ray.storage import readable, train_storage
+from envenc_ray.runtime import tell_user
+from envenc_ray.storage import readable
+from envenc_ray.train_jobs import (agreed_by_rank0, fit, fresh_state, note_epoch, report_epoch, resume_or_start,
+                                   save_checkpoint)
 from envenc_ray.vlm.backbone import resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -148,15 +149,11 @@ def train_encoder(config: EnvEncConfig) -> dict:
         "std": std,
         "baseline": {k: v for k, v in baseline.items() if not isinstance(v, dict)},
     }
-    result = _fit(config, loop_config, resume_key(config, fingerprint))
+    state, best_checkpoint = _fit(config, loop_config, resume_key(config, fingerprint))
     timings["train_s"] = time.perf_counter() - started
 
     # 3. export
     started = time.perf_counter()
-    state = _load_checkpoint_state(result.checkpoint)
-    best_checkpoint = result.get_best_checkpoint(metric="val_mse", mode="min")
-    if best_checkpoint is None:
-        raise DataError(f"training under {RunLayout.of(config).encoder_train} left no checkpoint; delete it and rerun")
     metrics = {
         "config_hash": config_hash,
         "kind": config.encoder.kind,
@@ -357,39 +354,17 @@ def _check_resources(encoder: EncoderConfig) -> None:
                           "encoder.cpus_per_worker (fractions such as 0.5 are fine)")
 
 
-def _fit(config: EnvEncConfig, loop_config: dict, key: str):
-    """Run (or continue) the Ray Train run named `key` under <run>/encoder_train/; returns its Result."""
+def _fit(config: EnvEncConfig, loop_config: dict, key: str) -> tuple[dict, object]:
+    """Run (or continue) the Ray Train run named `key` under <run>/encoder_train/: (the final training state, the
+    checkpoint of the lowest held-out MSE)."""
     import pyarrow as pa
     import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
     enc = config.encoder
-    storage = RunLayout.of(config).encoder_train.resolve()
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=enc.num_workers, use_gpu=False, resources_per_worker={"CPU": enc.cpus_per_worker}
-        ),
-        run_config=ray.train.RunConfig(
-            name=key,  # same name + storage: Ray Train restores the run's checkpoints (see resume_key)
-            **train_storage(storage),  # a URI run root: workers on any node upload checkpoints there
-            # Ray keeps the best checkpoint (what is exported) and always the latest (what resume needs).
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute="val_mse", checkpoint_score_order="min"
-            ),
-        ),
-        datasets={"train": ray.data.from_arrow(pa.table({"row": loop_config["train_rows"]}))},
-    )
-    logger.info("Ray Train run folder: %s", storage / key)
-    with train_report_poll(enc.report_poll_s):
-        try:
-            return trainer.fit()
-        except ray.train.TrainingFailedError:
-            logger.error("encoder training failed; its checkpoints in %s are kept, so a rerun resumes from the "
-                         "last finished epoch", storage / key)
-            raise
+    return fit(train_loop_per_worker, loop_config, what="encoder training",
+               storage=RunLayout.of(config).encoder_train.resolve(), name=key, workers=enc.num_workers,
+               cpus_per_worker=enc.cpus_per_worker, use_gpu=False, score="val_mse", poll_s=enc.report_poll_s,
+               datasets={"train": ray.data.from_arrow(pa.table({"row": loop_config["train_rows"]}))})
 
 
 def train_loop_per_worker(loop: dict) -> None:
@@ -419,13 +394,8 @@ def train_loop_per_worker(loop: dict) -> None:
     init_rows = _subsample(loop["train_rows"], 1024, loop["seed"])
     model.init_codebook(batch(init_rows), generator=torch.Generator().manual_seed(loop["seed"]))
     optimizer = torch.optim.Adam(model.parameters(), lr=enc.lr)
-    state = {"epoch": 0, "best_val_mse": math.inf, "best_epoch": 0, "epochs_since_best": 0, "history": []}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state = _load_training_state(Path(directory), model, optimizer)
-        if rank == 0:
-            tell_user(f"encoder: resuming after epoch {state['epoch']} from {checkpoint.path}")
+    state = resume_or_start("encoder", rank, model.load_state_dict, optimizer, fresh_state("best_val_mse"),
+                            "best_val_mse")
     trained = ray.train.torch.prepare_model(model)  # DDP when world_size > 1
     shard = ray.train.get_dataset_shard("train")
 
@@ -466,7 +436,8 @@ def train_loop_per_worker(loop: dict) -> None:
         state["history"].append(entry)
         reported = {k: v for k, v in entry.items() if isinstance(v, (int, float)) and v is not None}
         reported["val_mse"] = val_mse
-        report_epoch(reported, epoch, rank, lambda directory: _save_training_state(directory, model, optimizer, state))
+        report_epoch(reported, epoch, rank,
+                     lambda directory: save_checkpoint(directory, model.state_dict(), optimizer, state))
         if rank == 0:
             tell_user(f"encoder epoch {epoch}/{enc.epochs}: train loss {entry['train_loss']:.4f}, val mse "
                       f"{val_mse:.4f}, explained variance {entry['val_explained_variance']:.3f}, probe R2 latent "
@@ -584,33 +555,6 @@ def read_ram(frames_dir: Path, episode_ids: np.ndarray, steps: np.ndarray) -> np
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
-
-
-def _save_training_state(directory: Path, model, optimizer, state: dict) -> None:
-    import torch
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"))
-    torch.save(optimizer.state_dict(), directory / "optimizer.pt")  # tensors and numbers only: weights_only loads it
-    (directory / "train_state.json").write_text(json.dumps(json_safe(state)))
-
-
-def _load_training_state(directory: Path, model, optimizer) -> dict:
-    import torch
-    from safetensors.torch import load_file
-
-    model.load_state_dict(load_file(str(directory / "model.safetensors")))
-    optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
-    state = json.loads((directory / "train_state.json").read_text())
-    state["best_val_mse"] = math.inf if state["best_val_mse"] is None else state["best_val_mse"]
-    return state
-
-
-def _load_checkpoint_state(checkpoint) -> dict:
-    if checkpoint is None:
-        raise DataError("encoder training reported no checkpoint; nothing to export")
-    with checkpoint.as_directory() as directory:
-        return json.loads((Path(directory) / "train_state.json").read_text())
 
 
 def _resumed_from(history: list[dict]) -> int:

@@ -17,8 +17,6 @@ Read top to bottom, `train_reward_model` is:
 
 from __future__ import annotations
 
-import json
-import math
 import time
 import uuid
 from collections import Counter
@@ -38,9 +36,9 @@ from envenc_ray.layout import RunLayout
 from envenc_ray.rl.reward.preferences import META_FILE, make_preferences, preference_pairs, shard_path
 from envenc_ray.rl.reward.model import (build_reward_model, output_hash, pixel_representation,
                                         representation_identity, save_reward_model)
-from envenc_ray.runtime import (agreed_by_rank0, fit_resumable, note_epoch, report_epoch, tell_user,
-                                train_epoch)
-from envenc_ray.storage import train_storage
+from envenc_ray.runtime import tell_user
+from envenc_ray.train_jobs import (agreed_by_rank0, checkpoint_weights, fit, fresh_state, note_epoch, report_epoch,
+                                   resume_or_start, save_checkpoint, train_epoch)
 
 REPRESENT_BATCH = 32  # frames per VLM forward pass when representing the triples by latents
 # Settings that change how long or where training runs, not what an epoch computes: a rerun that only changes
@@ -285,8 +283,6 @@ def resume_key(config: EnvEncConfig) -> str:
 def _fit(config: EnvEncConfig, triples: Triples, train_rows: np.ndarray, val_rows: np.ndarray):
     """Run (or continue) the Ray Train job; returns the final training state and the best epoch's checkpoint."""
     import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
     settings = config.reward_model
     if len(train_rows) < settings.num_workers:
@@ -304,21 +300,10 @@ def _fit(config: EnvEncConfig, triples: Triples, train_rows: np.ndarray, val_row
         "mean": representations.mean(0),
         "std": representations.std(0),
     }
-    storage = RunLayout.of(config).reward_model_train.resolve()
-    key = resume_key(config)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=settings.num_workers, use_gpu=False,
-                                               resources_per_worker={"CPU": settings.cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=key,  # same name + storage: Ray Train restores the run's checkpoints (see resume_key)
-            **train_storage(storage),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_loss",
-                                                         checkpoint_score_order="min"),
-        ),
-    )
-    return fit_resumable(trainer, settings.report_poll_s, "reward model training", storage / key, score="val_loss")
+    return fit(train_loop_per_worker, loop_config, what="reward model training",
+               storage=RunLayout.of(config).reward_model_train.resolve(), name=resume_key(config),
+               workers=settings.num_workers, cpus_per_worker=settings.cpus_per_worker, use_gpu=False,
+               score="val_loss", poll_s=settings.report_poll_s)
 
 
 def train_loop_per_worker(loop: dict) -> None:
@@ -329,7 +314,6 @@ def train_loop_per_worker(loop: dict) -> None:
     import ray.train.torch
     import torch
     import torch.nn.functional as F
-    from safetensors.torch import load_file, save_file
 
     settings = RewardModelConfig.model_validate(loop["settings"])
     torch.set_num_threads(1)  # N workers on N cores: one thread each, or they fight over the cores
@@ -350,16 +334,8 @@ def train_loop_per_worker(loop: dict) -> None:
         model.train()
         return float(F.softplus(-margin).mean()), float((margin > 0).float().mean())
 
-    state = {"epoch": 0, "best_val_loss": math.inf, "best_epoch": 0, "epochs_since_best": 0, "history": []}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            model.load_state_dict(load_file(str(Path(directory) / "model.safetensors")))
-            optimizer.load_state_dict(torch.load(Path(directory) / "optimizer.pt", weights_only=True))
-            state = json.loads((Path(directory) / "train_state.json").read_text())
-        state["best_val_loss"] = math.inf if state["best_val_loss"] is None else state["best_val_loss"]
-        if rank == 0:
-            tell_user(f"reward-model: resuming after epoch {state['epoch']} from {checkpoint.path}")
+    state = resume_or_start("reward-model", rank, model.load_state_dict, optimizer, fresh_state("best_val_loss"),
+                            "best_val_loss")
     trained = ray.train.torch.prepare_model(model)  # DDP when world_size > 1
 
     def bradley_terry_loss(rows: np.ndarray) -> torch.Tensor:
@@ -382,12 +358,8 @@ def train_loop_per_worker(loop: dict) -> None:
                      seconds=time.perf_counter() - started, session=loop["session"])
         state["history"].append(entry)
 
-        def save(directory: Path) -> None:
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"))
-            torch.save(optimizer.state_dict(), directory / "optimizer.pt")  # tensors only: weights_only loads it
-            (directory / "train_state.json").write_text(json.dumps(json_safe(state)))
-
-        report_epoch({"val_loss": val_loss, "epoch": epoch}, epoch, rank, save)
+        report_epoch({"val_loss": val_loss, "epoch": epoch}, epoch, rank,
+                     lambda directory: save_checkpoint(directory, model.state_dict(), optimizer, state))
         if rank == 0:
             tell_user(f"reward-model epoch {epoch}/{settings.epochs}: train loss {entry['train_loss']:.3f}, held-out "
                       f"loss {val_loss:.3f}, held-out accuracy {entry['val_accuracy']:.3f}, {entry['seconds']:.1f} s")
@@ -400,12 +372,9 @@ def _centred_model(checkpoint, settings: RewardModelConfig, triples: Triples, tr
     """The checkpoint's model with its output centred on the training triples' (input, winner) and (input, loser)
     rewards: Bradley-Terry leaves the offset free."""
     import torch
-    from safetensors.torch import load_file
 
-    with checkpoint.as_directory() as directory:
-        weights = load_file(str(Path(directory) / "model.safetensors"))
     model = build_reward_model(settings, triples.inputs.shape[1])
-    model.load_state_dict(weights)
+    model.load_state_dict(checkpoint_weights(checkpoint))
     model.eval()
     with torch.no_grad():
         inputs = torch.from_numpy(triples.inputs[train_rows])
