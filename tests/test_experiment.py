@@ -286,7 +286,7 @@ def test_the_300k_protocols_check_out_before_anything_runs(debug_config, name):
     """Every arm of the protocol validates (keys, RLlib's batch rules, budget and interval in whole iterations)."""
     from envenc_ray.config import load_config
     from envenc_ray.pipeline.experiment import evaluation_points, load_experiment
-    from envenc_ray.pipeline.tune import check_rllib_settings
+    from envenc_ray.pipeline.trials import check_rllib_settings
 
     root = Path(__file__).resolve().parents[1]
     config = load_config([root / "configs/pong-tiny.yaml"], [f"experiment.run_root={debug_config().experiment.run_root}"])

@@ -139,7 +139,7 @@ def test_trials_that_can_never_fit_the_cluster_fail_fast(ray_session, tmp_path, 
 
 def test_trial_resources_are_what_rllib_asks_for(tmp_path, tiny_vlm_dir):
     from envenc_ray.rl.ppo import build_ppo_config
-    from envenc_ray.pipeline.tune import trial_bundles
+    from envenc_ray.pipeline.trials import trial_bundles
 
     for settings in ({}, {"num_env_runners": 3, "cpus_per_env_runner": 0.25, "rollout_fragment_length": None},
                      {"num_learners": 2},

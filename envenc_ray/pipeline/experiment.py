@@ -65,11 +65,14 @@ from envenc_ray.errors import ConfigError, DataError, EnvEncError  # noqa: E402
 from envenc_ray.files import read_json, write_json_atomic  # noqa: E402
 from envenc_ray.layout import RunLayout  # noqa: E402
 from envenc_ray.pipeline import STAGES  # noqa: E402
-from envenc_ray.pipeline.trials import TrialLines, fit_trials, raise_trial_error, trial_algorithm  # noqa: E402
-from envenc_ray.pipeline.tune import (  # noqa: E402
+from envenc_ray.pipeline.trials import (  # noqa: E402
+    TrialLines,
     absolute_paths,
     check_resources,
     check_rllib_settings,
+    fit_trials,
+    raise_trial_error,
+    trial_algorithm,
     trial_bundles,
     trial_config,
 )
