@@ -651,11 +651,13 @@ def advise_settings_hash(config: EnvEncConfig) -> str:
     return content_hash(payload)
 
 
-def load_config(paths: list[str | Path] = (), overrides: list[str] = ()) -> EnvEncConfig:
+def load_config(paths: str | Path | list[str | Path] = (), overrides: list[str] = ()) -> EnvEncConfig:
     """Compose YAML presets left to right, apply `key.path=value` overrides, validate.
 
     Errors name the offending key and the file (or `--set`) that supplied it.
     """
+    if isinstance(paths, (str, Path)):  # one file: load_config("configs/pong-tiny.yaml") reads it, not its letters
+        paths = [paths]
     merged: dict[str, Any] = {}
     sources: dict[str, str] = {}  # dotted key -> where its value came from
     for path in paths:

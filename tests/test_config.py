@@ -20,6 +20,8 @@ def test_presets_compose_left_to_right(tmp_path):
     assert config.encoder.window == 2  # nested mappings merge key by key
     assert config.collect.episodes == 3
     assert config.embed.batch_size == EnvEncConfig().embed.batch_size  # untouched keys keep defaults
+    # one file may be given alone, as a str or a Path: it is read, not taken for a list of one-letter names
+    assert load_config(str(top)).encoder.latent_dim == load_config(top).encoder.latent_dim == 8
 
 
 def test_overrides_are_typed_and_win():
