@@ -14,7 +14,8 @@ import torch
 
 from envenc_ray.config import VLMConfig
 from envenc_ray.errors import ConfigError, InputError, ModelError
-from envenc_ray.vlm.backbone import SPATIAL_FEATURES, TruncatedVLM, spatial_softmax
+from envenc_ray.vlm.backbone import TruncatedVLM
+from envenc_ray.vlm.pooling import SPATIAL_FEATURES, spatial_softmax
 from envenc_ray.vlm.preprocess import FramePreprocessor
 from envenc_ray.vlm.tiny import TinySpec, build_tiny_vlm
 
