@@ -234,6 +234,8 @@ class PixelMeanVLM:
     """A cheap stand-in with TruncatedVLM's interface (hidden_size, embed) whose width the tests choose:
     a fixed map of the frame's banded mean colours to D dims. The real tiny VLM is tested below."""
 
+    pooling = "image_mean"
+
     def __init__(self, hidden_size: int = HIDDEN_SIZE):
         self.hidden_size = hidden_size
         self.projection = torch.randn(3 * 8, hidden_size, generator=torch.Generator().manual_seed(0))

@@ -131,7 +131,7 @@ def serve_command(tmp_path, tiny_vlm_dir):
     from test_serve import HIDDEN_SIZE, save_untrained_encoder
 
     from envenc_ray.config import EncoderConfig, load_config
-    from envenc_ray.vlm.backbone import pooled_width
+    from envenc_ray.vlm.pooling import pooled_width
 
     # an encoder of the width the presets' read-out gives the tiny VLM (the embedded default's spatial: 2 x 128)
     width = pooled_width(load_config(PRESETS).vlm.pooling, HIDDEN_SIZE)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from envenc_ray.vlm.backbone import SPATIAL_FEATURES, TruncatedVLM, pool, spatial_softmax
+from envenc_ray.vlm.backbone import TruncatedVLM
+from envenc_ray.vlm.pooling import SPATIAL_FEATURES, pool, spatial_softmax
 
 ROWS, COLS, CHANNELS = 6, 8, 4
 

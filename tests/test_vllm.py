@@ -21,7 +21,8 @@ import torch
 
 from envenc_ray.config import VLMConfig
 from envenc_ray.errors import ConfigError, ModelError
-from envenc_ray.vlm.backbone import POOLINGS, TruncatedVLM, pool
+from envenc_ray.vlm.backbone import TruncatedVLM
+from envenc_ray.vlm.pooling import POOLINGS, pool
 from envenc_ray.vlm.vllm_backend import DECODER_LAYER, check_vllm_settings, vllm_checkpoint
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None

@@ -14,7 +14,9 @@ import torch
 
 from envenc_ray.config import VLMConfig
 from envenc_ray.errors import ConfigError, InputError, ModelError
-from envenc_ray.vlm.backbone import SPATIAL_FEATURES, TruncatedVLM, spatial_softmax
+from envenc_ray.vlm.backbone import TruncatedVLM
+from envenc_ray.vlm.interface import VLM
+from envenc_ray.vlm.pooling import SPATIAL_FEATURES, spatial_softmax
 from envenc_ray.vlm.preprocess import FramePreprocessor
 from envenc_ray.vlm.tiny import TinySpec, build_tiny_vlm
 
@@ -258,6 +260,19 @@ def test_poolings_shapes_dtypes_and_meaning(tiny_vlm_dir, pong_frames):
         torch.testing.assert_close(pooled, want, atol=1e-5, rtol=1e-5)
     assert expected["spatial"].shape[1] == SPATIAL_FEATURES * width
     assert not torch.allclose(expected["image_mean"][0], expected["image_mean"][1])  # frames differ -> states differ
+
+
+def test_both_backends_satisfy_the_vlm_interface(tiny_vlm_dir):
+    """TruncatedVLM and VLLMBackend have every member of `interface.VLM` (VLLMBackend built without an engine:
+    its members read the model's config and processor only, so no vLLM install is needed)."""
+    from envenc_ray.vlm.vllm_backend import VLLMBackend
+
+    vlm = TruncatedVLM.from_pretrained(tiny_vlm_dir, layer=2, pooling="spatial")
+    backend = VLLMBackend(None, vlm.processor, vlm.family, vlm.backbone.config, layer=vlm.layer,
+                          total_layers=vlm.total_layers, pooling=vlm.pooling, prompt=vlm.prompt, source=vlm.source,
+                          dtype="float32", image_mask=vlm.image_mask)
+    assert isinstance(vlm, VLM) and isinstance(backend, VLM)
+    assert (backend.hidden_size, backend.sequence_length) == (vlm.hidden_size, vlm.sequence_length)
 
 
 def test_bfloat16_compute_returns_float32_close_to_float32(tiny_vlm_dir, pong_frames):

@@ -16,24 +16,24 @@ import torch
 from envenc_ray.config import check_pooling
 from envenc_ray.encoder.models import WINDOWED_KINDS, Encoder
 from envenc_ray.errors import InputError, ModelError
+from envenc_ray.vlm.interface import VLM
 from envenc_ray.vlm.preprocess import as_frame_batch
 
 
-def vlm_hidden_shape(vlm) -> tuple[int, ...]:
+def vlm_hidden_shape(vlm: VLM) -> tuple[int, ...]:
     """One frame's hidden state from `vlm`: (D,) pooled, (T, D) with 'tokens' pooling (T of a 210x160 frame)."""
-    if getattr(vlm, "pooling", None) == "tokens":
+    if vlm.pooling == "tokens":
         return (vlm.sequence_length, vlm.hidden_size)
     return (vlm.hidden_size,)
 
 
 class EnvironmentEncoder:
-    """`vlm` is a TruncatedVLM (anything with `.hidden_size` and `.embed_frames(frames) -> (N, D) tensor` of a
-    validated uint8 (N, H, W, 3) tensor; with `.pooling` 'tokens' also `.sequence_length` T and (N, T, D)
-    states)."""
+    """`vlm` is a TruncatedVLM or a VLLMBackend (what this reads of it: `.pooling`, `.hidden_size` and
+    `.embed_frames(frames) -> (N, D) tensor` of a validated uint8 (N, H, W, 3) tensor; with `.pooling` 'tokens'
+    also `.sequence_length` T and (N, T, D) states)."""
 
-    def __init__(self, vlm, encoder: Encoder):
-        pooling = getattr(vlm, "pooling", "image_mean")  # stand-ins without the attribute pool
-        check_pooling(encoder.kind, pooling)
+    def __init__(self, vlm: VLM, encoder: Encoder):
+        check_pooling(encoder.kind, vlm.pooling)
         if vlm.hidden_size != encoder.hidden_size:
             raise ModelError(f"the VLM's hidden size is {vlm.hidden_size} but the encoder was trained on "
                              f"{encoder.hidden_size}-wide hidden states; use the VLM (model, layer, pooling) "

@@ -14,7 +14,7 @@ changes with every SGD step, so the hidden states cannot be computed once, as th
 
 The adapter starts from the weights of the VLM the run reads (`vlm.paths.resolve_model_path`): the model as
 given, or with stage2.joint_from 'finetuned' the one `advise` made. The truncated decoder and the prompt stay
-out of the module tree (`vlm.backbone.FrozenDecoder`): the optimizer, checkpoints and RLlib's weight sync hold
+out of the module tree (`vlm.adapter.FrozenDecoder`): the optimizer, checkpoints and RLlib's weight sync hold
 the projector, the encoder and the heads only.
 """
 
@@ -57,7 +57,8 @@ class JointPPOTorchRLModule(EnvEncPPOTorchRLModule):
         from envenc_ray.config import VLMConfig
         from envenc_ray.encoder.export import load_encoder
         from envenc_ray.encoder.models import WINDOWED_KINDS
-        from envenc_ray.vlm.backbone import ImageAdapter, TruncatedVLM
+        from envenc_ray.vlm.adapter import ImageAdapter
+        from envenc_ray.vlm.backbone import TruncatedVLM
 
         super().setup()
         joint = self.model_config[JOINT_KEY]

@@ -12,27 +12,18 @@ k == L all layers and the norm are kept. Layers above k and the LM head are dele
 module tree (no compute, and their memory is freed), and vision-tower layers above the one the projector
 reads (Llava's `vision_feature_layer`) are deleted too.
 
-The prompt is static, so it is tokenised once per frame size (the processor itself expands the image
-placeholder into the right number of image tokens; ALE's 210x160 at load) and every batch reuses the ids.
-Preprocessing is batched torch code (`preprocess.FramePreprocessor`) that matches the model's own processor,
-except for families whose processor has no tensor twin (see each family).
-
-Model families differ only in where their parts live and how image features reach the decoder; each is a
-small `Family` subclass in `FAMILIES`:
-- Llava: fixed-size pixel_values, features from `get_image_features`;
-- Idefics3 (SmolVLM v1 checkpoints): decoder at `model.text_model`, the HF image processor itself on the batch
-  (Lanczos, optional tiles), one vision pass over every tile;
-- Qwen2-VL: smart resize + flat patches with `image_grid_thw` (tensor code), 3-D rope position ids, and no
-  full HF processor (its video processor needs torchvision): image processor + tokenizer + chat template.
+The prompt is static, so it is tokenised once per frame size (ALE's 210x160 at load) and every batch reuses the
+ids (`families.PromptPlan`). Preprocessing is batched torch code (`preprocess.FramePreprocessor`) that matches the
+model's own processor, except for families whose processor has no tensor twin. Where each model family keeps its
+parts is `families.py`; the split at the projector (encoder.inputs 'vision'/'both') is `adapter.py`; pooling is
+`pooling.py`. Here: loading, truncation, the dtype settings and the forward pass.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import inspect
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,343 +35,22 @@ from torch import nn
 from envenc_ray.config import BUILTIN_TINY
 from envenc_ray.errors import ConfigError, ModelError
 from envenc_ray.storage import pull
-from envenc_ray.vlm.preprocess import CROPS, FramePreprocessor, ReferencePreprocessor, as_frame_batch, with_crop
+from envenc_ray.vlm.adapter import ImageAdapter, check_projector_split, patch_mean
+from envenc_ray.vlm.families import (ATARI_FRAME_SIZE, Family, PromptPlan, family_of, find_part, get_part,
+                                     spatial_grid, static_prompt)
+from envenc_ray.vlm.pooling import IMAGE_POOLINGS, POOLINGS, pooled_width
+from envenc_ray.vlm.preprocess import CROPS, as_frame_batch, with_crop
 
 log = logging.getLogger(__name__)
 
-POOLINGS = ("last", "mean", "image_mean", "spatial", "tokens")
-# the poolings that read the image tokens only: the prompt after the image never runs for them
-IMAGE_POOLINGS = ("image_mean", "spatial")
 # What `embed` returns: the LLM's hidden state (pooled as `pooling` says), or, split at the multimodal projector
 # (see `ImageAdapter`), the vision tower's output averaged over patches ('vision'), both concatenated
 # ([llm, vision]: 'both'), or the tower's per-patch output itself ('patches', (N, P, Dv): what the projector of
 # stage2.method 'joint' reads in the RLModule). 'llm', 'vision' and 'both' are encoder.inputs.
 OUTPUTS = ("llm", "vision", "both", "patches")
-# 'spatial' pooling gives the expected x and y of each channel (`spatial_softmax`), no presence feature: on 2,400
-# Pong frames (6 episodes, held-out ridge probe, tiny VLM, patch 16) adding each channel's log-sum-exp or max over
-# the grid moved ball_x by -0.08..+0.05 and ball_y / ball_in_play by -0.08..0.00 at layers 0 and 2: no consistent
-# gain for 1.5x the features every consumer reads. No sharpening either: each channel standardized over the grid
-# before the softmax lowers Pong's ball_x 0.84 -> 0.81 (0.65 at temperature 0.5) and does not find Breakout's ball
-# (patch 8, layer 0; benchmarks/spatial-variants/, README "Sharper maps, presence, more moments"): the raw maps are
-# nearly flat, and a flat softmax's expectation is linear in the states, which a linear probe unmixes
-SPATIAL_FEATURES = 2
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DTYPE_CHOICES = (*DTYPES, "auto")  # auto: bfloat16 where checked and native, else float32 (resolve_dtype)
 DEFAULT_PROMPT = "a game of pong. describe the state."
-ATARI_FRAME_SIZE = (210, 160)  # every ALE game renders 210x160 RGB: the frame size the load-time prompt is for
-
-
-class Family:
-    """Where one model family keeps its parts, and how its image features enter the decoder.
-
-    Attribute paths are dotted, relative to the loaded *ForConditionalGeneration model (`backbone`,
-    `lm_head`) or to the backbone (`decoder`); `layers` and `norm` are relative to the decoder.
-    """
-
-    name = "base"
-    model_types: tuple[str, ...] = ()
-    backbone = "model"  # the model without its LM head: what TruncatedVLM keeps
-    lm_head = "lm_head"  # dropped
-    decoder = "language_model"  # the text decoder inside the backbone: has embed_tokens, layers, norm
-    layers = "layers"
-    norm = "norm"
-    # The multimodal projector, relative to the backbone, when it is a module of its own over the vision tower's
-    # per-patch output: where encoder.inputs 'vision'/'both' and stage2.method 'joint' split the VLM. None: the
-    # family has no such split point, and `no_projector_split` says why.
-    projector: str | None = None
-    no_projector_split = "it has no multimodal projector of its own over the vision tower's output"
-    no_token_grid = "its image tokens are not one row-major grid of patches"
-
-    def token_grid(self, config: Any) -> tuple[int, int] | None:
-        """(rows, cols) of the image tokens of one frame, laid out row-major, from the config alone; None when the
-        tokens form no such grid (`no_token_grid` says why): what vlm.pooling 'spatial' needs."""
-        return None
-
-    def load_processor(self, source: str, config: Any, trust_remote_code: bool) -> Any:
-        """The model's processor: what gives the image processor, the tokenizer and the prompt's image tokens."""
-        from transformers import AutoProcessor
-
-        return AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
-
-    def preprocessor(self, image_processor: Any) -> FramePreprocessor | ReferencePreprocessor:
-        """The batched twin of the model's image processor (raises ModelError for settings it cannot match)."""
-        return FramePreprocessor.from_image_processor(image_processor)
-
-    def prune_vision(self, backbone: nn.Module) -> None:
-        """Delete vision layers whose output nothing reads (default: keep all)."""
-
-    def vision_inputs(self, preprocessor: FramePreprocessor, frames: torch.Tensor, device: torch.device) -> dict:
-        """The keyword inputs of `image_features` for a batch of validated uint8 frames (all of one size)."""
-        return {"pixel_values": preprocessor.pixel_values(frames, device=device)}
-
-    def image_features(self, backbone: nn.Module, **vision_inputs: torch.Tensor) -> torch.Tensor:
-        """(N, image tokens per frame, decoder hidden size): what replaces the image placeholder tokens."""
-        raise NotImplementedError
-
-    def vision_features(self, backbone: nn.Module, **vision_inputs: torch.Tensor) -> torch.Tensor:
-        """(N, patches, Dv): the vision tower's output the projector reads (`projector` families only), so that
-        projector(vision_features(...)) == image_features(...)."""
-        raise NotImplementedError
-
-    def patch_shape(self, config: Any) -> tuple[int, int]:
-        """(patches, Dv) of `vision_features` per frame, from the model's config alone (no weights loaded)."""
-        raise NotImplementedError
-
-    def prompt_text(self, processor: Any, prompt: str) -> str:
-        """The processor's text input: the model's chat template if it has one, else image token + prompt."""
-        if getattr(processor, "chat_template", None):
-            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-            return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return f"{processor.image_token}\n{prompt}"
-
-    def prompt_ids(self, processor: Any, text: str, frame: np.ndarray) -> torch.Tensor:
-        """(1, T) input ids of the prompt for one frame: the processor expands the image placeholder."""
-        return processor(images=[frame], text=[text], return_tensors="pt")["input_ids"]
-
-    def image_token_id(self, config: Any) -> int:
-        return config.image_token_id
-
-    def position_ids(self, backbone: nn.Module, input_ids: torch.Tensor, vision_inputs: dict) -> torch.Tensor | None:
-        """Decoder position ids; None means 0..T-1 (Qwen2-VL returns its 3-D rope positions here)."""
-        return None
-
-
-class LlavaFamily(Family):
-    """Llava: CLIP-style vision tower -> MLP projector -> Llama-style decoder (model.language_model)."""
-
-    name = "llava"
-    model_types = ("llava",)
-    projector = "multi_modal_projector"
-    no_token_grid = "its vision_feature_select_strategy 'full' puts CLIP's class token among the image tokens"
-
-    def token_grid(self, config: Any) -> tuple[int, int] | None:
-        if config.vision_feature_select_strategy != "default":
-            return None
-        side = config.vision_config.image_size // config.vision_config.patch_size
-        return side, side
-
-    def prune_vision(self, backbone: nn.Module) -> None:
-        config = backbone.config
-        encoder = _find(backbone.vision_tower, ("vision_model.encoder", "encoder"))
-        if encoder is None or not hasattr(encoder, "layers"):
-            log.info("vision tower %s: no encoder.layers found, not pruned", type(backbone.vision_tower).__name__)
-            return
-        total = len(encoder.layers)
-        requested = config.vision_feature_layer
-        indices = [requested] if isinstance(requested, int) else list(requested)
-        # hidden_states of the tower: 0 = embeddings, i = output of layer i; negative indices count from the end
-        indices = [i % (total + 1) for i in indices]
-        keep = max(indices)
-        if keep < total:
-            encoder.layers = encoder.layers[:keep]
-            backbone.vision_tower.config.num_hidden_layers = keep
-            config.vision_config.num_hidden_layers = keep
-        config.vision_feature_layer = indices[0] if isinstance(requested, int) else indices
-
-    def image_features(self, backbone: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-        output = backbone.get_image_features(pixel_values=pixel_values, return_dict=True)
-        return torch.stack(list(output.pooler_output))  # one (tokens, D) tensor per frame
-
-    def vision_features(self, backbone: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-        """What `get_image_features` hands `multi_modal_projector`: the `vision_feature_layer` output(s) of the
-        tower, without CLIP's class token under the 'default' strategy, concatenated along features."""
-        config = backbone.config
-        layers = config.vision_feature_layer
-        hidden_states = backbone.vision_tower(pixel_values, output_hidden_states=True, return_dict=True).hidden_states
-        selected = [hidden_states[i] for i in ([layers] if isinstance(layers, int) else layers)]
-        if config.vision_feature_select_strategy == "default":
-            selected = [states[:, 1:] for states in selected]
-        return torch.cat(selected, dim=-1)
-
-    def patch_shape(self, config: Any) -> tuple[int, int]:
-        vision = config.vision_config
-        layers = config.vision_feature_layer
-        patches = (vision.image_size // vision.patch_size) ** 2
-        class_token = 0 if config.vision_feature_select_strategy == "default" else 1
-        return patches + class_token, vision.hidden_size * (1 if isinstance(layers, int) else len(layers))
-
-
-class Idefics3Family(Family):
-    """Idefics3 (SmolVLM v1 checkpoints): SigLIP-style tower -> pixel-shuffle connector -> Llama-style decoder.
-
-    Preprocessing runs the model's own HF image processor on the batch (`ReferencePreprocessor`): correctness
-    first. It has no tensor twin within a tight tolerance: it resamples with Lanczos (torch has no Lanczos),
-    first to an intermediate whose longest edge is `size` (2048 for SmolVLM-256M/500M: a ~10x upscale of a
-    210x160 frame), then to `max_image_size` images, and with `do_image_splitting` (SmolVLM's default) a frame
-    becomes rows x cols tiles plus a global image of `image_seq_len` tokens each: 4 x 4 + 1 = 17 x 64 = 1088
-    image tokens per 210x160 frame for SmolVLM-256M. "do_image_splitting": false in preprocessor_config.json
-    gives one image (64 tokens) per frame; TruncatedVLM follows whatever the processor config says.
-    """
-
-    name = "idefics3"
-    model_types = ("idefics3",)
-    decoder = "text_model"
-    no_projector_split = "its connector pixel-shuffles the tower's patches into fewer tokens before projecting them"
-    no_token_grid = "its image tokens are tiles of pixel-shuffled patches, not one grid of the frame"
-
-    def preprocessor(self, image_processor: Any) -> ReferencePreprocessor:
-        return ReferencePreprocessor(image_processor)
-
-    def vision_inputs(self, preprocessor: ReferencePreprocessor, frames: torch.Tensor, device: torch.device) -> dict:
-        # frames of one size give tiles of one size: no padding, so the pixel attention mask is all ones
-        return {"pixel_values": preprocessor(frames, device=device)["pixel_values"]}
-
-    def image_features(
-        self, backbone: nn.Module, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """(N, tiles, 3, h, w) -> (N, tiles * image_seq_len, D), tile-major as the processor lays out the tokens."""
-        # Not backbone.get_image_features: it drops every all-zero tile as batch padding, and an all-black tile
-        # of a processor that does not normalize is all zeros; our tiles are never padding.
-        frames, tiles = pixel_values.shape[:2]
-        images = pixel_values.flatten(0, 1)
-        patch_mask = None
-        if pixel_attention_mask is not None:  # HF's own reduction of a pixel mask to a patch mask
-            patch = backbone.config.vision_config.patch_size
-            mask = pixel_attention_mask.flatten(0, 1).unfold(1, patch, patch).unfold(2, patch, patch)
-            patch_mask = mask.sum(dim=(-1, -2)) > 0
-        hidden = backbone.vision_model(pixel_values=images, patch_attention_mask=patch_mask).last_hidden_state
-        features = backbone.connector(hidden)  # (N * tiles, image_seq_len, D)
-        return features.reshape(frames, tiles * features.shape[1], features.shape[2])
-
-
-class ProcessorParts:
-    """What TruncatedVLM needs of a HF processor: image processor, tokenizer, chat template, image token.
-
-    For models whose full processor does not load without torchvision: Qwen2-VL's also builds a video
-    processor, which TruncatedVLM never uses.
-    """
-
-    def __init__(self, image_processor: Any, tokenizer: Any, chat_template: str | None, image_token: str):
-        self.image_processor = image_processor
-        self.tokenizer = tokenizer
-        self.chat_template = chat_template
-        self.image_token = image_token
-
-    def apply_chat_template(self, messages: list[dict], **kwargs: Any) -> str:
-        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, **kwargs)
-
-
-class Qwen2VLFamily(Family):
-    """Qwen2-VL: ViT over flat 14x14 patches (2x2 merged into one token) -> Qwen2 decoder with 3-D (M-)RoPE.
-
-    Preprocessing is tensor code: the processor's smart resize (sides multiples of 28, area within its pixel
-    budget; 210x160 -> 224x168 -> 16x12 patches -> 48 tokens by default), bicubic like its PIL path, then its
-    patch flattening. Image tokens get (temporal, row, column) rope positions from the model's `get_rope_index`.
-    The processor is assembled from its parts (`ProcessorParts`), so the prompt's image placeholder is expanded
-    here as Qwen2VLProcessor does: one <|image_pad|> per merged patch.
-    """
-
-    name = "qwen2_vl"
-    model_types = ("qwen2_vl",)
-    no_projector_split = "its patch merger, the projector, is part of the vision model"
-    no_token_grid = "its merged-patch grid follows each frame's size (smart resize), which TruncatedVLM does not map"
-
-    def load_processor(self, source: str, config: Any, trust_remote_code: bool) -> ProcessorParts:
-        from transformers import AutoImageProcessor, AutoTokenizer
-        from transformers.processing_utils import ProcessorMixin
-
-        image_processor = AutoImageProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        # chat_template.jinja, legacy chat_template.json, or the tokenizer's own
-        chat_template = ProcessorMixin.get_processor_dict(source)[0].get("chat_template") or tokenizer.chat_template
-        if isinstance(chat_template, dict):
-            chat_template = chat_template.get("default")
-        image_token = tokenizer.convert_ids_to_tokens(config.image_token_id)
-        return ProcessorParts(image_processor, tokenizer, chat_template, image_token)
-
-    def preprocessor(self, image_processor: Any) -> FramePreprocessor:
-        return FramePreprocessor.from_qwen2_vl_image_processor(image_processor)
-
-    def vision_inputs(self, preprocessor: FramePreprocessor, frames: torch.Tensor, device: torch.device) -> dict:
-        pixel_values, image_grid_thw = preprocessor.to_patches(preprocessor.pixel_values(frames, device=device))
-        return {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
-
-    def image_features(
-        self, backbone: nn.Module, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor
-    ) -> torch.Tensor:
-        output = backbone.get_image_features(pixel_values=pixel_values, image_grid_thw=image_grid_thw, return_dict=True)
-        return torch.stack(list(output.pooler_output))  # one (tokens, D) tensor per frame
-
-    def prompt_text(self, processor: Any, prompt: str) -> str:
-        if getattr(processor, "chat_template", None):
-            return super().prompt_text(processor, prompt)
-        return f"<|vision_start|>{processor.image_token}<|vision_end|>{prompt}"  # what its chat template writes
-
-    def prompt_ids(self, processor: Any, text: str, frame: np.ndarray) -> torch.Tensor:
-        grid_thw = processor.image_processor(images=[frame], return_tensors="pt")["image_grid_thw"][0]
-        image_tokens = int(grid_thw.prod()) // processor.image_processor.merge_size**2
-        expanded = text.replace(processor.image_token, processor.image_token * image_tokens)
-        return processor.tokenizer([expanded], return_tensors="pt")["input_ids"]
-
-    def position_ids(self, backbone: nn.Module, input_ids: torch.Tensor, vision_inputs: dict) -> torch.Tensor:
-        """(3, N, T) rope positions: text tokens count up on all three axes, image tokens get (t, row, col)."""
-        grid_thw = vision_inputs["image_grid_thw"]
-        if not (grid_thw == grid_thw[:1]).all():
-            grids = grid_thw.unique(dim=0).tolist()
-            raise ModelError(f"frames of one batch must share one patch grid (one frame size); got grids {grids}")
-        token_types = (input_ids[:1] == backbone.config.image_token_id).int()  # the processor's mm_token_type_ids
-        positions, _ = backbone.get_rope_index(
-            input_ids[:1], mm_token_type_ids=token_types, image_grid_thw=grid_thw[:1]
-        )
-        return positions.expand(-1, input_ids.shape[0], -1)  # one prompt and one grid: the same for every frame
-
-
-FAMILIES: dict[str, Family] = {
-    model_type: family
-    for family in (LlavaFamily(), Idefics3Family(), Qwen2VLFamily())
-    for model_type in family.model_types
-}
-
-
-@dataclass(frozen=True)
-class PromptPlan:
-    """The static prompt for frames of one size, and what of it the decoder runs per frame (`TruncatedVLM._plan`).
-
-    Per frame, tokens `prefix` .. `end` - 1 run, on top of the prefix's keys and values computed once; `decode`
-    is that run, for TruncatedVLM's read-out and for the adapter that stage2.method 'joint' trains through.
-    """
-
-    input_ids: torch.Tensor  # (1, T)
-    image_mask: torch.Tensor  # (T,) bool: the image placeholder tokens
-    embeddings: torch.Tensor  # (1, T, D): the prompt's token embeddings (the image tokens' are replaced)
-    pooling: str
-    grid: tuple[int, int] | None  # (rows, cols) of the image tokens: what 'spatial' pooling lays them out on
-    cache_keyword: str  # the decoder's name for its KV cache argument (it changed in transformers 5)
-    prefix: int  # tokens before the first image token: computed once
-    end: int  # T, or the last image token + 1 when the pooling reads image tokens only
-    prefix_states: torch.Tensor | None = None  # (1, prefix, D): the prefix's output states
-    prefix_keys_values: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()  # per kept layer, batch 1
-
-    def decode(self, decoder: nn.Module, image_features: torch.Tensor,
-               position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """(N, image tokens, D) projected image features -> the pooled states of the prompt around them (float32).
-
-        `position_ids` are the whole prompt's (None: 0..T-1); autograd follows the image features through it."""
-        start, end, batch = self.prefix, self.end, len(image_features)
-        inputs_embeds = self.embeddings[:, start:end].expand(batch, -1, -1).clone()
-        inputs_embeds[:, self.image_mask[start:end]] = image_features.to(inputs_embeds.dtype)
-        if position_ids is not None:
-            position_ids = position_ids[..., start:end]
-        past = {self.cache_keyword: self.prefix_cache(batch)} if start else {}
-        hidden = decoder(inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=bool(start),
-                         **past).last_hidden_state
-        if start:
-            hidden = torch.cat([self.prefix_states.expand(batch, -1, -1), hidden], dim=1)
-        return pool(hidden, self.image_mask[:end], self.pooling, self.grid)
-
-    def prefix_cache(self, batch: int):
-        """A fresh cache holding the prefix's keys and values for `batch` frames."""
-        from transformers import DynamicCache
-
-        return DynamicCache(ddp_cache_data=[(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1))
-                                            for keys, values in self.prefix_keys_values])
-
-    def to(self, device: torch.device) -> PromptPlan:
-        move = {name: getattr(self, name).to(device) for name in ("input_ids", "image_mask", "embeddings")}
-        if self.prefix:
-            move["prefix_states"] = self.prefix_states.to(device)
-            move["prefix_keys_values"] = tuple((k.to(device), v.to(device)) for k, v in self.prefix_keys_values)
-        return dataclasses.replace(self, **move)
 
 
 class TruncatedVLM:
@@ -413,7 +83,7 @@ class TruncatedVLM:
         self.source = source
         self.compiled = compiled  # its layers run through torch.compile (`_compile_layers`)
         self.preprocessor = with_crop(family.preprocessor(processor.image_processor), crop)
-        self.decoder = _get(backbone, family.decoder)
+        self.decoder = get_part(backbone, family.decoder)
         self.dtype = next(backbone.parameters()).dtype
         self.grid = spatial_grid(family, backbone.config, source) if pooling == "spatial" else None
         self._prompts: dict[tuple[int, int], PromptPlan] = {}
@@ -476,7 +146,7 @@ class TruncatedVLM:
             torch.set_num_threads(num_threads)
         source = str(pull(path_or_name))  # a model folder of a URI run root: fresh from the URI on any node
         config = _load_config(source, trust_remote_code)
-        family = _family_of(config, source)
+        family = family_of(config, source)
         if output != "llm":
             check_projector_split(family, source)
         if pooling == "spatial":  # from the config, before the weights load
@@ -497,11 +167,11 @@ class TruncatedVLM:
         if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
             raise ModelError(f"{source} has no image processor + tokenizer (got {type(processor).__name__})")
 
-        backbone = _get(model, family.backbone)
+        backbone = get_part(model, family.backbone)
         setattr(model, family.lm_head, None)  # the LM head goes with the wrapper; nothing here reads logits
         del model
-        decoder = _get(backbone, family.decoder)
-        total_layers = len(_get(decoder, family.layers))
+        decoder = get_part(backbone, family.decoder)
+        total_layers = len(get_part(decoder, family.layers))
         keep = resolve_layer(layer, total_layers)
         _truncate_decoder(decoder, family, keep, total_layers, final_norm)
         family.prune_vision(backbone)
@@ -577,7 +247,7 @@ class TruncatedVLM:
     @property
     def num_layers(self) -> int:
         """Decoder layers kept (and run); 0 means the decoder input itself."""
-        return len(_get(self.decoder, self.family.layers))
+        return len(get_part(self.decoder, self.family.layers))
 
     @property
     def sequence_length(self) -> int:
@@ -686,88 +356,11 @@ class TruncatedVLM:
         )
 
 
-# -------------------------------------------------------------------- the VLM from its projector on
-
-
-class FrozenDecoder:
-    """The truncated decoder with the prompt around the image, as plain tensors and a module kept out of any
-    module tree: projected image features (N, image tokens, D) -> pooled hidden states (N, D) float32.
-
-    Llava's prompt is the same for every frame (one image token per patch, positions 0..T-1): it runs as the VLM's
-    own PromptPlan for ALE frames does. Nothing here has requires_grad; gradients only pass through it.
-    """
-
-    def __init__(self, vlm: TruncatedVLM):
-        self.decoder, self.plan = vlm.decoder, vlm._prompt_for(ATARI_FRAME_SIZE)
-
-    @property
-    def prompt_embeddings(self) -> torch.Tensor:
-        return self.plan.embeddings
-
-    @property
-    def device(self) -> torch.device:
-        return self.plan.embeddings.device
-
-    def to(self, device: torch.device) -> FrozenDecoder:
-        self.decoder.to(device)
-        self.plan = self.plan.to(device)
-        return self
-
-    def __call__(self, image_features: torch.Tensor) -> torch.Tensor:
-        return self.plan.decode(self.decoder, image_features)
-
-
-class ImageAdapter(nn.Module):
-    """The VLM from its multimodal projector on: the tower's per-patch output (N, P, Dv) -> the pooled hidden state
-    at vlm.layer (N, D), or [that, the patch mean of the same features] (N, D + Dv) for encoder.inputs 'both'.
-
-    `projector` is its only registered submodule: the VLM's own (frozen: TruncatedVLM's 'both' read-out), or a
-    float32 copy that the RL loss trains (stage2.method 'joint', `trainable=True`). The truncated decoder and the
-    prompt live in `frozen` (`FrozenDecoder`), outside the module tree, so they never reach an optimizer, a
-    state_dict, a checkpoint or RLlib's weight sync: a decoder slice of a real VLM is gigabytes.
-    """
-
-    def __init__(self, projector: nn.Module, frozen: FrozenDecoder, inputs: str):
-        super().__init__()
-        if inputs not in ("llm", "both"):
-            raise ConfigError(f"the adapter reads the projector for encoder.inputs llm or both; got {inputs!r}")
-        self.projector, self.frozen, self.inputs = projector, frozen, inputs
-
-    @classmethod
-    def of(cls, vlm: TruncatedVLM, inputs: str, trainable: bool) -> ImageAdapter:
-        projector = _get(vlm.backbone, vlm.family.projector)
-        if trainable:  # float32 weights for the optimizer whatever vlm.dtype computes in
-            projector = copy.deepcopy(projector).float().requires_grad_(True).train()
-        return cls(projector, FrozenDecoder(vlm), inputs)
-
-    def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        if self.frozen.device != patches.device:  # a Learner moved the module to its GPU: the decoder follows
-            self.frozen.to(patches.device)
-        projector_dtype = next(self.projector.parameters()).dtype
-        hidden = self.frozen(self.projector(patches.to(projector_dtype)))
-        return hidden if self.inputs == "llm" else torch.cat([hidden, patch_mean(patches)], dim=1)
-
-
-def patch_mean(patches: torch.Tensor) -> torch.Tensor:
-    """(N, P, Dv) per-patch vision features -> (N, Dv) float32: encoder.inputs 'vision', the 'both' half."""
-    return patches.float().mean(dim=1)
-
-
-def check_projector_split(family: Family, source: str) -> None:
-    """A one-line ModelError unless `family` has a separable multimodal projector (`Family.projector`)."""
-    if family.projector is None:
-        supported = sorted({f.name for f in FAMILIES.values() if f.projector is not None})
-        raise ModelError(f"encoder.inputs vision/both and stage2.method joint split the VLM at its multimodal "
-                         f"projector, but {source} is a {family.name} model and {family.no_projector_split}; use a "
-                         f"model of the {', '.join(supported)} family (vlm.model), or encoder.inputs=llm with "
-                         "stage2.method pretrained or finetuned")
-
-
 def patch_shape_of(source: str, trust_remote_code: bool = False) -> tuple[int, int]:
     """(P, Dv) of the 'patches' read-out of the model in `source`, from its config alone (checked on a driver
     before anything loads weights); a ModelError for a family that cannot be split at its projector."""
     config = _load_config(str(pull(source)), trust_remote_code)
-    family = _family_of(config, source)
+    family = family_of(config, source)
     check_projector_split(family, source)
     return family.patch_shape(config)
 
@@ -779,77 +372,13 @@ def hidden_size_of(source: str, pooling: str, output: str = "llm", trust_remote_
     llm = pooled_width(pooling, int(config.get_text_config().hidden_size))
     if output == "llm":
         return llm
-    family = _family_of(config, source)
+    family = family_of(config, source)
     check_projector_split(family, source)
     vision = family.patch_shape(config)[1]
     return llm + vision if output == "both" else vision
 
 
 # -------------------------------------------------------------------- helpers
-
-
-def pool(hidden: torch.Tensor, image_mask: torch.Tensor, pooling: str,
-         grid: tuple[int, int] | None = None) -> torch.Tensor:
-    """(N, T, D) token states -> float32 (N, D) ('last', 'mean', 'image_mean'), (N, SPATIAL_FEATURES * D)
-    ('spatial', over the image tokens laid out on `grid`) or (N, T, D) ('tokens')."""
-    if pooling == "last":
-        pooled = hidden[:, -1]
-    elif pooling == "mean":
-        pooled = hidden.float().mean(dim=1)
-    elif pooling == "image_mean":
-        pooled = hidden[:, image_mask].float().mean(dim=1)
-    elif pooling == "spatial":
-        pooled = spatial_softmax(hidden[:, image_mask], grid)
-    else:  # tokens
-        pooled = hidden
-    return pooled.float().contiguous()
-
-
-def spatial_softmax(image_states: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """(N, rows * cols, D) image-token states in row-major order -> float32 (N, SPATIAL_FEATURES * D): per channel,
-    a softmax over the grid's positions and the expected column and row under it, each in [-1, 1] (left/top -1),
-    as [x (D), y (D)].
-
-    Why: a mean over the tokens washes out an object that fills one patch (Pong's ball), while the softmax of a
-    channel that responds to it peaks at its patch, so the expected position follows the object (Levine et al.
-    2016's spatial soft-argmax, here without learned parameters).
-    """
-    rows, cols = grid
-    states = image_states.float()
-    weights = torch.softmax(states, dim=1)  # over positions, per channel
-    xs = torch.linspace(-1.0, 1.0, cols, device=states.device).repeat(rows)  # column of each row-major position
-    ys = torch.linspace(-1.0, 1.0, rows, device=states.device).repeat_interleave(cols)
-    expected_x = torch.einsum("npd,p->nd", weights, xs)
-    expected_y = torch.einsum("npd,p->nd", weights, ys)
-    return torch.cat([expected_x, expected_y], dim=1)
-
-
-def pooled_width(pooling: str, hidden_size: int) -> int:
-    """Features per frame of a pooled read-out of `hidden_size`-wide token states (per token for 'tokens')."""
-    return SPATIAL_FEATURES * hidden_size if pooling == "spatial" else hidden_size
-
-
-def spatial_grid(family: Family, config: Any, source: str) -> tuple[int, int]:
-    """(rows, cols) of the model's image tokens, or a one-line ModelError for a family without one."""
-    grid = family.token_grid(config)
-    if grid is None:
-        raise ModelError(f"vlm.pooling 'spatial' lays the image tokens on the model's patch grid, but {source} is a "
-                         f"{family.name} model and {family.no_token_grid}; use vlm.pooling image_mean, or a model of "
-                         "the llava family (vlm.model)")
-    return grid
-
-
-def static_prompt(family: Family, processor: Any, prompt: str, frame_size: tuple[int, int], model_config: Any,
-                  source: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(1, T) ids and (T,) image-token mask of the prompt for frames of this size: the model's own processor,
-    run on a blank frame, expands the image placeholder (the prompt is the same for every frame)."""
-    blank = np.zeros((*frame_size, 3), dtype=np.uint8)
-    text = family.prompt_text(processor, prompt)
-    input_ids = family.prompt_ids(processor, text, blank)
-    image_mask = input_ids[0] == family.image_token_id(model_config)
-    if not image_mask.any():
-        raise ModelError(f"the processor of {source} put no image tokens into the prompt {text!r}")
-    return input_ids, image_mask
 
 
 def resolve_dtype(dtype: str, device: str, checked_bfloat16: bool = False) -> str:
@@ -878,17 +407,6 @@ def native_bfloat16(device: str) -> bool:
     except OSError:  # not Linux: no cheap way to ask, and float32 is never wrong
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def _family_of(config: Any, source: str) -> Family:
-    """The `Family` of a loaded model config, or a ModelError naming the supported model types."""
-    family = FAMILIES.get(config.model_type)
-    if family is None:
-        raise ModelError(
-            f"{source} is a {config.model_type!r} image-text-to-text model, which TruncatedVLM has no adapter "
-            f"for yet; supported model types: {', '.join(sorted(FAMILIES))}"
-        )
-    return family
 
 
 def _load_config(source: str, trust_remote_code: bool):
@@ -940,7 +458,7 @@ def _truncate_decoder(decoder: nn.Module, family: Family, keep: int, total_layer
     unless `final_norm` keeps it."""
     if keep == total_layers:
         return
-    setattr(decoder, family.layers, _get(decoder, family.layers)[:keep])
+    setattr(decoder, family.layers, get_part(decoder, family.layers)[:keep])
     if not final_norm:
         setattr(decoder, family.norm, nn.Identity())
     decoder.config.num_hidden_layers = keep
@@ -954,26 +472,11 @@ def _compile_layers(backbone: nn.Module, decoder: nn.Module, family: Family) -> 
     matmuls (norms, rotary embeddings, activations), a third of a small model's time on a CPU (`envenc bench
     encoder`). Layer by layer, so that the Python between them stays eager; each compiles on its first call and
     once more, shape-generic, on the first other batch size."""
-    vision = _find(backbone, ("vision_tower.vision_model.encoder", "vision_tower.encoder", "vision_model.encoder"))
-    for layer in [*_get(decoder, family.layers), *getattr(vision, "layers", [])]:
+    vision = find_part(backbone, ("vision_tower.vision_model.encoder", "vision_tower.encoder", "vision_model.encoder"))
+    for layer in [*get_part(decoder, family.layers), *getattr(vision, "layers", [])]:
         layer.compile()
 
 
 def _one_line(error: Exception) -> str:
     """A library's multi-line message folded into one line (the CLI prints errors on one line)."""
     return " ".join(str(error).split())
-
-
-def _get(module: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        module = getattr(module, part)
-    return module
-
-
-def _find(module: nn.Module, candidates: tuple[str, ...]) -> nn.Module | None:
-    for dotted in candidates:
-        try:
-            return _get(module, dotted)
-        except AttributeError:
-            continue
-    return None

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from envenc_ray.errors import DataError, ModelError
-from envenc_ray.vlm.backbone import FAMILIES, _load_config, _one_line
+from envenc_ray.vlm.backbone import _load_config, _one_line
+from envenc_ray.vlm.families import FAMILIES
 from envenc_ray.vlm.preprocess import as_frame_batch
 
 IGNORE_INDEX = -100  # what HF's causal-LM loss skips
@@ -213,7 +214,7 @@ def export_merged(model, processor, out_dir: Path) -> Path:
     model.save_pretrained(out_dir)
     if hasattr(processor, "save_pretrained"):
         processor.save_pretrained(out_dir)
-    else:  # Qwen2-VL's processor assembled from its parts (backbone.ProcessorParts)
+    else:  # Qwen2-VL's processor assembled from its parts (families.ProcessorParts)
         processor.image_processor.save_pretrained(out_dir)
         processor.tokenizer.save_pretrained(out_dir)
     return out_dir

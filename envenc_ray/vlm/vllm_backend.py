@@ -7,7 +7,7 @@
 How it gives TruncatedVLM's numbers:
 - vLLM runs the model through its Transformers modeling backend (`model_impl="transformers"`) as a pooling
   model with the `token_embed` task, `ALL` token pooling and no activation: every token's state comes back,
-  and `backbone.pool` pools them exactly as TruncatedVLM does ('last', 'mean', 'image_mean', 'spatial' on the
+  and `pooling.pool` pools them exactly as TruncatedVLM does ('last', 'mean', 'image_mean', 'spatial' on the
   Llava patch grid, 'tokens').
 - Truncation: `hf_overrides` sets the text config's layer count to k, so vLLM builds only layers 1..k. vLLM
   refuses checkpoint weights it has no module for, so it loads a copy of the checkpoint without the decoder
@@ -37,8 +37,9 @@ import torch
 
 from envenc_ray.errors import ConfigError, ModelError
 from envenc_ray.storage import pull
-from envenc_ray.vlm.backbone import (ATARI_FRAME_SIZE, FAMILIES, pool, pooled_width, resolve_dtype, resolve_layer,
-                                     spatial_grid, static_prompt)
+from envenc_ray.vlm.backbone import resolve_dtype, resolve_layer
+from envenc_ray.vlm.families import ATARI_FRAME_SIZE, FAMILIES, spatial_grid, static_prompt
+from envenc_ray.vlm.pooling import pool, pooled_width
 
 log = logging.getLogger(__name__)
 
