@@ -111,8 +111,8 @@ class AdapterFeatures(EnvironmentEncoder):
     (k-1, P, Dv) arrays.
     """
 
-    def __init__(self, vlm, encoder: Encoder):
-        if getattr(vlm, "output", None) != "patches":
+    def __init__(self, vlm: VLM, encoder: Encoder):
+        if vlm.output != "patches":
             raise ModelError("AdapterFeatures reads the vision tower's per-patch output: build the VLM with "
                              "output='patches'")
         self.vlm = vlm

@@ -181,7 +181,7 @@ class EncoderCore:
             "window": self.encoder.window,
             "hidden_size": self.vlm.hidden_size,
             "hidden_shape": self.encoder.hidden_shape,
-            "output": getattr(self.vlm, "output", "llm"),  # 'patches': latents are AdapterFeatures' (stage2 joint)
+            "output": self.vlm.output,  # 'patches': latents are AdapterFeatures' (stage2 joint)
             "image_size": tuple(self.vlm.image_size),
             "preprocessor": (  # None: the client must send raw frames (no client-side resize)
                 dataclasses.asdict(self.vlm.preprocessor) if self.preprocessor_after_resize is not None else None

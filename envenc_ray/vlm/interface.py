@@ -29,6 +29,11 @@ class VLM(Protocol):
         """vlm.pooling (`pooling.POOLINGS`): 'tokens' gives (N, T, D) states, every other pooling (N, D)."""
 
     @property
+    def output(self) -> str:
+        """What `embed` returns (backbone.OUTPUTS): 'llm' the decoder's read-out; with TruncatedVLM also 'vision',
+        'both' (encoder.inputs) or 'patches' (stage2.method 'joint': the vision tower's per-patch output)."""
+
+    @property
     def hidden_size(self) -> int:
         """D: the width of one frame's state (of each token's, with 'tokens' pooling)."""
 

@@ -149,6 +149,7 @@ class VLLMBackend:
         self.layer = layer
         self.total_layers = total_layers
         self.pooling = pooling
+        self.output = "llm"  # vLLM's pooler returns the LLM's states only, never the vision tower's (OUTPUTS)
         self.prompt = prompt
         self.source = source
         self.dtype = dtype
