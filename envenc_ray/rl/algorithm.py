@@ -4,7 +4,7 @@ benchmark all build their RLlib algorithm (or only its RLModule spec) from."""
 from __future__ import annotations
 
 from envenc_ray.config import EnvEncConfig
-from envenc_ray.rl.encoder_source import EncoderSource, encoder_source
+from envenc_ray.rl.encoder_source import EncoderSource, described_source, encoder_source
 from envenc_ray.rl.reward.model import RewardSource, reward_source
 from envenc_ray.rl.runner_errors import raise_runner_error
 
@@ -28,8 +28,7 @@ def algorithm_config(config: EnvEncConfig, source: EncoderSource | None, error_k
 def offline_algorithm_config(config: EnvEncConfig):
     """The AlgorithmConfig for what runs no EnvRunner (RLlib's validation, the RLModule spec of a checkpoint):
     its encoder source only says that observations are latents; it is never built."""
-    source = None if not config.rl.reads_latents else EncoderSource(kind="description-only", latent_dim=1)
-    return algorithm_config(config, source)
+    return algorithm_config(config, described_source(config))
 
 
 def build_algorithm(config: EnvEncConfig, error_key: str | None = None):

@@ -30,6 +30,9 @@ class EncoderSource:
     kind: str
     latent_dim: int
     window: int = 1
+    # what it delivers are AdapterFeatures' windows of per-patch vision features (stage2.method 'joint'), which only
+    # the joint RLModule reads: the one place the algorithm learns which module its observations need
+    joint: bool = False
     pair: ServedPair | None = None  # in_process
     serve_app: str | None = None
     serve_options: dict = field(default_factory=dict)
@@ -72,8 +75,16 @@ def encoder_source(config) -> EncoderSource | None:
     if rl.encoder_source == "serve":
         return serve_encoder_source(config)
     pair = ServedPair.of(config)
-    return EncoderSource(kind="in_process", latent_dim=pair.observation_dim, window=pair.window, pair=pair,
-                         torch_threads=rl.torch_threads)
+    return EncoderSource(kind="in_process", latent_dim=pair.observation_dim, window=pair.window, joint=pair.joint,
+                         pair=pair, torch_threads=rl.torch_threads)
+
+
+def described_source(config) -> EncoderSource | None:
+    """What `encoder_source` would say of the observations without resolving anything: for what runs no EnvRunner
+    (RLlib's validation, the RLModule spec of a checkpoint). Never built."""
+    if not config.rl.reads_latents:
+        return None
+    return EncoderSource(kind="description-only", latent_dim=1, joint=config.stage2.joint)
 
 
 def serve_encoder_source(config) -> EncoderSource:
@@ -92,5 +103,5 @@ def serve_encoder_source(config) -> EncoderSource:
         served = "vision features for stage2.method 'joint'" if not joint else "latents, not vision features"
         raise ModelError(f"the Serve app {rl.serve_app!r} serves {served}, but this config's stage2.method is "
                          f"{config.stage2.method!r}; redeploy it with this config (`envenc serve CONFIG`)")
-    return EncoderSource(kind="serve", latent_dim=int(client.latent_dim), window=int(client.window),
+    return EncoderSource(kind="serve", latent_dim=int(client.latent_dim), window=int(client.window), joint=joint,
                          serve_app=rl.serve_app, serve_options=options, torch_threads=rl.torch_threads)

@@ -26,8 +26,9 @@ def build_ppo_config(config: EnvEncConfig, source: EncoderSource | None,
     # a checkpoint restores, so a resumed run continues the schedule where it was).
     lr = rl.lr if rl.lr_anneal_steps is None else [[0, rl.lr], [rl.lr_anneal_steps, 0.0]]
     connector = make_env_to_module(rl.obs_mode, source, rl.frame_stack, rl.pixel_size, error_key, rewards)
-    # stage2.method 'joint': the module also holds the VLM's projector, the frozen decoder and the encoder
-    module_spec = joint_module_spec(config) if config.stage2.joint else ppo_module_spec(rl)
+    # observations that are vision features (stage2.method 'joint'): the module also holds the VLM's projector, the
+    # frozen decoder and the encoder
+    module_spec = joint_module_spec(config) if source is not None and source.joint else ppo_module_spec(rl)
     return (
         with_common_settings(PPOConfig(), config, connector, rl.rollout_fragment_length or "auto")
         .training(
