@@ -257,6 +257,8 @@ def _progress(layout: RunLayout) -> list[dict]:
 
 
 def _agent_section(config: EnvEncConfig, layout: RunLayout) -> tuple[list[str], dict]:
+    from envenc_ray.rl.evaluate import reference_label
+
     rows = _progress(layout)
     meta = read_json(layout.agent / "train.json")
     if not rows or meta is None:
@@ -270,10 +272,10 @@ def _agent_section(config: EnvEncConfig, layout: RunLayout) -> tuple[list[str], 
         axis.plot(*zip(*curve), marker="o", markersize=3, label=f"{meta['algo']} on {meta['obs_mode']} (training episodes)")
     else:
         axis.text(0.5, 0.5, "no training episode finished yet", ha="center", va="center", transform=axis.transAxes)
-    for policy, style in (("random", ":"), ("heuristic", "--")):
+    for policy, color, style in (("random", "grey", ":"), ("constant", "tab:purple", "-."), ("heuristic", "black", "--")):
         if policy in reference:
-            axis.axhline(reference[policy]["return_mean"], color="grey" if policy == "random" else "black",
-                         linestyle=style, label=f"{policy} policy ({reference['episodes']} episodes)")
+            axis.axhline(reference[policy]["return_mean"], color=color, linestyle=style,
+                         label=f"{reference_label(policy, reference)} ({reference['episodes']} episodes)")
     if evaluation:
         axis.errorbar([rows[-1]["env_steps_lifetime"]], [evaluation["return_mean"]], yerr=[evaluation["return_std"]],
                       fmt="D", color="tab:red", capsize=4, label=f"greedy evaluation ({evaluation['episodes']} episodes)")
@@ -295,9 +297,10 @@ def _agent_section(config: EnvEncConfig, layout: RunLayout) -> tuple[list[str], 
         lines.append(f"| trained agent, greedy | {evaluation['return_mean']:.2f} ± {evaluation['return_std']:.2f} |")
         metrics["agent"]["eval_return_mean"] = evaluation["return_mean"]
         metrics["agent"]["eval_return_std"] = evaluation["return_std"]
-    for policy in ("random", "heuristic"):
+    for policy in ("random", "constant", "heuristic"):
         if policy in reference:
-            lines.append(f"| {policy} | {reference[policy]['return_mean']:.2f} ± {reference[policy]['return_std']:.2f} |")
+            lines.append(f"| {reference_label(policy, reference)} | {reference[policy]['return_mean']:.2f} ± "
+                         f"{reference[policy]['return_std']:.2f} |")
             metrics["agent"][f"{policy}_return_mean"] = reference[policy]["return_mean"]
     if reference.get("max_steps"):
         lines.append(f"\nEvaluation episodes are capped at {reference['max_steps']} env steps.")

@@ -76,6 +76,7 @@ from envenc_ray.pipeline.trials import (  # noqa: E402
     trial_bundles,
     trial_config,
 )
+from envenc_ray.rl.evaluate import reference_label  # noqa: E402
 
 RESULT_FILE, PROGRESS_FILE = "result.json", "progress.json"
 BOOTSTRAP_RESAMPLES = 2000
@@ -685,8 +686,8 @@ def steps_to_threshold(curve: dict | None, results: list[dict], threshold: float
 
 
 def reference_lines(trials: list[Trial]) -> dict[str, dict]:
-    """The random and RAM-heuristic policies' returns on each game of the experiment (the reference lines), over
-    as many full-length episodes as a trial's evaluation, on its env settings."""
+    """The random, best constant action and RAM-heuristic policies' returns on each game of the experiment (the
+    reference lines), over as many full-length episodes as a trial's evaluation, on its env settings."""
     from envenc_ray.config import game_name
     from envenc_ray.rl.evaluate import reference_returns
 
@@ -750,12 +751,12 @@ def plot_eval_curves(summary: dict, path: Path) -> None:
         line, = axis.plot(curve["points"], curve["mean"], marker="o", markersize=3,
                           label=f"{arm} ({len(record['seeds'])} seeds)")
         axis.fill_between(curve["points"], *zip(*curve["ci95"]), color=line.get_color(), alpha=0.2, linewidth=0)
-    styles = {"random": ("dimgrey", "--"), "heuristic": ("darkgoldenrod", ":")}
+    styles = {"random": ("dimgrey", "--"), "constant": ("tab:purple", "-."), "heuristic": ("darkgoldenrod", ":")}
     for game, reference in summary["references"].items():
         for policy, (color, style) in styles.items():
             if policy in reference:
                 axis.axhline(reference[policy]["return_mean"], color=color, linestyle=style,
-                             label=f"{policy} policy ({game})")
+                             label=f"{reference_label(policy, reference)} ({game})")
     if summary["threshold"] is not None:
         axis.axhline(summary["threshold"], color="black", linewidth=0.8, label=f"threshold {summary['threshold']:g}")
     axis.set_title(textwrap.fill(summary["question"], 80), fontsize=10)
@@ -814,8 +815,9 @@ def print_table(summary: dict, out_dir: Path) -> None:
                       _fmt(encoder.get("probe_r2_latent_mean")), _fmt(share)])
     _print_rows(header, lines)
     for game, reference in summary["references"].items():
-        print(f"experiment: {game}: random policy {reference['random']['return_mean']:.3g}"
-              + (f", RAM heuristic {reference['heuristic']['return_mean']:.3g}" if "heuristic" in reference else ""))
+        print(f"experiment: {game}: " + ", ".join(
+            f"{reference_label(policy, reference)} {reference[policy]['return_mean']:.3g}"
+            for policy in ("random", "constant", "heuristic") if policy in reference))
     print(f"experiment: results in {out_dir / 'results.json'}, plots curves.png, eval_curves.png and eval_returns.png")
 
 

@@ -155,41 +155,58 @@ def evaluation_current(config: EnvEncConfig) -> str | None:
 
 
 def reference_returns(config: EnvEncConfig, episodes: int | None = None) -> dict:
-    """Returns of the random and the RAM-heuristic policy on the agent's env settings: a learning curve's
-    floor and a simple bar. Same episode count, seed and step cap as `evaluate` (the pipeline writes them to
-    <run>/agent/reference.json; an experiment into its results.json)."""
+    """Returns of three reference policies on the agent's env settings: the random policy (a learning curve's
+    floor), the best constant action (`constant`: every action of the env's set played alone, the best kept; a
+    greedy agent that learned one action scores this much without reading the screen, e.g. LEFT alone serves
+    Breakout's ball into the bricks often enough for 6.75 with env.fire_on_life_start) and the RAM heuristic (a
+    simple bar, annotated games only). Same episode count, seeds and step cap as `evaluate` (the pipeline writes
+    them to <run>/agent/reference.json; an experiment into its results.json)."""
     from envenc_ray.envs.annotate import get_annotator
     from envenc_ray.envs.atari import make_env_from_config
     from envenc_ray.errors import UnsupportedGameError
 
     episodes = episodes or config.rl.eval_episodes
-    max_steps = config.rl.eval_max_steps
-    result = {"episodes": episodes, "max_steps": max_steps}
-    for policy in ("random", "heuristic"):
-        env = make_env_from_config(config.env)
-        annotator = None
+    seed, max_steps = config.experiment.seed, config.rl.eval_max_steps
+    result: dict = {"episodes": episodes, "max_steps": max_steps}
+    env = make_env_from_config(config.env)
+    meanings = env.unwrapped.get_action_meanings()
+    try:
+        rng = np.random.default_rng(seed)
+        result["random"] = _returns(env, episodes, seed, max_steps, lambda: int(rng.integers(env.action_space.n)))
+        per_action = {meaning: _returns(env, episodes, seed, max_steps, lambda action=action: action)
+                      for action, meaning in enumerate(meanings)}
+        best = max(per_action, key=lambda meaning: per_action[meaning]["return_mean"])
+        result["constant"] = {"action": best, **per_action[best],
+                              "per_action": {meaning: r["return_mean"] for meaning, r in per_action.items()}}
         try:
-            annotator = get_annotator(RunLayout.of(config).game, env.unwrapped.get_action_meanings())
+            annotator = get_annotator(RunLayout.of(config).game, meanings)
         except UnsupportedGameError:
-            if policy == "heuristic":
-                env.close()
-                continue  # no heuristic for this game: the report shows the random line only
-        rng = np.random.default_rng(config.experiment.seed)
-        returns = []
-        for episode in range(episodes):
-            env.reset(seed=config.experiment.seed + episode)
-            if annotator is not None:
-                annotator.reset()
-            total, steps, done = 0.0, 0, False
-            while not done and (max_steps is None or steps < max_steps):
-                if policy == "random":
-                    action = int(rng.integers(env.action_space.n))
-                else:
-                    action = annotator.annotate(env.unwrapped.ale.getRAM()).heuristic_action
-                _, reward, terminated, truncated, _ = env.step(action)
-                total, steps, done = total + float(reward), steps + 1, terminated or truncated
-            returns.append(total)
+            return result  # no heuristic for this game: the report shows the other lines
+        result["heuristic"] = _returns(env, episodes, seed, max_steps,
+                                       lambda: annotator.annotate(env.unwrapped.ale.getRAM()).heuristic_action,
+                                       reset=annotator.reset)
+    finally:
         env.close()
-        result[policy] = {"return_mean": float(np.mean(returns)), "return_std": float(np.std(returns)),
-                          "returns": returns}
     return result
+
+
+def reference_label(policy: str, reference: dict) -> str:
+    """How plots and tables name a reference policy of `reference_returns`: 'random policy', 'constant LEFT'
+    (its best constant action), 'RAM heuristic'."""
+    if policy == "constant":
+        return f"constant {reference['constant']['action']}"
+    return {"random": "random policy", "heuristic": "RAM heuristic"}[policy]
+
+
+def _returns(env, episodes: int, seed: int, max_steps: int | None, choose, reset=lambda: None) -> dict:
+    """Mean, std and each return of `episodes` episodes (seeds seed, seed + 1, ...) of the policy `choose()`."""
+    returns = []
+    for episode in range(episodes):
+        env.reset(seed=seed + episode)
+        reset()
+        total, steps, done = 0.0, 0, False
+        while not done and (max_steps is None or steps < max_steps):
+            _, reward, terminated, truncated, _ = env.step(choose())
+            total, steps, done = total + float(reward), steps + 1, terminated or truncated
+        returns.append(total)
+    return {"return_mean": float(np.mean(returns)), "return_std": float(np.std(returns)), "returns": returns}
