@@ -555,6 +555,11 @@ class EnvEncConfig(Section):
             raise ValueError(f"encoder.inputs {inputs!r} reads one pooled vector per frame, but vlm.pooling 'tokens' "
                              "keeps per-token states; set vlm.pooling to last, mean, image_mean or spatial, or "
                              "encoder.inputs=llm")
+        if self.rl.encoder_dir is None:  # the encoder this config trains reads the states its vlm.pooling gives
+            try:
+                check_pooling(self.encoder.kind, self.vlm.pooling)
+            except ConfigError as error:
+                raise ValueError(str(error)) from None
         if inputs != "llm" and self.serve.backend == "vllm":
             raise ValueError(f"serve.backend 'vllm' returns the LLM's hidden state only, not encoder.inputs {inputs!r}; "
                              "set serve.backend=transformers or encoder.inputs=llm")
@@ -595,8 +600,8 @@ class EnvEncConfig(Section):
         return content_hash(payload)
 
 
-# encoder.kind against the hidden states it reads. Not in EnvEncConfig's validator: a config whose agent reads
-# an exported encoder (rl.encoder_dir) may hold any encoder.kind, so the stages check the kind they use.
+# encoder.kind against the hidden states it reads: EnvEncConfig's validator checks the settings (unless
+# rl.encoder_dir names an exported encoder, whose own kind ServedPair checks), train-encoder the states on disk.
 def check_hidden_kind(kind: str, per_token: bool, what: str) -> None:
     """Per-token hidden states (vlm.pooling 'tokens') go to encoder.kind 'tokens' only, and it reads nothing
     else. `what` names the hidden states' source in the message, e.g. "vlm.pooling 'tokens' gives"."""
@@ -610,7 +615,7 @@ def check_hidden_kind(kind: str, per_token: bool, what: str) -> None:
 
 
 def check_pooling(kind: str, pooling: str) -> None:
-    """`check_hidden_kind` for the settings: encoder.kind against vlm.pooling, before any work is done."""
+    """`check_hidden_kind` for the settings: encoder.kind against vlm.pooling, when the config is validated."""
     check_hidden_kind(kind, pooling == "tokens", f"vlm.pooling {pooling!r} gives")
 
 

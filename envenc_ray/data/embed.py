@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from envenc_ray.config import EnvEncConfig, VLMConfig, check_pooling
+from envenc_ray.config import EnvEncConfig, VLMConfig
 from envenc_ray.data.collect import read_frame_shape
 from envenc_ray.data.schema import (frames_to_array, hidden_column, hidden_schema, hidden_shape_of, list_shards,
                                     objects_to_table)
@@ -100,7 +100,6 @@ def embed(config: EnvEncConfig) -> EmbedSummary:
 
     from envenc_ray.runtime import ensure_ray
 
-    check_pooling(config.encoder.kind, config.vlm.pooling)  # first: per-token states no encoder reads are waste
     layout = RunLayout.of(config)
     frames_dir, hidden_dir = layout.frames, layout.hidden
     shards = list_shards(frames_dir, "frames (envenc collect)")

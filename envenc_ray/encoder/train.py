@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from envenc_ray.config import EncoderConfig, EnvEncConfig, check_hidden_kind, check_pooling, content_hash
+from envenc_ray.config import EncoderConfig, EnvEncConfig, check_hidden_kind, content_hash
 from envenc_ray.data.embed import META_FILE as EMBED_META
 from envenc_ray.data.schema import (hidden_shape_of, hidden_to_array, list_shards, objects_to_table, read_table,
                                     wrong_column_types)
@@ -84,7 +84,6 @@ def train_encoder(config: EnvEncConfig) -> dict:
     Returns a summary: skipped, epochs, best epoch, resumed_from_epoch, final metrics, phase timings.
     """
 
-    check_pooling(config.encoder.kind, config.vlm.pooling)
     layout = RunLayout.of(config)
     hidden_dir, encoder_dir = layout.hidden, layout.encoder
     shards, hidden_shape, fingerprint = check_shards(hidden_dir)
