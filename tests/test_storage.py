@@ -158,3 +158,22 @@ def test_the_config_puts_a_uri_runs_directory_in_its_local_copy(uri_root, debug_
     config = debug_config(run_root=uri)
     assert config.run_dir == local / config.experiment.name
     assert shared_dir(config) == local / "_shared"
+
+
+def test_the_reward_model_loads_from_the_uri_on_a_node_without_it(uri_root):
+    """An EnvRunner on another node loads <run>/reward_model from the URI, as the encoder loaders do."""
+    import torch
+
+    from envenc_ray.config import RewardModelConfig
+    from envenc_ray.rl.reward.model import build_reward_model, load_reward_model, save_reward_model
+
+    _, behind, local = uri_root
+    settings = RewardModelConfig(d_model=16, heads=2, layers=1)
+    torch.manual_seed(0)
+    model = build_reward_model(settings, 8)
+    save_reward_model(model, behind / "run" / "reward_model",  # written by the node that trained it, on the URI
+                      {"settings": settings.model_dump(mode="json"), "representation_dim": 8}, metrics={})
+    assert not (local / "run" / "reward_model").exists()
+    loaded = load_reward_model(local / "run" / "reward_model")
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name

@@ -110,7 +110,8 @@ def _deploy_for_agent(config: EnvEncConfig) -> dict:
 
 
 def _evaluate_with_references(config: EnvEncConfig) -> dict:
-    """Greedy evaluation of the newest checkpoint plus the random / heuristic reference returns."""
+    """Greedy evaluation of the newest checkpoint plus the reference returns (random, best constant action, RAM
+    heuristic)."""
     result = evaluate(config)
     write_json_atomic(RunLayout.of(config).agent / REFERENCE_FILE, reference_returns(config))
     return result

@@ -29,6 +29,7 @@ from envenc_ray.errors import ConfigError, ModelError
 from envenc_ray.files import read_export_config, replaced_atomically, weights_sha256
 from envenc_ray.layout import RunLayout
 from envenc_ray.rl.observations import LATENT_KEY, grayscale_resize
+from envenc_ray.storage import pull
 
 FORMAT = "envenc-reward-model"
 FORMAT_VERSION = 1
@@ -122,6 +123,7 @@ def load_reward_model(folder: Path) -> RewardModel:
     from safetensors.torch import load_file
 
     rerun = "run `envenc reward-model CONFIG`"
+    folder = pull(folder)  # a reward model of a URI run root: fresh from the URI in an EnvRunner on any node
     description = read_description(folder, rerun)
     try:
         model = build_reward_model(RewardModelConfig.model_validate(description["settings"]),
